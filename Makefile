@@ -1,0 +1,56 @@
+# Two commands matter: `make run` and `make test`. Each does its own set-up.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY_STAMP := $(VENV)/.installed
+CODEX_STAMP := tools/codex/node_modules/.installed
+RUN_DIR := .run
+LISTEN ?= 127.0.0.1:8086
+WORKSPACE ?= dev
+
+.PHONY: run run-real test lint typecheck unit bench soak clean
+
+$(PY_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+# The pinned real codex (npm @openai/codex, exact version in tools/codex/package-lock.json).
+$(CODEX_STAMP): tools/codex/package.json tools/codex/package-lock.json
+	cd tools/codex && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(RUN_DIR)/dev-hmac-secret: | $(PY_STAMP)
+	mkdir -p $(RUN_DIR)
+	umask 077 && $(BIN)/python -c 'import secrets; print(secrets.token_hex(32))' > $@
+
+# The daemon on the embedded defaults (HMAC development auth, local directory store)
+# with the fake codex as the child.
+run: $(PY_STAMP) $(RUN_DIR)/dev-hmac-secret
+	@CXG_INBOUND_HMAC_SECRET="$$(cat $(RUN_DIR)/dev-hmac-secret)" $(BIN)/python -m gateway.devrun \
+		--listen-addr $(LISTEN) --workspace $(WORKSPACE) --run-dir $(RUN_DIR) --codex fake
+
+# The same with the real codex and the fake model server: a conversation in the real TUI.
+run-real: $(PY_STAMP) $(CODEX_STAMP) $(RUN_DIR)/dev-hmac-secret
+	@CXG_INBOUND_HMAC_SECRET="$$(cat $(RUN_DIR)/dev-hmac-secret)" $(BIN)/python -m gateway.devrun \
+		--listen-addr $(LISTEN) --workspace $(WORKSPACE) --run-dir $(RUN_DIR) --codex real
+
+lint: $(PY_STAMP)
+	$(BIN)/ruff check gateway gateway_tests
+	$(BIN)/ruff format --check gateway gateway_tests
+
+typecheck: $(PY_STAMP)
+	$(BIN)/mypy
+
+# The whole suite; pytest's "no tests collected" (exit 5) is a failure here, never a pass.
+test: $(PY_STAMP) $(CODEX_STAMP) lint typecheck
+	$(BIN)/pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+bench: $(PY_STAMP) $(CODEX_STAMP)
+	$(BIN)/python -m gateway_tests.bench
+
+soak: $(PY_STAMP) $(CODEX_STAMP)
+	CXG_SOAK=1 $(BIN)/pytest gateway_tests/reliability -m soak -p no:timeout
+
+clean:
+	rm -rf $(VENV) tools/codex/node_modules $(RUN_DIR)
