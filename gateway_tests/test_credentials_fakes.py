@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import httpx2
 import trio
 
 from gateway_tests.fakes.fake_agentserver import FakeAgentserver
+from gateway_tests.fakes.fake_model_server import (
+    ErrorReply,
+    FakeModelServer,
+    function_call_outputs,
+    output_text,
+)
 
 SECRET = "internal-secret-for-tests"
 
@@ -103,4 +112,98 @@ async def test_fake_agentserver_rotates_lazily() -> None:
         with trio.fail_after(5):
             await fake.wait_until(lambda: len(fake.token_requests("ws1")) > before)
         assert fake.token_requests("ws1")[-1].status == 200
+        nursery.cancel_scope.cancel()
+
+
+def _events(stream_text: str) -> list[dict[str, Any]]:
+    """The JSON payloads of a server-sent-events body, checking each ``event:`` name."""
+    events = []
+    for block in stream_text.strip().split("\n\n"):
+        name_line, data_line = block.split("\n")
+        payload = json.loads(data_line.removeprefix("data: "))
+        assert name_line == f"event: {payload['type']}"
+        events.append(payload)
+    return events
+
+
+async def test_fake_model_server_streams_and_checks_tokens() -> None:
+    valid = {"tok-1"}
+    model = FakeModelServer(accept=lambda token: token in valid, default_text="hi there")
+    model.script.append(
+        {
+            "function_call": {
+                "namespace": "mcp__exe_a",
+                "name": "shell",
+                "arguments": {"command": "echo hi"},
+            }
+        }
+    )
+    model.script.append(ErrorReply(500))
+    async with trio.open_nursery() as nursery, httpx2.AsyncClient() as http:
+        base = await nursery.start(model.serve)
+        good = {"Authorization": "Bearer tok-1"}
+
+        models = await http.get(f"{base}/v1/models", headers=good)
+        assert models.status_code == 200 and models.json()["data"][0]["id"] == "gpt-5.5"
+
+        refused = await http.post(f"{base}/v1/responses", json={"input": []})
+        assert refused.status_code == 401
+        wrong = await http.post(
+            f"{base}/v1/responses", json={"input": []}, headers={"Authorization": "Bearer nope"}
+        )
+        assert wrong.status_code == 401
+        assert [r.token for r in model.rejected()] == [None, "nope"]
+        assert model.script, "a refused request must not consume a scripted reply"
+
+        call = await http.post(f"{base}/v1/responses", json={"input": []}, headers=good)
+        assert call.headers["content-type"].startswith("text/event-stream")
+        events = _events(call.text)
+        assert [e["type"] for e in events] == [
+            "response.created",
+            "response.output_item.added",
+            "response.output_item.done",
+            "response.completed",
+        ]
+        item = events[2]["item"]
+        assert (item["type"], item["namespace"], item["name"]) == (
+            "function_call",
+            "mcp__exe_a",
+            "shell",
+        )
+        assert json.loads(item["arguments"]) == {"command": "echo hi"}
+
+        failed = await http.post(f"{base}/responses", json={}, headers=good)
+        assert failed.status_code == 500
+
+        follow_up = {
+            "input": [
+                {
+                    "type": "function_call_output",
+                    "call_id": item["call_id"],
+                    "output": [{"type": "input_text", "text": "hi\n"}],
+                }
+            ]
+        }
+        text = await http.post(f"{base}/v1/responses", json=follow_up, headers=good)
+        events = _events(text.text)
+        assert [e["type"] for e in events] == [
+            "response.created",
+            "response.output_item.added",
+            "response.output_text.delta",
+            "response.output_item.done",
+            "response.completed",
+        ]
+        assert events[2]["delta"] == "hi there"
+        assert events[3]["item"]["content"][0] == {
+            "type": "output_text",
+            "text": "hi there",
+            "annotations": [],
+        }
+        assert events[4]["response"]["usage"]["total_tokens"] == 15
+
+        last = model.responses_requests()[-1]
+        outputs = function_call_outputs(last.body)
+        assert outputs[0]["call_id"] == item["call_id"] and output_text(outputs[0]) == "hi\n"
+        assert last.authorization == "Bearer tok-1"
+        assert len(model.responses_requests(accepted_only=False)) == 5
         nursery.cancel_scope.cancel()

@@ -33,6 +33,7 @@ import json
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 from urllib.parse import unquote
 
 import attrs
@@ -208,8 +209,9 @@ class FakeAgentserver:
         config.bind = ["127.0.0.1:0"]
         config.accesslog = None
         config.graceful_timeout = 0.5
+        app: Any = self.app  # Starlette is an ASGI app; hypercorn's annotation is narrower
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(hypercorn.trio.serve, self.app, config))
+            binds = await nursery.start(partial(hypercorn.trio.serve, app, config))
             self.base_url = binds[0]
             task_status.started(self.base_url)
 
