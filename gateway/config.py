@@ -22,6 +22,7 @@ from gateway.durations import parse_byte_size, parse_go_duration
 
 Seconds = NewType("Seconds", float)
 ByteSize = NewType("ByteSize", int)
+CsvList = NewType("CsvList", tuple[str, ...])
 
 
 class ConfigError(ValueError):
@@ -168,7 +169,7 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("CXG_MODEL_PROVIDER_WIRE_API", "responses", str),
     _Var("CXG_CODEX_API_KEY", None, Secret, secret=True),
     _Var("CXG_MODEL_TOKEN_REFRESH_INTERVAL", "5m", Seconds),
-    _Var("CXG_PROJECT_TRUSTED_PATHS", "", tuple[str, ...]),
+    _Var("CXG_PROJECT_TRUSTED_PATHS", "", CsvList),
     _Var("CXG_AGENTSERVER_INTERNAL_URL", None, str),
     _Var("CXG_AGENTSERVER_INTERNAL_SECRET", None, Secret, secret=True),
     _Var("CXG_CHECKPOINT_INTERVAL", "5m", Seconds),
@@ -179,7 +180,7 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("CXG_CHILD_STOP_GRACE", "10s", Seconds),
     _Var("CXG_DRAIN_BUDGET", "30s", Seconds),
     _Var("CXG_ADMIN_SECRET", None, Secret, secret=True),
-    _Var("CXG_ALLOWED_ORIGINS", "", tuple[str, ...]),
+    _Var("CXG_ALLOWED_ORIGINS", "", CsvList),
     _Var("CXG_RESTORE_MAX_BYTES", "8GiB", ByteSize),
     _Var("CXG_RESTORE_MAX_ENTRIES", "200000", int),
     _Var("CXG_METRICS_LISTEN_ADDR", None, str),
@@ -224,7 +225,7 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(ByteSize, lambda v, _: parse_byte_size(v))
     converter.register_structure_hook(bool, _structure_bool)
     converter.register_structure_hook(int, _structure_int)
-    converter.register_structure_hook(tuple[str, ...], _structure_csv)
+    converter.register_structure_hook(CsvList, _structure_csv)
     converter.register_structure_hook(Secret, lambda v, _: Secret(v))
     converter.register_structure_hook(str, lambda v, _: v.strip())
     return converter
@@ -308,7 +309,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             raise ConfigError(f"{name} must not be empty")
     if values["CXG_WS_MAX_MESSAGE_SIZE"] < 1024:
         raise ConfigError(
-            f"CXG_WS_MAX_MESSAGE_SIZE must be at least 1KiB; got {values['CXG_WS_MAX_MESSAGE_SIZE']}"
+            "CXG_WS_MAX_MESSAGE_SIZE must be at least 1KiB; "
+            f"got {values['CXG_WS_MAX_MESSAGE_SIZE']}"
         )
     for name in ("CXG_CHILD_READY_TIMEOUT", "CXG_DRAIN_BUDGET", "CXG_IDLE_SHUTDOWN"):
         if values[name] <= 0:

@@ -57,7 +57,9 @@ def parse_go_duration(text: str) -> float:
         total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         position = match.end()
     if position != len(value) or position == 0:
-        raise ValueError(f"invalid duration {text!r} (expected a Go duration such as 30s, 5m, 1h30m)")
+        raise ValueError(
+            f"invalid duration {text!r} (expected a Go duration such as 30s, 5m, 1h30m)"
+        )
     return sign * total
 
 
@@ -65,7 +67,9 @@ def parse_byte_size(text: str) -> int:
     """Return the number of bytes in ``64MiB``, ``16MB``, ``1048576`` and the like."""
     match = _SIZE.fullmatch(text.strip())
     if match is None:
-        raise ValueError(f"invalid size {text!r} (expected bytes, or a number with KiB, MiB or GiB)")
+        raise ValueError(
+            f"invalid size {text!r} (expected bytes, or a number with KiB, MiB or GiB)"
+        )
     unit = (match.group(2) or "B").lower()
     return int(match.group(1)) * _SIZE_FACTORS[unit]
 
@@ -81,5 +85,9 @@ def format_duration(seconds: float) -> str:
         return f"{seconds:g}s"
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
-    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{secs}s" if secs else ""]
+    parts = [
+        f"{hours}h" if hours else "",
+        f"{minutes}m" if minutes else "",
+        f"{secs}s" if secs else "",
+    ]
     return "".join(parts)

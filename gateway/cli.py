@@ -1,0 +1,103 @@
+"""The ``codex-app-gateway`` command line: ``serve``, ``mint-token`` and the helper commands.
+
+Usage errors exit 2 with one line naming the problem; runtime failures exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+import trio
+
+from gateway.auth.tokens import TokenError, mint_hmac_token
+from gateway.config import ConfigError, load_config, require_authenticator
+
+PROG = "codex-app-gateway"
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    environ = dict(os.environ)
+    # As upstream: the flags win when given; otherwise the environment; otherwise the default.
+    if args.listen_addr is not None:
+        environ["CXG_LISTEN_ADDR"] = args.listen_addr
+    if args.codex_bin is not None:
+        environ["CXG_CODEX_BIN"] = args.codex_bin
+    try:
+        config = load_config(environ)
+        require_authenticator(config)
+    except ConfigError as exc:
+        print(f"{PROG} serve: config: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from gateway.daemon import run_daemon
+    from gateway.logs import configure_logging
+
+    configure_logging(config.log_level, config.log_format)
+    try:
+        trio.run(run_daemon, config)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except OSError as exc:
+        print(f"{PROG} serve: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def _mint_token(args: argparse.Namespace) -> int:
+    secret = os.environ.get("CXG_INBOUND_HMAC_SECRET", "")
+    if not secret:
+        print(f"{PROG} mint-token: CXG_INBOUND_HMAC_SECRET is not set", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        print(mint_hmac_token(secret.encode(), args.workspace, args.thread))
+    except TokenError as exc:
+        print(f"{PROG} mint-token: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line parser."""
+    parser = _Parser(prog=PROG, description="Run `codex --remote` against per-workspace sessions.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = commands.add_parser("serve", help="run the gateway daemon")
+    serve.add_argument(
+        "--listen-addr", help="HOST:PORT to listen on (env CXG_LISTEN_ADDR, default :8086)"
+    )
+    serve.add_argument("--codex-bin", help="the codex binary (env CXG_CODEX_BIN, default codex)")
+    serve.set_defaults(handler=_serve)
+
+    mint = commands.add_parser(
+        "mint-token", help="mint a development token (needs CXG_INBOUND_HMAC_SECRET)"
+    )
+    mint.add_argument("--workspace", required=True, help="workspace id the token grants")
+    mint.add_argument("--thread", default="dev", help="thread part of the token (default dev)")
+    mint.set_defaults(handler=_mint_token)
+
+    for register in _extra_commands():
+        register(commands)
+    return parser
+
+
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+    return []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and ``python -m gateway``."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)

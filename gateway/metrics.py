@@ -1,0 +1,35 @@
+"""Prometheus metrics: one place that names every signal the daemon exports."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+SESSIONS_ACTIVE = Gauge("cxg_sessions_active", "Sessions whose codex child is running.")
+CLIENTS_ATTACHED = Gauge("cxg_clients_attached", "Client WebSockets currently relayed.")
+SESSION_STARTS = Counter("cxg_session_starts_total", "Session starts by result.", ["result"])
+SESSION_STOPS = Counter("cxg_session_stops_total", "Session stops by reason.", ["reason"])
+SESSION_START_SECONDS = Histogram(
+    "cxg_session_start_seconds",
+    "Time from first connect to a ready child (restore, render, spawn, readiness).",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+SESSION_STOP_SECONDS = Histogram(
+    "cxg_session_stop_seconds",
+    "Time from stop request to the final save finishing.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+SAVES = Counter("cxg_saves_total", "CODEX_HOME saves by kind and result.", ["kind", "result"])
+SAVE_SECONDS = Histogram(
+    "cxg_save_seconds",
+    "Duration of CODEX_HOME saves.",
+    ["kind"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+UNSAVED_HOMES = Gauge(
+    "cxg_unsaved_homes", "Stopped sessions whose CODEX_HOME is not yet saved (kept on disk)."
+)
+FRAMES = Counter("cxg_frames_relayed_total", "WebSocket messages relayed.", ["direction"])
+WS_CLOSES = Counter(
+    "cxg_ws_closes_total", "WebSocket closes by side that closed and code.", ["side", "code"]
+)
+AUTH_RESULTS = Counter("cxg_auth_results_total", "Authentication outcomes.", ["result"])

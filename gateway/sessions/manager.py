@@ -1,0 +1,214 @@
+"""The session manager: at most one session per workspace, started single-flight.
+
+``SessionManager.run`` is started in the daemon's nursery and owns the nursery every session
+runs in, so sessions outlive the client connections that started them. ``attach`` finds or
+starts a workspace's session (any number of simultaneous first connects start exactly one
+child); ``restart`` and ``drain`` stop sessions; a session whose child keeps crashing is held
+back with growing delays.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+from gateway.sessions.session import (
+    Session,
+    SessionDirectories,
+    SessionServices,
+    SessionStartError,
+    StopReason,
+)
+
+log = structlog.get_logger(__name__)
+
+# A session that lived this long without crashing resets its workspace's crash count.
+CRASH_FORGET_SECONDS = 300.0
+CRASH_BACKOFF_MAX_SECONDS = 60.0
+
+
+class Unavailable(SessionStartError):
+    """No session can be started now (draining, full, backing off); HTTP 503."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message, status=503)
+        self.retry_after = retry_after
+
+
+@attrs.define
+class _CrashRecord:
+    count: int = 0
+    last: float = -math.inf
+
+
+def crash_backoff(consecutive_crashes: int) -> float:
+    """Seconds to hold back a restart: none after one crash, then 2 s, 4 s, … up to 60 s."""
+    if consecutive_crashes <= 1:
+        return 0.0
+    return min(2.0 ** (consecutive_crashes - 1), CRASH_BACKOFF_MAX_SECONDS)
+
+
+class SessionManager:
+    """Owns every session; see the module docstring."""
+
+    def __init__(self, services: SessionServices) -> None:
+        self._services = services
+        self._config = services.config
+        self._tmp_root = Path(self._config.tmp_root)
+        self._sessions: dict[str, Session] = {}
+        self._crashes: dict[str, _CrashRecord] = {}
+        self._nursery: trio.Nursery | None = None
+        self.draining = False
+
+    async def run(self, *, task_status: trio.TaskStatus[SessionManager]) -> None:
+        """Own the sessions' nursery until cancelled (after ``drain``)."""
+        self._tmp_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    # -- attaching --------------------------------------------------------------------------
+
+    async def attach(self, workspace_id: str) -> Session:
+        """Return the workspace's running session, starting it if needed."""
+        while True:
+            session = self._sessions.get(workspace_id)
+            if session is None:
+                session = self._start(workspace_id, adopt=None)
+            elif session.stop_reason is not None:
+                # Never two children on one home: wait for the old one to finish saving, or take
+                # over its unsaved home while the store is unreachable.
+                if session.unsaved:
+                    session.abandon_final_save()
+                await session.finished.wait()
+                if self._sessions.get(workspace_id) is session:
+                    del self._sessions[workspace_id]
+                    adopt = None if session.saved else session
+                    session = self._start(workspace_id, adopt=adopt)
+                else:
+                    continue
+            await session.ready.wait()
+            if session.start_error is not None:
+                raise session.start_error
+            if session.stop_reason is None:
+                return session
+
+    def _start(self, workspace_id: str, adopt: Session | None) -> Session:
+        if self.draining or self._nursery is None:
+            raise Unavailable("gateway is shutting down; reconnect to another instance")
+        live = sum(1 for s in self._sessions.values() if s.stop_reason is None)
+        if self._config.max_sessions and live >= self._config.max_sessions:
+            raise Unavailable(
+                f"gateway is full ({self._config.max_sessions} sessions, CXG_MAX_SESSIONS)",
+                retry_after=30,
+            )
+        record = self._crashes.get(workspace_id)
+        if record is not None:
+            wait = record.last + crash_backoff(record.count) - trio.current_time()
+            if wait > 0:
+                raise Unavailable(
+                    f"codex for this workspace exited {record.count} times in a row; "
+                    f"retrying in {math.ceil(wait)}s",
+                    retry_after=math.ceil(wait),
+                )
+        directories = SessionDirectories.for_workspace(self._tmp_root, workspace_id)
+        if adopt is None:
+            _set_aside_leftover(directories)
+        else:
+            log.warning("session.adopting_unsaved_home", workspace_id=workspace_id)
+        session = Session(
+            workspace_id,
+            self._services,
+            directories,
+            adopted_generation=adopt.generation if adopt is not None else None,
+        )
+        self._sessions[workspace_id] = session
+        self._nursery.start_soon(self._run_session, session, name=f"session:{workspace_id}")
+        return session
+
+    async def _run_session(self, session: Session) -> None:
+        started = trio.current_time()
+        try:
+            await session.run()
+        except Exception:
+            # Escaping here would take every other session down with it.
+            log.exception("session.crashed", workspace_id=session.workspace_id)
+        finally:
+            session.ready.set()
+            session.finished.set()
+            self._note_end(session, trio.current_time() - started)
+            if self._sessions.get(session.workspace_id) is session and session.saved:
+                del self._sessions[session.workspace_id]
+
+    def _note_end(self, session: Session, lifetime: float) -> None:
+        if session.stop_reason in (StopReason.CHILD_EXITED, StopReason.START_FAILED):
+            record = self._crashes.setdefault(session.workspace_id, _CrashRecord())
+            if lifetime > CRASH_FORGET_SECONDS:
+                record.count = 0
+            record.count += 1
+            record.last = trio.current_time()
+        else:
+            self._crashes.pop(session.workspace_id, None)
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    async def restart(self, workspace_id: str) -> bool:
+        """Stop (and save) the workspace's session; returns whether the save succeeded."""
+        session = self._sessions.get(workspace_id)
+        if session is None:
+            return True
+        session.stop(StopReason.RESTART)
+        with trio.move_on_after(self._config.child_stop_grace + self._config.drain_budget):
+            await session.finished.wait()
+        return session.saved
+
+    async def drain(self) -> None:
+        """Stop every session with 1001, saving each, within ``CXG_DRAIN_BUDGET``."""
+        self.draining = True
+        sessions = list(self._sessions.values())
+        log.info("drain.started", sessions=len(sessions), budget_seconds=self._config.drain_budget)
+        for session in sessions:
+            session.stop(StopReason.DRAIN)
+        with trio.move_on_after(self._config.drain_budget) as scope:
+            for session in sessions:
+                await session.finished.wait()
+        if scope.cancelled_caught:
+            unsaved = [s.workspace_id for s in sessions if not s.saved]
+            log.error("drain.budget_exhausted", unsaved_workspaces=unsaved)
+            for session in sessions:
+                session.abandon_final_save()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        log.info("drain.finished", saved=sum(1 for s in sessions if s.saved), total=len(sessions))
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def get(self, workspace_id: str) -> Session | None:
+        """The workspace's current session, if any."""
+        return self._sessions.get(workspace_id)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The admin listing."""
+        return [session.describe() for session in self._sessions.values()]
+
+
+def _set_aside_leftover(directories: SessionDirectories) -> None:
+    """Keep, never delete, a directory left by a previous process that died without saving.
+
+    It may hold history newer than the store's last checkpoint, but it cannot be trusted to be
+    consistent or newer, so it is moved aside for an operator (docs/operations.md).
+    """
+    if not directories.root.exists():
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = directories.root.parent / ".orphaned" / f"{directories.root.name}-{stamp}"
+    aside.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directories.root.rename(aside)
+    log.warning("session.leftover_directory_set_aside", path=str(aside))

@@ -1,0 +1,78 @@
+"""The ASGI application: the WebSocket relay endpoint, health, metrics and admin routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from prometheus_client import make_asgi_app
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+from gateway.web.admin import AdminRoutes
+from gateway.web.websocket import WEBSOCKET_PATHS, Receive, Scope, Send, WebSocketEndpoint
+
+
+@attrs.define
+class Readiness:
+    """Whether the daemon takes new clients (``/readyz``)."""
+
+    serving: bool = False
+    draining: bool = False
+
+    @property
+    def ready(self) -> bool:
+        """Serving and not draining."""
+        return self.serving and not self.draining
+
+
+def build_app(
+    websocket: WebSocketEndpoint, admin: AdminRoutes, readiness: Readiness, *, metrics: bool
+) -> Any:
+    """The gateway's ASGI app: WebSockets at ``/`` and ``/codex-app/ws``, everything else HTTP."""
+
+    async def healthz(_: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def readyz(_: Request) -> Response:
+        if readiness.ready:
+            return PlainTextResponse("ready\n")
+        return PlainTextResponse(
+            "draining\n" if readiness.draining else "starting\n", status_code=503
+        )
+
+    async def upgrade_required(_: Request) -> Response:
+        return PlainTextResponse(
+            "WebSocket upgrade required\n", status_code=426, headers={"upgrade": "websocket"}
+        )
+
+    routes: list[Any] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/admin/sessions", admin.list_sessions, methods=["GET"]),
+        Route("/admin/sessions/restart", admin.restart_session, methods=["POST"]),
+        Route("/", upgrade_required, methods=["GET"]),
+        Route("/codex-app/ws", upgrade_required, methods=["GET"]),
+    ]
+    if metrics:
+        routes.append(Mount("/metrics", app=make_asgi_app()))
+    http_app = Starlette(routes=routes)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            if scope["path"] in WEBSOCKET_PATHS:
+                await websocket(scope, receive, send)
+            else:
+                await receive()
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        await http_app(scope, receive, send)  # type: ignore[arg-type]
+
+    return app
+
+
+def build_metrics_app() -> Any:
+    """A separate metrics app for ``CXG_METRICS_LISTEN_ADDR``."""
+    return Starlette(routes=[Mount("/metrics", app=make_asgi_app())])

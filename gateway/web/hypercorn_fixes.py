@@ -1,0 +1,93 @@
+"""Two narrow fixes to Hypercorn 0.18.0 (pinned exactly), installed once at daemon start.
+
+1. pgjones/hypercorn#225: an exception in one connection's task (e.g. ``h11.LocalProtocolError``
+   after trailing bytes on an upgrade request) escapes into the server nursery and stops
+   ``serve()`` — every session's clients would go with it. The guard confines any such error to
+   its own connection: it is logged and that connection is dropped. ``trio.Cancelled`` is a
+   ``BaseException`` and still propagates, so shutdown works as before.
+2. Hypercorn tells the ASGI app only 1000 or 1006 when a client closes a WebSocket, dropping the
+   code and reason the client sent. The relay must carry them to the child, so the WebSocket
+   stream records the peer's close frame and reports its code and reason in
+   ``websocket.disconnect``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import hypercorn.protocol.h2
+import hypercorn.protocol.h11
+import structlog
+from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.ws_stream import WSStream
+from hypercorn.trio.tcp_server import TCPServer
+from wsproto.events import CloseConnection
+
+log = structlog.get_logger(__name__)
+_installed = False
+
+
+class _CloseAwareWSStream(WSStream):
+    """A WSStream that reports the client's own close code and reason to the app."""
+
+    _peer_close: tuple[int, str] | None = None
+    _tapped = False
+
+    async def handle(self, event: Any) -> None:
+        connection = getattr(self, "connection", None)
+        if connection is not None and not self._tapped:
+            self._tap(connection)
+        if (
+            isinstance(event, StreamClosed)
+            and not self.closed
+            and self._peer_close is not None
+            and getattr(self, "app_put", None) is not None
+        ):
+            self.closed = True
+            code, reason = self._peer_close
+            message = {"type": "websocket.disconnect", "code": code, "reason": reason}
+            await self.app_put(message)  # type: ignore[misc]
+            return
+        await super().handle(event)
+
+    def _tap(self, connection: Any) -> None:
+        self._tapped = True
+        original = connection.events
+
+        def events() -> Iterator[Any]:
+            for event in original():
+                if isinstance(event, CloseConnection) and self._peer_close is None:
+                    self._peer_close = (int(event.code), event.reason or "")
+                yield event
+
+        connection.events = events
+
+
+def _guard_connection_errors() -> None:
+    original_run = TCPServer.run
+
+    async def guarded_run(self: TCPServer) -> None:
+        try:
+            await original_run(self)
+        except Exception as exc:
+            log.warning("http.connection_error", error=type(exc).__name__, detail=str(exc)[:200])
+        except BaseExceptionGroup as group:
+            # Cancelled must propagate; anything else from this one connection must not.
+            rest = group.subgroup(lambda e: not isinstance(e, Exception))
+            log.warning("http.connection_error", error="ExceptionGroup", detail=str(group)[:200])
+            if rest is not None:
+                raise rest from None
+
+    TCPServer.run = guarded_run  # type: ignore[method-assign]
+
+
+def install_hypercorn_fixes() -> None:
+    """Install both fixes (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    _guard_connection_errors()
+    hypercorn.protocol.h11.WSStream = _CloseAwareWSStream  # type: ignore[misc]
+    hypercorn.protocol.h2.WSStream = _CloseAwareWSStream  # type: ignore[misc]

@@ -1,0 +1,44 @@
+"""Hypercorn (trio worker) run programmatically inside the daemon's own ``trio.run``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from gateway.config import Config, split_listen_addr
+
+# How long Hypercorn lets in-flight HTTP requests finish after the shutdown trigger. WebSocket
+# clients are already closed by the drain by then.
+GRACEFUL_TIMEOUT_SECONDS = 3.0
+
+
+def hypercorn_config(config: Config, listen_addr: str) -> HypercornConfig:
+    """Hypercorn settings derived from ours: message size, pings, dead-client detection."""
+    host, port = split_listen_addr(listen_addr)
+    settings = HypercornConfig()
+    settings.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    settings.websocket_max_message_size = config.ws_max_message_size
+    settings.graceful_timeout = GRACEFUL_TIMEOUT_SECONDS
+    settings.accesslog = logging.getLogger("hypercorn.access")
+    settings.errorlog = logging.getLogger("hypercorn.error")
+    if config.ws_ping_interval > 0:
+        settings.websocket_ping_interval = config.ws_ping_interval
+        # Hypercorn's pings have no pong timeout; a live client answers every ping, so a
+        # connection that reads nothing for two intervals is dead and is dropped.
+        settings.read_timeout = int(config.ws_ping_interval * 2 + 5)
+    return settings
+
+
+async def serve_http(
+    app: Any,
+    settings: HypercornConfig,
+    shutdown: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` until ``shutdown`` is set; reports the bound URLs when listening."""
+    await serve(app, settings, shutdown_trigger=shutdown.wait, task_status=task_status)
