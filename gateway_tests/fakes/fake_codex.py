@@ -37,7 +37,8 @@ Deviations from the real codex, on purpose (test-only extras):
   ``{"code": N, "reason": S}`` (code 1006 when the TCP connection ended without a Close frame),
   and logged to stderr as ``fake-codex: peer closed connection N code=… reason=…``;
 * ``CODEX_HOME/fake-codex-start.json`` (pid, argv, listen URL, credential presence booleans,
-  names of all environment variables) and ``CODEX_HOME/fake-codex-exit.json`` (reason, signal
+  ``env_names``: the names of the environment variables it was given, see
+  :func:`given_env_names`) and ``CODEX_HOME/fake-codex-exit.json`` (reason, signal
   count, open turns) are written for tests to assert on;
 * the rollout file is created at ``thread/start`` (the real one waits for the first turn);
 * unknown methods get -32601 "method not found" (the real one answers -32600).
@@ -169,6 +170,19 @@ def uuid7() -> str:
     rand_b = secrets.randbits(62)
     value = ((ms & ((1 << 48) - 1)) << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
     return str(uuid.UUID(int=value))
+
+
+def given_env_names() -> list[str]:
+    """Names of the environment variables the caller gave the fake (values never recorded).
+
+    Leaves out what the launch itself adds: the ``FAKE_CODEX_*`` knobs, ``PWD`` (every sh
+    exports it) and ``LC_CTYPE`` when Python's C-locale coercion invented it (the launchers say
+    whether it was given, in ``FAKE_CODEX_LC_CTYPE_GIVEN``).
+    """
+    names = {n for n in os.environ if not n.startswith("FAKE_CODEX_") and n != "PWD"}
+    if os.environ.get("FAKE_CODEX_LC_CTYPE_GIVEN") == "":
+        names.discard("LC_CTYPE")
+    return sorted(names)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -690,7 +704,8 @@ class Server:
                 "authJson": (self.home / "auth.json").exists(),
                 "mcpServers": self.config.mcp_summary(),
                 "configOverrides": [o.split("=", 1)[0] for o in self.opts.overrides],
-                "env_names": sorted(os.environ),
+                "env_names": given_env_names(),
+                "knobs": sorted(n for n in os.environ if n.startswith("FAKE_CODEX_")),
             },
         )
 

@@ -66,6 +66,8 @@ def make_fake_codex_launcher(directory: Path, **knobs: str) -> Path:
         "# Fake codex launcher for one test; knobs are documented in fake_codex.py.",
     ]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in knob_env(**knobs).items()]
+    # Python invents LC_CTYPE under a C locale; tell the fake whether the caller really set it.
+    lines.append('export FAKE_CODEX_LC_CTYPE_GIVEN="${LC_CTYPE+1}"')
     lines.append(
         f'exec {shlex.quote(str(fake_codex_python()))} {shlex.quote(str(FAKE_CODEX_SCRIPT))} "$@"'
     )
