@@ -62,7 +62,7 @@ FROM python:3.11.14-slim-bookworm AS runtime
 ARG CODEX_VERSION
 LABEL org.opencontainers.image.title="codex-app-gateway" \
       org.opencontainers.image.description="codex app-server per workspace behind a WebSocket gateway" \
-      io.github.openai.codex.version="${CODEX_VERSION}"
+      codex-app-gateway.codex-version="${CODEX_VERSION}"
 
 # bubblewrap: codex looks for a system bwrap on PATH (it logs an error and falls back to its
 # bundled copy otherwise). ca-certificates: TLS to S3 and the model endpoint.
