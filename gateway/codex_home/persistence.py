@@ -1,20 +1,54 @@
 """Restore and save a workspace's CODEX_HOME through the object store.
 
 This is the one facade sessions use: ``restore`` before the child starts, ``save`` at each
-checkpoint and at stop. It owns archive format, safety checks and fencing.
+checkpoint and at stop. It owns the archive format, the safety checks and fencing.
+
+Fencing. Every save is conditional on the ``Generation`` the session last restored or saved:
+the write succeeds only if the stored object is still the one that generation names (S3:
+``If-Match: <etag>``, or ``If-None-Match: *`` when there was no object; local store: the same
+check under a lock, then an atomic rename). A stale writer — an older session of the workspace
+on another pod, or a zombie — gets ``StaleSnapshot`` and the newer snapshot stays. Archives
+larger than one part go up as multipart uploads; AWS S3 applies the condition when the upload
+is completed, and the S3 store additionally checks the stored ETag before starting and right
+before completing, so stores that ignore conditions on completion (moto, some S3-compatible
+servers) still reject stale writers and writes that race a long upload; there only a
+competing write in the last round trip before completion could be overwritten.
+
+Errors (all ``PersistenceError``; each message names the object key):
+
+* ``HostileArchive``: the stored archive is unsafe or malformed; nothing was restored and the
+  object is untouched. The session refuses to start.
+* ``PersistenceUnavailable`` (also a ``StoreUnavailable``): the store is unreachable, denied
+  access or failed; the session answers 503 (restore) or keeps the local copy and retries
+  (save).
+* ``StaleSnapshot`` (also a ``PreconditionFailed``): a newer snapshot exists; this writer must
+  stop saving over it.
+* ``PersistenceError`` itself: a local problem (disk full, target directory not empty).
 """
 
 from __future__ import annotations
 
-import io
-import tarfile
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import AsyncIterable, Callable
 from pathlib import Path
 
 import attrs
 import trio
 
-from gateway.config import RestoreLimits
-from gateway.store.base import ObjectNotFound, ObjectStore, archive_key
+from gateway.codex_home import archive, snapshot
+from gateway.codex_home.pipe import consume_in_thread, produce_in_thread
+from gateway.config import Config, RestoreLimits
+from gateway.store.base import (
+    ObjectNotFound,
+    ObjectStore,
+    PreconditionFailed,
+    StoreUnavailable,
+    archive_key,
+)
+from gateway.store.local import LocalDirectoryStore
 
 
 class PersistenceError(Exception):
@@ -25,52 +59,181 @@ class HostileArchive(PersistenceError):
     """A stored archive breaks the safety rules; it is refused and left untouched."""
 
 
+class PersistenceUnavailable(PersistenceError, StoreUnavailable):
+    """The object store could not be reached or refused the request (maps to HTTP 503)."""
+
+
+class StaleSnapshot(PersistenceError, PreconditionFailed):
+    """A newer snapshot was stored since the generation this writer holds; nothing written."""
+
+
 @attrs.frozen
 class Generation:
-    """What a session knows about the stored archive: its generation (None: no object)."""
+    """What a session knows about its stored archive.
+
+    ``stored``: the store's generation (S3 ETag) of the archive, ``None`` when there is none.
+    ``fingerprint``: the state of the local home when it was restored or last saved, used to
+    skip uploads when nothing changed (``None``: unknown, the next save uploads).
+    ``size``: the archive's compressed size in bytes when known.
+
+    ``save`` returns its argument unchanged (the very same object) when it uploaded nothing,
+    so ``new is not expected`` — or ``new.stored != expected.stored`` — means "uploaded".
+    """
 
     stored: str | None
+    fingerprint: str | None = None
+    size: int | None = None
 
 
 class Persistence:
-    """Restores and saves CODEX_HOME directories as ``codex-app-gateway/<ws>.tar.gz``."""
+    """Restores and saves CODEX_HOME directories as ``codex-app-gateway/<ws>.tar.gz``.
 
-    def __init__(self, store: ObjectStore, limits: RestoreLimits) -> None:
+    ``max_entry_bytes`` bounds one restored file (default: ``limits.max_total_bytes``);
+    ``exclude`` adds ``fnmatch`` patterns of runtime files the session places in the home
+    (on top of the built-in ones: sockets, locks, pid files, ``model-token*``, codex's runtime
+    directories). ``compresslevel`` trades CPU for archive size.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        limits: RestoreLimits,
+        *,
+        max_entry_bytes: int | None = None,
+        exclude: tuple[str, ...] = (),
+        compresslevel: int = archive.DEFAULT_COMPRESSLEVEL,
+    ) -> None:
         self.store = store
         self.limits = limits
+        self.archive_limits = archive.ArchiveLimits(
+            max_total_bytes=limits.max_total_bytes,
+            max_entries=limits.max_entries,
+            max_entry_bytes=(
+                limits.max_total_bytes if max_entry_bytes is None else max_entry_bytes
+            ),
+        )
+        self.policy = snapshot.ExcludePolicy(extra_patterns=exclude)
+        self.compresslevel = compresslevel
+
+    # --- restore ------------------------------------------------------------------------------
 
     async def restore(self, workspace_id: str, codex_home: Path) -> Generation:
-        """Fill the empty directory ``codex_home`` from the stored archive, if there is one."""
+        """Fill the empty (or missing) directory ``codex_home`` from the stored archive.
+
+        No object: ``codex_home`` is left empty (created 0700 if missing) and the generation's
+        ``stored`` is ``None``. Otherwise the archive is streamed and extracted into a staging
+        directory beside ``codex_home``, which replaces it only once everything was checked
+        and written: a bad archive leaves nothing behind. Restored files are 0600, directories
+        0700. Raises ``HostileArchive``, ``PersistenceUnavailable`` or ``PersistenceError``.
+        """
         key = archive_key(workspace_id)
+        await trio.to_thread.run_sync(_prepare_target, codex_home, key)
+        staging = Path(
+            await trio.to_thread.run_sync(
+                lambda: tempfile.mkdtemp(
+                    dir=codex_home.parent, prefix=f".{codex_home.name}.restore-"
+                )
+            )
+        )
         try:
-            async with self.store.open_read(key) as stored:
-                body = b"".join([chunk async for chunk in stored.chunks()])
-                generation = stored.generation
-        except ObjectNotFound:
-            return Generation(stored=None)
+            try:
+                async with self.store.open_read(key) as stored:
+                    await consume_in_thread(
+                        stored.chunks(),
+                        lambda pull: archive.unpack_archive(pull, staging, self.archive_limits),
+                    )
+                    generation, size = stored.generation, stored.size
+            except ObjectNotFound:
+                generation, size = None, None
+            except StoreUnavailable as exc:
+                raise PersistenceUnavailable(
+                    f"restoring {key} from {self.store.describe()} failed: {exc}"
+                ) from exc
+            except archive.BadArchive as exc:
+                raise HostileArchive(
+                    f"refusing to restore {key} from {self.store.describe()}: {exc}; "
+                    "the stored archive was left untouched"
+                ) from exc
+            except OSError as exc:
+                raise PersistenceError(f"restoring {key} into {codex_home} failed: {exc}") from exc
+            if generation is not None:
+                try:
+                    await trio.to_thread.run_sync(_move_into_place, staging, codex_home)
+                except OSError as exc:
+                    raise PersistenceError(
+                        f"restoring {key}: cannot move the restored home into {codex_home}: {exc}"
+                    ) from exc
+        finally:
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
+        fingerprint = await trio.to_thread.run_sync(
+            snapshot.fingerprint_home, codex_home, self.policy
+        )
+        return Generation(stored=generation, fingerprint=fingerprint, size=size)
 
-        def extract() -> None:
-            with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
-                archive.extractall(codex_home, filter="data")
-
-        await trio.to_thread.run_sync(extract)
-        return Generation(stored=generation)
+    # --- save ---------------------------------------------------------------------------------
 
     async def save(self, workspace_id: str, codex_home: Path, expected: Generation) -> Generation:
-        """Archive ``codex_home`` and write it, conditional on ``expected``."""
+        """Snapshot ``codex_home`` and write it, conditional on ``expected``; may run live.
+
+        Returns ``expected`` itself when the home is unchanged since that generation (nothing
+        is uploaded), else the new generation. The local directory is never modified or
+        deleted here. Raises ``StaleSnapshot``, ``PersistenceUnavailable`` or
+        ``PersistenceError``; on any failure the stored object is the previous one.
+        """
         key = archive_key(workspace_id)
+        try:
+            fingerprint = await trio.to_thread.run_sync(
+                snapshot.fingerprint_home, codex_home, self.policy
+            )
+        except OSError as exc:
+            raise PersistenceError(f"scanning {codex_home} for {key} failed: {exc}") from exc
+        if expected.fingerprint is not None and fingerprint == expected.fingerprint:
+            return expected
 
-        def pack() -> bytes:
-            buffer = io.BytesIO()
-            with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-                for path in sorted(codex_home.rglob("*")):
-                    archive.add(path, arcname=str(path.relative_to(codex_home)), recursive=False)
-            return buffer.getvalue()
+        def pack(emit: Callable[[bytes], None]) -> int:
+            with snapshot.scratch_directory(codex_home.parent) as scratch:
+                entries = snapshot.snapshot_entries(codex_home, self.policy, scratch)
+                return archive.write_archive(entries, emit, level=self.compresslevel)
 
-        body = await trio.to_thread.run_sync(pack)
+        async def upload(chunks: AsyncIterable[bytes]) -> str:
+            return await self.store.write(key, chunks, expected_generation=expected.stored)
 
-        async def chunks():  # type: ignore[no-untyped-def]
-            yield body
+        try:
+            size, stored = await produce_in_thread(pack, upload)
+        except PreconditionFailed as exc:
+            raise StaleSnapshot(
+                f"not saving {key}: a newer snapshot was stored since generation "
+                f"{expected.stored or '(none)'} ({exc})"
+            ) from exc
+        except StoreUnavailable as exc:
+            raise PersistenceUnavailable(
+                f"saving {key} to {self.store.describe()} failed: {exc}"
+            ) from exc
+        except (OSError, sqlite3.Error) as exc:
+            raise PersistenceError(f"snapshotting {codex_home} for {key} failed: {exc}") from exc
+        assert isinstance(stored, str)
+        return Generation(stored=stored, fingerprint=fingerprint, size=size)
 
-        generation = await self.store.write(key, chunks(), expected_generation=expected.stored)
-        return Generation(stored=generation)
+
+def _prepare_target(codex_home: Path, key: str) -> None:
+    """Make sure ``codex_home`` exists as an empty 0700 directory."""
+    codex_home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if any(codex_home.iterdir()):
+        raise PersistenceError(f"cannot restore {key}: {codex_home} is not empty")
+    os.chmod(codex_home, 0o700)
+
+
+def _move_into_place(staging: Path, codex_home: Path) -> None:
+    """Replace the empty ``codex_home`` with the fully restored ``staging`` in one rename."""
+    os.chmod(staging, 0o700)
+    # rename(2) atomically replaces an empty directory with a directory.
+    os.rename(staging, codex_home)
+
+
+def open_object_store(config: Config) -> ObjectStore:
+    """The configured store: S3 when ``config.s3`` is set, else the local directory store."""
+    if config.s3 is not None:
+        from gateway.store.s3 import S3ObjectStore
+
+        return S3ObjectStore(config.s3)
+    return LocalDirectoryStore(config.local_store_dir)

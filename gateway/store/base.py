@@ -4,6 +4,12 @@ Two implementations: a local directory (the embedded default) and S3. Both speak
 objects identified by key, streamed in chunks, with a *generation* token (the S3 ETag, or its
 local equivalent) that makes conditional writes possible, so a stale writer cannot overwrite a
 newer snapshot.
+
+Errors are deliberately few, because callers act on the class, not on the details:
+
+* ``ObjectNotFound``: nothing stored under the key (a workspace never saved) — start empty.
+* ``StoreUnavailable``: unreachable, denied, throttled, misconfigured — retry later / 503.
+* ``PreconditionFailed``: a conditional write lost; someone newer owns the object — stop.
 """
 
 from __future__ import annotations
@@ -39,10 +45,18 @@ class PreconditionFailed(StoreError):
 class StoredObject(Protocol):
     """An object being read: its generation and its body as a stream of chunks."""
 
-    generation: str
+    @property
+    def generation(self) -> str:
+        """The generation of exactly the bytes ``chunks`` yields."""
+        ...
+
+    @property
+    def size(self) -> int | None:
+        """The object's length in bytes when the store reports it."""
+        ...
 
     def chunks(self) -> AsyncIterator[bytes]:
-        """Yield the body in chunks of bounded size."""
+        """Yield the body in chunks of bounded size (never the whole object at once)."""
         ...
 
 
@@ -64,7 +78,9 @@ class ObjectStore(Protocol):
 
         ``expected_generation`` is the generation the writer last saw, or ``None`` when the
         writer believes no object exists. If the stored object does not match, raise
-        ``PreconditionFailed`` and leave the stored object untouched.
+        ``PreconditionFailed`` and leave the stored object untouched. The object becomes
+        visible whole or not at all; a failed or cancelled write leaves the old one in place.
+        ``chunks`` is consumed to the end unless the write fails.
         """
         ...
 

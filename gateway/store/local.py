@@ -1,31 +1,59 @@
-"""A local directory object store: the embedded default when no S3 bucket is configured."""
+"""A local directory object store: the embedded default when no S3 bucket is configured.
+
+Objects are files under one root directory, keyed by relative path. A write streams into a
+temporary file beside the target, then — holding an exclusive ``flock`` on a per-key lock file —
+checks the current generation and renames the temporary file into place. The rename is atomic,
+so readers see the old object or the new one, never a mix; the lock makes "check, then
+replace" one step for every writer on this machine, in this process or another.
+
+A generation is the file's identity and metadata (inode, mtime in nanoseconds, size): every
+successful write creates a new inode, so an old generation never matches a newer object.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import attrs
 import trio
 
-from gateway.store.base import ObjectNotFound, PreconditionFailed
+from gateway.store.base import ObjectNotFound, PreconditionFailed, StoreError, StoreUnavailable
+
+READ_CHUNK_SIZE = 256 * 1024
 
 
-@attrs.frozen
+def _generation_of(info: os.stat_result) -> str:
+    return f"{info.st_ino:x}-{info.st_mtime_ns:x}-{info.st_size:x}"
+
+
+def _current_generation(path: Path) -> str | None:
+    try:
+        return _generation_of(path.stat())
+    except FileNotFoundError:
+        return None
+
+
+@attrs.define
 class _LocalObject:
-    path: Path
+    """An open object file; the generation describes exactly the inode being read."""
+
     generation: str
+    size: int | None
+    _file: BinaryIO
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        data = await trio.Path(self.path).read_bytes()
-        yield data
-
-
-def _generation(path: Path) -> str:
-    info = path.stat()
-    return f"{info.st_mtime_ns:x}-{info.st_size:x}-{info.st_ino:x}"
+        """Yield the file in chunks of ``READ_CHUNK_SIZE`` bytes, reading off the event loop."""
+        while True:
+            chunk = await trio.to_thread.run_sync(self._file.read, READ_CHUNK_SIZE)
+            if not chunk:
+                return
+            yield chunk
 
 
 class LocalDirectoryStore:
@@ -35,37 +63,90 @@ class LocalDirectoryStore:
         self.root = Path(root)
 
     def describe(self) -> str:
+        """``local:<root>``."""
         return f"local:{self.root}"
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        parts = PurePosixPath(key).parts
+        if not parts or key.startswith("/") or any(p in ("..", ".") for p in parts):
+            raise StoreError(f"invalid object key {key!r}")
+        return self.root.joinpath(*parts)
 
     @asynccontextmanager
     async def open_read(self, key: str) -> AsyncIterator[_LocalObject]:
+        """Open ``key``; the file stays readable even if a writer replaces it meanwhile."""
         path = self._path(key)
         try:
-            generation = _generation(path)
+            file = await trio.to_thread.run_sync(open, path, "rb")
         except FileNotFoundError:
-            raise ObjectNotFound(key) from None
-        yield _LocalObject(path=path, generation=generation)
+            raise ObjectNotFound(f"{self.describe()}/{key}") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot open {path}: {exc}") from exc
+        try:
+            info = os.fstat(file.fileno())
+            yield _LocalObject(generation=_generation_of(info), size=info.st_size, file=file)
+        finally:
+            file.close()
 
     async def write(
         self, key: str, chunks: AsyncIterable[bytes], *, expected_generation: str | None
     ) -> str:
+        """Stream ``chunks`` to a temporary file, then replace ``key`` if it still matches."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            current: str | None = _generation(path)
-        except FileNotFoundError:
-            current = None
+            await trio.to_thread.run_sync(lambda: path.parent.mkdir(parents=True, exist_ok=True))
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create {path.parent}: {exc}") from exc
+        # Same check as the S3 store makes before a long upload: a stale writer stops early.
+        self._check(path, key, expected_generation)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                async for chunk in chunks:
+                    await trio.to_thread.run_sync(out.write, chunk)
+                await trio.to_thread.run_sync(_flush_and_sync, out)
+            return await trio.to_thread.run_sync(self._commit, tmp, path, key, expected_generation)
+        except OSError as exc:
+            raise StoreUnavailable(f"writing {path} failed: {exc}") from exc
+        finally:
+            await trio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
+
+    def _check(self, path: Path, key: str, expected_generation: str | None) -> None:
+        current = _current_generation(path)
         if current != expected_generation:
-            raise PreconditionFailed(key)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as out:
-            async for chunk in chunks:
-                out.write(chunk)
-        os.replace(tmp, path)
-        return _generation(path)
+            raise PreconditionFailed(
+                f"{self.describe()}/{key}: stored generation {current or '(none)'} is not the "
+                f"expected {expected_generation or '(none)'}"
+            )
+
+    def _commit(self, tmp: Path, path: Path, key: str, expected_generation: str | None) -> str:
+        """Check and rename under the key's lock (runs in a worker thread)."""
+        lock_path = path.with_name(f".{path.name}.lock")
+        with open(lock_path, "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                self._check(path, key, expected_generation)
+                os.replace(tmp, path)
+                _sync_directory(path.parent)
+                return _generation_of(path.stat())
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     async def aclose(self) -> None:
+        """Nothing to release."""
         return None
+
+
+def _flush_and_sync(file: BinaryIO) -> None:
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename durable (the directory entry, not just the file data)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

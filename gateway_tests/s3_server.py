@@ -1,0 +1,91 @@
+"""A real S3-compatible server on loopback for persistence tests: moto's ThreadedMotoServer.
+
+Import the fixtures explicitly in a test module::
+
+    from gateway_tests.s3_server import moto_server, s3_settings  # noqa: F401
+
+``moto_server`` starts one server per test session (a thread, so a plain sync fixture);
+``s3_settings`` wipes its state, creates a fresh bucket and returns the ``S3Settings`` a store
+needs. ``closed_port_settings`` points at a port nobody listens on (an unreachable store).
+"""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from collections.abc import Iterator
+
+import attrs
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from gateway.config import S3Settings, Secret
+
+BUCKET = "codex-homes"
+REGION = "us-east-1"
+
+
+@attrs.frozen
+class MotoServer:
+    """A running server: its endpoint URL and a way to stop it early."""
+
+    endpoint: str
+    server: ThreadedMotoServer
+
+    def reset(self) -> None:
+        """Wipe every bucket and object (moto's reset API)."""
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
+
+    def boto_client(self):  # type: ignore[no-untyped-def]
+        """A synchronous boto3 client, for tests to inspect or tamper with the bucket."""
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """One moto server on 127.0.0.1 with an OS-chosen port for the whole test session."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield MotoServer(endpoint=f"http://{host}:{port}", server=server)
+    finally:
+        server.stop()
+
+
+def settings_for(endpoint: str, bucket: str = BUCKET) -> S3Settings:
+    """``S3Settings`` for ``endpoint`` with moto's accept-anything credentials."""
+    return S3Settings(
+        bucket=bucket,
+        endpoint=endpoint,
+        region=REGION,
+        access_key_id="test",
+        secret_access_key=Secret("test"),
+        path_style=True,
+    )
+
+
+@pytest.fixture
+def s3_settings(moto_server: MotoServer) -> S3Settings:
+    """A clean server with an empty bucket; the settings to reach it."""
+    moto_server.reset()
+    moto_server.boto_client().create_bucket(Bucket=BUCKET)
+    return settings_for(moto_server.endpoint)
+
+
+@pytest.fixture
+def closed_port_settings() -> S3Settings:
+    """Settings for an endpoint where nothing listens (connection refused at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return settings_for(f"http://127.0.0.1:{port}")
