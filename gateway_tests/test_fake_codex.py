@@ -192,7 +192,7 @@ def _matches(message: dict[str, Any], match: dict[str, Any]) -> bool:
 @asynccontextmanager
 async def connect(fake: FakeProcess, token: str | None = None) -> AsyncIterator[Client]:
     """An initialized client connection to the fake."""
-    headers = [("authorization", f"Bearer {token}")] if token else None
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
     async with open_websocket_url(
         fake.url, max_message_size=MAX_MESSAGE, extra_headers=headers
     ) as ws:
@@ -574,6 +574,7 @@ async def test_close_codes_both_ways(fake_codex_bin: Path, tmp_path: Path) -> No
                 assert reply["result"] == {}
                 with pytest.raises(ConnectionClosed) as closed:
                     await client.ws.get_message()
+                assert closed.value.reason is not None
                 assert closed.value.reason.code == 4321
                 assert closed.value.reason.reason == "as asked"
 
@@ -628,6 +629,7 @@ async def test_sigterm_drains_running_turn(fake_codex_bin: Path, tmp_path: Path)
                 with pytest.raises(ConnectionClosed) as closed:
                     while True:
                         await client.ws.get_message()
+                assert closed.value.reason is not None
                 assert closed.value.reason.code == 1001
             assert await fake.proc.wait() == 0
         exit_info = json.loads((home / "fake-codex-exit.json").read_text())

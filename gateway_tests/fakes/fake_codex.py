@@ -1601,6 +1601,15 @@ class WebSocketServer:
                         server.record_peer_close(conn, event.code, event.reason or "")
                         async with lock:
                             await stream.send_all(ws.send(event.response()))
+                    elif ws.state is ConnectionState.OPEN:
+                        # wsproto reports a protocol error (bad UTF-8, bad framing) this way,
+                        # with the close code to use; the connection cannot go on.
+                        log(f"connection {conn.number}: protocol error: {event.reason}")
+                        conn.closing = True
+                        async with lock:
+                            await stream.send_all(
+                                ws.send(CloseConnection(event.code, event.reason))
+                            )
                     return
             data = await stream.receive_some(256 * 1024)
             if not data:
