@@ -202,19 +202,26 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def secrets_in_processes(pid: int, secrets: list[str]) -> list[str]:
+    """``/proc/<pid>/{environ,cmdline}`` files under ``pid`` that contain one of ``secrets``."""
+    found = []
+    for process in descendants(pid):
+        for name in ("environ", "cmdline"):
+            try:
+                data = Path(f"/proc/{process}/{name}").read_bytes()
+            except OSError:
+                continue  # a short-lived `cat` that has exited meanwhile
+            if any(secret.encode() in data for secret in secrets):
+                found.append(f"/proc/{process}/{name}")
+    return found
+
+
 def assert_token_nowhere(
     rig: Rig, secrets: list[str], logs: Sequence[MutableMapping[str, Any]]
 ) -> None:
     """No secret in any environ/cmdline under the child, its stderr, our logs or CODEX_HOME."""
     assert secrets
-    for pid in descendants(rig.server.pid):
-        for name in ("environ", "cmdline"):
-            try:
-                data = Path(f"/proc/{pid}/{name}").read_bytes()
-            except OSError:
-                continue  # a short-lived `cat` that has exited meanwhile
-            for secret in secrets:
-                assert secret.encode() not in data, f"token in /proc/{pid}/{name}"
+    assert not secrets_in_processes(rig.server.pid, secrets)
     shown = repr(logs).encode()
     for secret in secrets:
         assert secret.encode() not in rig.server.stderr, "token in the child's log output"
