@@ -281,3 +281,37 @@ async def test_keep_fresh_keeps_token_and_backs_off_during_outage(
     assert any(e["event"] == "model_token.refresh_recovered" for e in logs)
     shown: Any = repr(logs)
     assert all(t not in shown for t in agentserver.issued_tokens("ws1"))
+
+
+async def test_keep_fresh_survives_a_failed_write(
+    agentserver: FakeAgentserver,
+    http: httpx2.AsyncClient,
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    agentserver.connect_modelserver("ws1", rotate_every=0.0, ttl=None)
+    config = make_config(agentserver.base_url, refresh_interval="1s")
+    creds = SessionModelCredentials(
+        config, http, "ws1", runtime_dir(tmp_path), retry_initial=0.05, retry_max=0.1
+    )
+    await creds.prime()
+    first = creds.token_file.read_text()
+    real_write = creds._write
+    attempts: list[int] = []
+
+    def failing_write(value: Secret | None) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError(28, "No space left on device")
+        real_write(value)
+
+    monkeypatch.setattr(creds, "_write", failing_write)
+    with structlog.testing.capture_logs() as logs:
+        nursery.start_soon(creds.keep_fresh)
+        with trio.fail_after(10):
+            await creds.wait_for_version(2)
+    assert len(attempts) == 2
+    assert creds.token_file.read_text() == agentserver.current_token("ws1") != first
+    failed = next(e for e in logs if e["event"] == "model_token.write_failed")
+    assert "No space left" in failed["error"]

@@ -194,10 +194,23 @@ class SessionModelCredentials:
                     current_expires_in_seconds=self._expires_in(),
                 )
                 continue
+            try:
+                await self._apply(token, initial=False)
+            except OSError as exc:
+                # The runtime directory is local and private; if it cannot be written (disk
+                # full), keep the session and the file codex already has, and try again.
+                failures += 1
+                delay = self._backoff(failures)
+                self._log.error(
+                    "model_token.write_failed",
+                    error=f"{type(exc).__name__}: {exc.strerror or exc}",
+                    attempt=failures,
+                    retry_in_seconds=round(delay, 2),
+                )
+                continue
             if failures:
                 self._log.info("model_token.refresh_recovered", attempts=failures + 1)
             failures = 0
-            await self._apply(token, initial=False)
             delay = self._next_delay
 
     async def wait_for_version(self, version: int) -> None:
@@ -220,22 +233,21 @@ class SessionModelCredentials:
         return raw * random.uniform(0.8, 1.0)
 
     async def _apply(self, token: ModelServerToken | None, *, initial: bool) -> None:
-        """Adopt ``token`` (None: no ModelServer connection) and rewrite the file if it changed."""
+        """Adopt ``token`` (None: no ModelServer connection) and rewrite the file if it changed.
+
+        State changes only after the file is written, so a failed write leaves everything as
+        it was (the caller retries).
+        """
         interval = self._model.token_refresh_interval
         previous = self.source
+        source: Source
+        value: Secret | None
         if token is not None:
-            self.source = "modelserver"
-            self._expires_at = token.expires_at
-            expires_in = self._expires_in()
-            self._next_delay = refresh_delay(expires_in, interval, self._command_refresh_interval)
-            value: Secret | None = token.access_token
+            source, value, expires_at = "modelserver", token.access_token, token.expires_at
         else:
             static = self._model.static_api_key
-            self.source = "static" if static else "none"
-            self._expires_at = None
-            expires_in = None
-            self._next_delay = max(interval, MIN_REFRESH_DELAY)
-            value = static if static else None
+            source = "static" if static else "none"
+            value, expires_at = (static or None), None
 
         changed = value != self._token
         if changed or initial:
@@ -244,6 +256,10 @@ class SessionModelCredentials:
             self.version += 1
             written, self._written = self._written, trio.Event()
             written.set()
+        self.source = source
+        self._expires_at = expires_at
+        expires_in = self._expires_in()
+        self._next_delay = refresh_delay(expires_in, interval, self._command_refresh_interval)
 
         fields = {
             "source": self.source,
