@@ -94,6 +94,18 @@ async def test_stale_writer_is_rejected_and_newer_object_survives(
     assert await read_all(store) == (newer, b"newer")
 
 
+async def test_writer_expecting_a_deleted_object_is_rejected(
+    store: ObjectStore, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    first = await store.write(KEY, chunks_of(b"first"), expected_generation=None)
+    if isinstance(store, S3ObjectStore):
+        request.getfixturevalue("moto_server").boto_client().delete_object(Bucket=BUCKET, Key=KEY)
+    else:
+        (tmp_path / "store" / KEY).unlink()
+    with pytest.raises(PreconditionFailed):
+        await store.write(KEY, chunks_of(b"late"), expected_generation=first)
+
+
 async def test_write_racing_a_long_upload_wins(store: ObjectStore) -> None:
     """A newer snapshot stored while a multipart upload runs is not overwritten by it.
 

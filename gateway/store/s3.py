@@ -240,9 +240,19 @@ class S3ObjectStore:
                 return await self._write_multipart(key, buffer, iterator, expected_generation)
         return await self._put(key, bytes(buffer), expected_generation)
 
+    @contextmanager
+    def _conditional(self, key: str) -> Iterator[None]:
+        """A conditional write on a vanished object is a lost race, not a missing object."""
+        try:
+            yield
+        except ObjectNotFound as exc:
+            raise PreconditionFailed(
+                f"{self._where(key)}: the object this writer expected no longer exists"
+            ) from exc
+
     async def _put(self, key: str, body: bytes, expected_generation: str | None) -> str:
         client = await self._get_client()
-        with self._mapped("PutObject", key):
+        with self._conditional(key), self._mapped("PutObject", key):
             response = await client.put_object(
                 Bucket=self.settings.bucket,
                 Key=key,
@@ -289,7 +299,7 @@ class S3ObjectStore:
                 await upload_part(bytes(buffer))
             # Second fence: a newer snapshot written while this upload ran wins.
             await self._check_generation(key, expected_generation)
-            with self._mapped("CompleteMultipartUpload", key):
+            with self._conditional(key), self._mapped("CompleteMultipartUpload", key):
                 completed = await client.complete_multipart_upload(
                     Bucket=bucket,
                     Key=key,
