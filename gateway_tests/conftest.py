@@ -16,7 +16,7 @@ def find_real_codex() -> Path:
     found = sorted(base.glob("codex-linux-*/vendor/*/bin/codex"))
     if not found:
         raise RuntimeError(
-            "the pinned real codex is not installed; run `make test` (it runs npm ci in tools/codex)"
+            "the pinned real codex is not installed; run `make test` (npm ci in tools/codex)"
         )
     return found[0]
 

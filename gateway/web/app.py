@@ -9,7 +9,7 @@ from prometheus_client import make_asgi_app
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 
 from gateway.web.admin import AdminRoutes
 from gateway.web.websocket import WEBSOCKET_PATHS, Receive, Scope, Send, WebSocketEndpoint
@@ -56,9 +56,8 @@ def build_app(
         Route("/", upgrade_required, methods=["GET"]),
         Route("/codex-app/ws", upgrade_required, methods=["GET"]),
     ]
-    if metrics:
-        routes.append(Mount("/metrics", app=make_asgi_app()))
     http_app = Starlette(routes=routes)
+    exporter = make_asgi_app() if metrics else None
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -68,11 +67,14 @@ def build_app(
                 await receive()
                 await send({"type": "websocket.close", "code": 1008})
             return
+        if exporter is not None and scope["type"] == "http" and scope["path"] == "/metrics":
+            await exporter(scope, receive, send)
+            return
         await http_app(scope, receive, send)  # type: ignore[arg-type]
 
     return app
 
 
 def build_metrics_app() -> Any:
-    """A separate metrics app for ``CXG_METRICS_LISTEN_ADDR``."""
-    return Starlette(routes=[Mount("/metrics", app=make_asgi_app())])
+    """A separate metrics app for ``CXG_METRICS_LISTEN_ADDR`` (answers ``/metrics``)."""
+    return make_asgi_app()

@@ -1,4 +1,4 @@
-"""Two narrow fixes to Hypercorn 0.18.0 (pinned exactly), installed once at daemon start.
+"""Four narrow fixes to Hypercorn 0.18.0 (pinned exactly), installed once at daemon start.
 
 1. pgjones/hypercorn#225: an exception in one connection's task (e.g. ``h11.LocalProtocolError``
    after trailing bytes on an upgrade request) escapes into the server nursery and stops
@@ -9,6 +9,12 @@
    code and reason the client sent. The relay must carry them to the child, so the WebSocket
    stream records the peer's close frame and reports its code and reason in
    ``websocket.disconnect``.
+3. A closed WebSocket's ping task sleeps out its interval before noticing, holding the
+   connection's task (and graceful shutdown) for up to ``CXG_WS_PING_INTERVAL``; here it wakes
+   as soon as the stream closes.
+4. After a WebSocket's closing handshake on HTTP/1.1, Hypercorn keeps the TCP connection open
+   until the client drops it. RFC 6455 §7.1.1 has the server close TCP first; clients such as
+   trio-websocket wait for that, and a lingering connection also holds up graceful shutdown.
 """
 
 from __future__ import annotations
@@ -16,13 +22,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import h11
 import hypercorn.protocol.h2
 import hypercorn.protocol.h11
 import structlog
+import trio
+from hypercorn.events import Closed
 from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import TCPServer
-from wsproto.events import CloseConnection
+from wsproto.events import CloseConnection, Ping
 
 log = structlog.get_logger(__name__)
 _installed = False
@@ -33,8 +43,35 @@ class _CloseAwareWSStream(WSStream):
 
     _peer_close: tuple[int, str] | None = None
     _tapped = False
+    _closed_event: trio.Event | None = None
+
+    def _closed_signal(self) -> trio.Event:
+        if self._closed_event is None:
+            self._closed_event = trio.Event()
+        return self._closed_event
+
+    async def _send_pings(self) -> None:
+        closed = self._closed_signal()
+        while not self.closed:
+            await self._send_wsproto_event(Ping())
+            with trio.move_on_after(self.config.websocket_ping_interval or 0):
+                await closed.wait()
 
     async def handle(self, event: Any) -> None:
+        try:
+            await self._handle(event)
+        finally:
+            if self.closed:
+                self._closed_signal().set()
+
+    async def app_send(self, message: Any) -> None:
+        try:
+            await super().app_send(message)
+        finally:
+            if self.closed or self.state.name in ("CLOSED", "HTTPCLOSED"):
+                self._closed_signal().set()
+
+    async def _handle(self, event: Any) -> None:
         connection = getattr(self, "connection", None)
         if connection is not None and not self._tapped:
             self._tap(connection)
@@ -82,12 +119,24 @@ def _guard_connection_errors() -> None:
     TCPServer.run = guarded_run  # type: ignore[method-assign]
 
 
+def _close_tcp_after_websocket() -> None:
+    original = H11Protocol._maybe_recycle
+
+    async def maybe_recycle(self: H11Protocol) -> None:
+        await original(self)
+        if self.connection.our_state is h11.SWITCHED_PROTOCOL:
+            await self.send(Closed())
+
+    H11Protocol._maybe_recycle = maybe_recycle  # type: ignore[method-assign]
+
+
 def install_hypercorn_fixes() -> None:
-    """Install both fixes (idempotent)."""
+    """Install the fixes (idempotent)."""
     global _installed
     if _installed:
         return
     _installed = True
     _guard_connection_errors()
+    _close_tcp_after_websocket()
     hypercorn.protocol.h11.WSStream = _CloseAwareWSStream  # type: ignore[misc]
     hypercorn.protocol.h2.WSStream = _CloseAwareWSStream  # type: ignore[misc]

@@ -1,0 +1,209 @@
+"""Test harness: the gateway in-process on a loopback port, and a small JSON-RPC client.
+
+The daemon under test is the real one (``run_daemon``), on real sockets, with a real child
+process (the fake codex or the pinned real codex); only its stop trigger is an event instead
+of a signal. Tests that need signals and exit codes run ``python -m gateway serve`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx2
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from gateway.auth.tokens import mint_hmac_token
+from gateway.config import Config, load_config
+from gateway.daemon import run_daemon
+
+HMAC_SECRET = "test-inbound-hmac-secret"
+ADMIN_SECRET = "test-admin-secret"
+MAX_MESSAGE = 128 << 20
+# How often a condition without an event source (a file, a process table) is re-checked.
+POLL_INTERVAL = 0.02
+
+
+def gateway_env(tmp_path: Path, codex_bin: Path | str, **overrides: str) -> dict[str, str]:
+    """A complete environment for a test daemon: dev auth, local store, loopback port 0."""
+    env = {
+        "CXG_INBOUND_HMAC_SECRET": HMAC_SECRET,
+        "CXG_ADMIN_SECRET": ADMIN_SECRET,
+        "CXG_TMP_ROOT": str(tmp_path / "sessions"),
+        "CXG_LOCAL_STORE_DIR": str(tmp_path / "store"),
+        "CXG_LISTEN_ADDR": "127.0.0.1:0",
+        "CXG_CODEX_BIN": str(codex_bin),
+        "CXG_LOG_FORMAT": "text",
+        "CXG_CHILD_STOP_GRACE": "5s",
+        "CXG_CHECKPOINT_INTERVAL": "0",
+    }
+    env.update(overrides)
+    return env
+
+
+def token_for(workspace_id: str) -> str:
+    """A valid development token for ``workspace_id``."""
+    return mint_hmac_token(HMAC_SECRET.encode(), workspace_id)
+
+
+@attrs.define
+class RunningGateway:
+    """A daemon running in the test's nursery."""
+
+    config: Config
+    http_url: str
+    stop: trio.Event
+    stopped: trio.Event
+
+    @property
+    def ws_url(self) -> str:
+        """The WebSocket URL clients connect to."""
+        return "ws://" + self.http_url.removeprefix("http://") + "/"
+
+    @property
+    def store_dir(self) -> Path:
+        """Where the local store keeps archives."""
+        return Path(self.config.local_store_dir)
+
+    def archive_path(self, workspace_id: str) -> Path:
+        """The local store's file for a workspace's archive."""
+        return self.store_dir / "codex-app-gateway" / f"{workspace_id}.tar.gz"
+
+    async def sessions(self) -> list[dict[str, Any]]:
+        """``GET /admin/sessions``."""
+        async with httpx2.AsyncClient() as http:
+            response = await http.get(
+                f"{self.http_url}/admin/sessions",
+                headers={"Authorization": f"Bearer {ADMIN_SECRET}"},
+            )
+        response.raise_for_status()
+        sessions: list[dict[str, Any]] = response.json()["sessions"]
+        return sessions
+
+    async def session(self, workspace_id: str) -> dict[str, Any] | None:
+        """The admin listing's entry for one workspace."""
+        for entry in await self.sessions():
+            if entry["workspaceId"] == workspace_id:
+                return entry
+        return None
+
+    async def restart(self, workspace_id: str, token: str = ADMIN_SECRET) -> httpx2.Response:
+        """``POST /admin/sessions/restart``."""
+        async with httpx2.AsyncClient(timeout=60) as http:
+            return await http.post(
+                f"{self.http_url}/admin/sessions/restart",
+                json={"workspaceId": workspace_id},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+
+    async def shutdown(self) -> None:
+        """Drain and stop the daemon, waiting until it has."""
+        self.stop.set()
+        await self.stopped.wait()
+
+
+async def start_gateway(nursery: trio.Nursery, env: Mapping[str, str]) -> RunningGateway:
+    """Start ``run_daemon`` in ``nursery`` and return once it listens."""
+    config = load_config(env)
+    stop, stopped = trio.Event(), trio.Event()
+
+    async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            await run_daemon(config, stop=stop, task_status=task_status)
+        finally:
+            stopped.set()
+
+    urls: list[str] = await nursery.start(run)
+    return RunningGateway(config=config, http_url=urls[0], stop=stop, stopped=stopped)
+
+
+class Rpc:
+    """A JSON-RPC-lite client over one WebSocket (what ``codex --remote`` speaks)."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self._next_id = 1
+        self.notifications: list[dict[str, Any]] = []
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        """Send one message as one text frame."""
+        await self.ws.send_message(json.dumps(message))
+
+    async def call(self, method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Send a request and return its response, keeping notifications that arrive first."""
+        request_id = self._next_id
+        self._next_id += 1
+        await self.send({"id": request_id, "method": method, "params": dict(params or {})})
+        while True:
+            message = json.loads(await self.ws.get_message())
+            if message.get("id") == request_id and "method" not in message:
+                return dict(message)
+            self.notifications.append(message)
+
+    async def result(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
+        """``call`` that insists on success."""
+        response = await self.call(method, params)
+        assert "result" in response, response
+        return response["result"]
+
+    async def initialize(self) -> dict[str, Any]:
+        """The handshake every connection starts with."""
+        result: dict[str, Any] = await self.result(
+            "initialize", {"clientInfo": {"name": "gateway-tests", "version": "1.0"}}
+        )
+        await self.send({"method": "initialized"})
+        return result
+
+    async def wait_for(
+        self, method: str, predicate: Callable[[dict[str, Any]], bool] = lambda _: True
+    ) -> dict[str, Any]:
+        """Wait for a notification (or server request) with ``method``."""
+        for seen in self.notifications:
+            if seen.get("method") == method and predicate(seen):
+                self.notifications.remove(seen)
+                return seen
+        while True:
+            message = json.loads(await self.ws.get_message())
+            if message.get("method") == method and predicate(message):
+                return dict(message)
+            self.notifications.append(message)
+
+
+@asynccontextmanager
+async def connect(
+    gateway: RunningGateway, workspace_id: str, *, initialize: bool = True
+) -> AsyncIterator[Rpc]:
+    """Open a client WebSocket to ``gateway`` as ``workspace_id``."""
+    async with open_websocket_url(
+        gateway.ws_url,
+        extra_headers=[(b"authorization", f"Bearer {token_for(workspace_id)}".encode())],
+        max_message_size=MAX_MESSAGE,
+        connect_timeout=30,
+    ) as ws:
+        rpc = Rpc(ws)
+        if initialize:
+            await rpc.initialize()
+        yield rpc
+
+
+async def eventually(predicate: Callable[[], bool], *, within: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds, for conditions that have no event to wait on.
+
+    A file appearing or a process disappearing notifies nobody, so these are re-checked every
+    ``POLL_INTERVAL``, bounded by ``within`` seconds.
+    """
+    with trio.fail_after(within):
+        while not predicate():  # noqa: ASYNC110 - no event source exists for these conditions
+            await trio.sleep(POLL_INTERVAL)
+
+
+def process_environ(pid: int) -> dict[str, str]:
+    """Another process's environment, from /proc."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    pairs = (entry.split(b"=", 1) for entry in raw.split(b"\0") if b"=" in entry)
+    return {key.decode(): value.decode("utf-8", "replace") for key, value in pairs}
