@@ -13,6 +13,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+import trio
 
 from gateway.codex_home.persistence import (
     Generation,
@@ -413,3 +414,29 @@ def test_open_object_store_follows_the_configuration(tmp_path: Path) -> None:
         load_config({**base, "CXG_S3_BUCKET": "b-1", "CXG_S3_ENDPOINT": "http://127.0.0.1:9"})
     )
     assert isinstance(s3, S3ObjectStore) and s3.describe() == "s3://b-1 at http://127.0.0.1:9"
+
+
+async def test_cancelled_save_and_restore_end_promptly_and_change_nothing(
+    s3_store: RecordingStore, tmp_path: Path
+) -> None:
+    home = make_home(tmp_path / "a")
+    first = await persistence(s3_store).save(WS, home, Generation(stored=None))
+    make_sparse(home / "big.bin", 64 << 20)
+    (home / "random.bin").write_bytes(os.urandom(MIN_PART_SIZE))
+    limits = RestoreLimits(max_total_bytes=512 << 20, max_entries=100)
+
+    with trio.move_on_after(0.2) as scope:
+        await Persistence(s3_store, limits).save(WS, home, first)
+    assert scope.cancelled_caught
+    target = tmp_path / "b" / "codex-home"
+    restored = await persistence(s3_store).restore(WS, target)
+    assert restored.stored == first.stored
+
+    second = await Persistence(s3_store, limits).save(WS, home, first)
+    other = tmp_path / "c" / "codex-home"
+    with trio.move_on_after(0.2) as scope:
+        await Persistence(s3_store, limits).restore(WS, other)
+    assert scope.cancelled_caught
+    assert listing(other) == {}
+    assert os.listdir(other.parent) == ["codex-home"]
+    assert second.stored != first.stored

@@ -164,7 +164,9 @@ class Persistence:
                         f"restoring {key}: cannot move the restored home into {codex_home}: {exc}"
                     ) from exc
         finally:
-            await trio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
+            # Shielded: a cancelled restore must still not leave a half-restored tree behind.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
         fingerprint = await trio.to_thread.run_sync(
             snapshot.fingerprint_home, codex_home, self.policy
         )
