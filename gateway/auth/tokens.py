@@ -31,7 +31,7 @@ def extract_bearer(authorization: str | None) -> str | None:
 
 def is_safe_workspace_id(workspace_id: str) -> bool:
     """Whether ``workspace_id`` is safe as a path component and an object key."""
-    return bool(_WORKSPACE_ID.match(workspace_id))
+    return bool(_WORKSPACE_ID.fullmatch(workspace_id))
 
 
 def _signature(secret: bytes, workspace_id: str, thread_id: str) -> str:
@@ -53,7 +53,7 @@ def mint_hmac_token(secret: bytes, workspace_id: str, thread_id: str = "dev") ->
 def looks_like_hmac_token(token: str) -> bool:
     """Cheap shape test used to route a token to the HMAC authenticator."""
     parts = token.split(".")
-    return len(parts) == 3 and all(parts) and bool(_HEX64.match(parts[2]))
+    return len(parts) == 3 and all(parts) and bool(_HEX64.fullmatch(parts[2]))
 
 
 def verify_hmac_token(secret: bytes, token: str) -> str:
@@ -64,7 +64,11 @@ def verify_hmac_token(secret: bytes, token: str) -> str:
     if len(parts) != 3 or not all(parts):
         raise TokenError("malformed token")
     workspace_id, thread_id, signature = parts
-    expected = _signature(secret, workspace_id, thread_id)
-    if not hmac.compare_digest(expected.encode(), signature.encode()):
+    try:
+        expected = _signature(secret, workspace_id, thread_id)
+        matches = hmac.compare_digest(expected.encode(), signature.encode())
+    except UnicodeEncodeError:  # lone surrogates: no token was ever minted from those
+        raise TokenError("malformed token") from None
+    if not matches:
         raise TokenError("signature mismatch")
     return workspace_id
