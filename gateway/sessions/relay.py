@@ -39,11 +39,11 @@ _UNSENDABLE = {1004, 1005, 1006, 1015}
 
 def sendable_close(code: int | None, reason: str | None, *, fallback: int) -> tuple[int, str]:
     """A close code and reason that may legally be sent on, given what the other side said."""
+    # A reason longer than 123 UTF-8 bytes does not fit a close frame, whichever code it goes with.
+    sendable_reason = (reason or "").encode()[:123].decode("utf-8", "ignore")
     if code is None or code in _UNSENDABLE or not (1000 <= code <= 4999) or 1016 <= code < 3000:
-        return fallback, reason or ""
-    # A reason longer than 123 UTF-8 bytes does not fit a close frame.
-    encoded = (reason or "").encode()[:123]
-    return code, encoded.decode("utf-8", "ignore")
+        return fallback, sendable_reason
+    return code, sendable_reason
 
 
 class ClientGone(Exception):
