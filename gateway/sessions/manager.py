@@ -51,7 +51,8 @@ def crash_backoff(consecutive_crashes: int) -> float:
     """Seconds to hold back a restart: none after one crash, then 2 s, 4 s, … up to 60 s."""
     if consecutive_crashes <= 1:
         return 0.0
-    return min(2.0 ** (consecutive_crashes - 1), CRASH_BACKOFF_MAX_SECONDS)
+    # The exponent is capped first: 2.0 ** 1024 overflows, and 2 ** 32 s is far past the cap.
+    return min(2.0 ** min(consecutive_crashes - 1, 32), CRASH_BACKOFF_MAX_SECONDS)
 
 
 class SessionManager:
