@@ -27,11 +27,10 @@ import structlog
 import trio
 
 from gateway.auth.authenticators import build_authenticator
-from gateway.codex_home.persistence import Persistence
 from gateway.config import Config
 from gateway.sessions.manager import SessionManager
 from gateway.sessions.session import SessionServices
-from gateway.sessions.wiring import credentials_factory, executors_factory, open_store
+from gateway.sessions.wiring import credentials_factory, executors_factory, open_persistence
 from gateway.web.admin import AdminRoutes
 from gateway.web.app import Readiness, build_app, build_metrics_app
 from gateway.web.hypercorn_fixes import install_hypercorn_fixes
@@ -92,11 +91,12 @@ async def run_daemon(
     _warn_about_placement(config)
     readiness = Readiness()
     async with httpx2.AsyncClient() as http:
-        store = open_store(config)
+        persistence = open_persistence(config)
+        store = persistence.store
         try:
             services = SessionServices(
                 config=config,
-                persistence=Persistence(store, config.restore_limits),
+                persistence=persistence,
                 credentials=credentials_factory(config, http),
                 executors=executors_factory(config, http, self_command()),
                 inherited_env=dict(os.environ),

@@ -10,7 +10,6 @@ back with growing delays.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +90,7 @@ class SessionManager:
                 await session.finished.wait()
                 if self._sessions.get(workspace_id) is session:
                     del self._sessions[workspace_id]
-                    adopt = None if session.saved else session
+                    adopt = None if session.saved or session.superseded else session
                     session = self._start(workspace_id, adopt=adopt)
                 else:
                     continue
@@ -145,7 +144,8 @@ class SessionManager:
             session.ready.set()
             session.finished.set()
             self._note_end(session, trio.current_time() - started)
-            if self._sessions.get(session.workspace_id) is session and session.saved:
+            finished_cleanly = session.saved or session.superseded
+            if self._sessions.get(session.workspace_id) is session and finished_cleanly:
                 del self._sessions[session.workspace_id]
 
     def _note_end(self, session: Session, lifetime: float) -> None:
@@ -208,8 +208,5 @@ def _set_aside_leftover(directories: SessionDirectories) -> None:
     """
     if not directories.root.exists():
         return
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    aside = directories.root.parent / ".orphaned" / f"{directories.root.name}-{stamp}"
-    aside.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    directories.root.rename(aside)
+    aside = directories.set_aside()
     log.warning("session.leftover_directory_set_aside", path=str(aside))

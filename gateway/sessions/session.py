@@ -29,7 +29,12 @@ import trio
 
 from gateway import metrics
 from gateway.codex_home.config_toml import CodexConfig, McpServer, ModelProvider, render_config_toml
-from gateway.codex_home.persistence import Generation, HostileArchive, Persistence
+from gateway.codex_home.persistence import (
+    Generation,
+    HostileArchive,
+    Persistence,
+    StaleSnapshot,
+)
 from gateway.config import Config
 from gateway.sessions.child import ChildSpec, CodexChild, build_child_env, run_codex_child
 from gateway.sessions.relay import AsgiReceive, AsgiSend, ClientRelay
@@ -45,6 +50,7 @@ class StopReason(enum.Enum):
     DRAIN = (1001, "gateway shutting down")
     CHILD_EXITED = (1011, "codex app-server exited")
     START_FAILED = (1011, "session failed to start")
+    SUPERSEDED = (1012, "a newer snapshot of this workspace exists elsewhere")
 
     @property
     def close_code(self) -> int:
@@ -135,6 +141,14 @@ class SessionDirectories:
         """Delete everything (only after a successful save)."""
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def set_aside(self) -> Path:
+        """Move the directory to ``<tmp root>/.orphaned/`` for an operator; never delete it."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.root.parent / ".orphaned" / f"{self.root.name}-{stamp}-{time.time_ns()}"
+        aside.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root.rename(aside)
+        return aside
+
 
 class Session:
     """One workspace's child and everything its nursery owns; see the module docstring."""
@@ -166,6 +180,7 @@ class Session:
         self.last_checkpoint: float | None = None
         self.last_save_error: str | None = None
         self.saved = False
+        self.superseded = False
         self._clients: set[ClientRelay] = set()
         self._nursery: trio.Nursery | None = None
         self._save_lock = trio.Lock()
@@ -374,6 +389,9 @@ class Session:
         while True:
             await trio.sleep(self._config.checkpoint_interval)
             await self.save(kind="checkpoint")
+            if self.superseded:
+                self.stop(StopReason.SUPERSEDED)
+                return
 
     async def save(self, *, kind: str) -> bool:
         """Save CODEX_HOME now; returns whether it succeeded (failures are recorded, not raised)."""
@@ -383,6 +401,14 @@ class Session:
                 self.generation = await self._services.persistence.save(
                     self.workspace_id, self.directories.codex_home, self.generation
                 )
+            except StaleSnapshot as exc:
+                # Another writer (a newer session elsewhere) owns the workspace now; writing
+                # again can never succeed and must not be tried.
+                self.superseded = True
+                self.last_save_error = f"superseded: {exc}"
+                metrics.SAVES.labels(kind=kind, result="stale").inc()
+                log.error("session.superseded", kind=kind, error=str(exc))
+                return False
             except Exception as exc:
                 self.last_save_error = f"{type(exc).__name__}: {exc}"
                 metrics.SAVES.labels(kind=kind, result="failed").inc()
@@ -412,19 +438,23 @@ class Session:
         else:
             with self._final_save_scope:
                 delay = 1.0
-                while not await self.save(kind="final"):
+                while not self.superseded and not await self.save(kind="final"):
                     metrics.UNSAVED_HOMES.inc()
                     try:
                         await trio.sleep(delay)
                     finally:
                         metrics.UNSAVED_HOMES.dec()
                     delay = min(delay * 2, 60.0)
-                self.saved = True
+                self.saved = not self.superseded
         metrics.SESSION_STOP_SECONDS.observe(trio.current_time() - stop_started)
         if self.saved:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.directories.remove)
             log.info("session.stopped", reason=reason.name.lower())
+        elif self.superseded:
+            with trio.CancelScope(shield=True):
+                kept = await trio.to_thread.run_sync(self.directories.set_aside)
+            log.error("session.stopped_superseded", kept_at=str(kept))
         else:
             log.error(
                 "session.stopped_unsaved",

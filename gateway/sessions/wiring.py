@@ -7,16 +7,18 @@ from pathlib import Path
 import httpx2
 
 from gateway.codex_home.config_toml import McpServer
+from gateway.codex_home.persistence import Persistence, open_object_store
 from gateway.config import Config
 from gateway.credentials import SessionModelCredentials
 from gateway.sessions.session import CredentialsFactory, ExecutorsFactory, ModelCredentials
-from gateway.store.base import ObjectStore
-from gateway.store.local import LocalDirectoryStore
+
+# codex's log database can grow to hundreds of MB and changes on every turn; it is not history.
+ARCHIVE_EXCLUDES = ("logs_*.sqlite",)
 
 
-def open_store(config: Config) -> ObjectStore:
-    """The configured object store."""
-    return LocalDirectoryStore(config.local_store_dir)
+def open_persistence(config: Config) -> Persistence:
+    """The configured object store behind the CODEX_HOME persistence facade."""
+    return Persistence(open_object_store(config), config.restore_limits, exclude=ARCHIVE_EXCLUDES)
 
 
 def credentials_factory(config: Config, http: httpx2.AsyncClient) -> CredentialsFactory:
