@@ -589,7 +589,7 @@ async def test_close_codes_both_ways(fake_codex_bin: Path, tmp_path: Path) -> No
 
 
 async def test_slow_consumer_is_disconnected(fake_codex_bin: Path, tmp_path: Path) -> None:
-    launcher = make_fake_codex_launcher(tmp_path / "bin", OUTBOUND_CAP="8", FLOOD_DELTAS="200000")
+    launcher = make_fake_codex_launcher(tmp_path / "bin", OUTBOUND_CAP="32", FLOOD_DELTAS="200000")
     async with running_fake(launcher, tmp_path / "home") as fake:
         with trio.fail_after(60):
             async with connect(fake) as client:
