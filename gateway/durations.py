@@ -18,9 +18,12 @@ _UNIT_SECONDS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+# ASCII digits only (``\d`` would take any Unicode digit, which Go does not).
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+# Go durations are int64 nanoseconds; anything longer is "invalid duration" there too.
+_MAX_SECONDS = (2**63 - 1) / 1e9
 
-_SIZE = re.compile(r"(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)?", re.IGNORECASE)
+_SIZE = re.compile(r"([0-9]+)\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)?", re.IGNORECASE)
 _SIZE_FACTORS = {
     "b": 1,
     "kb": 1000,
@@ -56,7 +59,7 @@ def parse_go_duration(text: str) -> float:
             break
         total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         position = match.end()
-    if position != len(value) or position == 0:
+    if position != len(value) or position == 0 or total > _MAX_SECONDS:
         raise ValueError(
             f"invalid duration {text!r} (expected a Go duration such as 30s, 5m, 1h30m)"
         )
