@@ -204,6 +204,7 @@ async def closed_with(rpc: Rpc) -> int:
         while True:
             await rpc.ws.get_message()
     except ConnectionClosed as closed:
+        assert closed.reason is not None
         return closed.reason.code
 
 
