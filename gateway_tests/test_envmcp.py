@@ -301,6 +301,24 @@ async def test_large_output_is_collected_completely(exec_gateway: FakeExecGatewa
     assert lines[-1] == "[exit_code=0]"
 
 
+async def test_fast_commands_never_lose_their_output(exec_gateway: FakeExecGateway) -> None:
+    # The exit may be reported before the output; the answer must wait for the output.
+    async with alpha_envmcp(exec_gateway) as client:
+        with trio.fail_after(60):
+            for n in range(15):
+                result = await client.call_shell(["echo", f"run-{n}"])
+                assert result_text(result) == f"run-{n}\n[exit_code=0]"
+
+
+async def test_a_background_child_holding_the_pipes_does_not_hold_the_answer(
+    exec_gateway: FakeExecGateway,
+) -> None:
+    async with alpha_envmcp(exec_gateway) as client:
+        with trio.fail_after(10):
+            result = await client.call_shell(["sh", "-c", "sleep 3 & echo bg"])
+    assert result_text(result) == "bg\n[exit_code=0]"
+
+
 async def test_slow_output_is_collected_across_reads(exec_gateway: FakeExecGateway) -> None:
     script = "for i in 1 2 3 4 5; do echo $i; sleep 0.1; done"
     async with alpha_envmcp(exec_gateway) as client:

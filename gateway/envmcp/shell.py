@@ -40,9 +40,10 @@ CORE_ENV_POLICY = {
 }
 READ_MAX_BYTES = 64 * 1024
 READ_WAIT_MS = 1000
-# After the exit, output still in flight is drained with short waits: a background process
-# that keeps the pipes open must not hold the answer back.
-DRAIN_WAIT_MS = 100
+# The exit can be reported before the last output is: the answer waits for ``closed`` (both
+# pipes at EOF), but at most this long after the exit, so that a background process that keeps
+# the pipes open does not hold the answer until the time limit.
+EXIT_GRACE = 1.0
 TERMINATE_TIMEOUT = 5.0
 DEFAULT_OUTPUT_LIMIT = 256 * 1024
 DEFAULT_CWD_URI = "file:///tmp"
@@ -163,8 +164,15 @@ class _Progress:
     total: int = 0
     exit_code: int | None = None
     failure: str | None = None
-    exited: bool = False
+    exited_at: float | None = None
     finished: bool = False
+
+    def wait_ms(self) -> int:
+        """How long the next read may wait for news."""
+        if self.exited_at is None:
+            return READ_WAIT_MS
+        left = self.exited_at + EXIT_GRACE - trio.current_time()
+        return max(0, min(READ_WAIT_MS, int(left * 1000)))
 
 
 async def _read_until_done(
@@ -178,7 +186,7 @@ async def _read_until_done(
                 "processId": process_id,
                 "afterSeq": progress.after_seq,
                 "maxBytes": READ_MAX_BYTES,
-                "waitMs": DRAIN_WAIT_MS if progress.exited else READ_WAIT_MS,
+                "waitMs": progress.wait_ms(),
             },
         )
         if not isinstance(result, dict):
@@ -198,8 +206,10 @@ async def _read_until_done(
         if result.get("exited"):
             code = result.get("exitCode")
             progress.exit_code = code if isinstance(code, int) else None
-            progress.exited = True
-        progress.finished = bool(result.get("closed")) or (progress.exited and not chunks)
+            if progress.exited_at is None:
+                progress.exited_at = trio.current_time()
+        grace_over = progress.exited_at is not None and progress.wait_ms() == 0 and not chunks
+        progress.finished = bool(result.get("closed")) or grace_over
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
