@@ -29,6 +29,15 @@ UNSAVED_HOMES = Gauge(
     "cxg_unsaved_homes", "Stopped sessions whose CODEX_HOME is not yet saved (kept on disk)."
 )
 FRAMES = Counter("cxg_frames_relayed_total", "WebSocket messages relayed.", ["direction"])
+FRAME_BYTES = Counter(
+    "cxg_frame_bytes_relayed_total",
+    "Payload bytes relayed (characters for text frames, bytes for binary).",
+    ["direction"],
+)
+SAVE_BYTES = Counter("cxg_save_bytes_total", "Compressed archive bytes uploaded.", ["kind"])
+MODEL_TOKEN_REFRESHES = Counter(
+    "cxg_model_token_refreshes_total", "Model token refreshes by result.", ["result"]
+)
 WS_CLOSES = Counter(
     "cxg_ws_closes_total", "WebSocket closes by side that closed and code.", ["side", "code"]
 )

@@ -41,6 +41,7 @@ import httpx2
 import structlog
 import trio
 
+from gateway import metrics
 from gateway.codex_home.config_toml import ModelProvider, ProviderAuth
 from gateway.config import Config, Secret
 from gateway.credentials.modelserver import (
@@ -185,6 +186,7 @@ class SessionModelCredentials:
             except ModelServerError as exc:
                 failures += 1
                 delay = self._backoff(failures)
+                metrics.MODEL_TOKEN_REFRESHES.labels(result="failed").inc()
                 self._log.warning(
                     "model_token.refresh_failed",
                     error=str(exc),
@@ -199,6 +201,7 @@ class SessionModelCredentials:
             except OSError as exc:
                 # The runtime directory is local and private; if it cannot be written (disk
                 # full), keep the session and the file codex already has, and try again.
+                metrics.MODEL_TOKEN_REFRESHES.labels(result="write_failed").inc()
                 failures += 1
                 delay = self._backoff(failures)
                 self._log.error(
@@ -208,6 +211,7 @@ class SessionModelCredentials:
                     retry_in_seconds=round(delay, 2),
                 )
                 continue
+            metrics.MODEL_TOKEN_REFRESHES.labels(result="ok").inc()
             if failures:
                 self._log.info("model_token.refresh_recovered", attempts=failures + 1)
             failures = 0

@@ -134,15 +134,18 @@ class ClientRelay:
 
     async def _client_to_child(self, child: WebSocketConnection, done: trio.CancelScope) -> None:
         receive, on_activity = self._receive, self._on_activity
-        frames = 0
+        frames = metrics.FRAMES.labels(direction="client_to_child")
+        size = metrics.FRAME_BYTES.labels(direction="client_to_child")
         try:
             while True:
                 message = await receive()
                 kind = message["type"]
                 if kind == "websocket.receive":
                     text = message.get("text")
-                    await child.send_message(text if text is not None else message["bytes"])
-                    frames += 1
+                    payload = text if text is not None else message["bytes"]
+                    await child.send_message(payload)
+                    frames.inc()
+                    size.inc(len(payload))
                     on_activity()
                 elif kind == "websocket.disconnect":
                     # The client has gone: no close frame is sent back to it.
@@ -158,12 +161,11 @@ class ClientRelay:
         except ConnectionClosed as closed:
             self._take_child_close(closed)
             done.cancel()
-        finally:
-            metrics.FRAMES.labels(direction="client_to_child").inc(frames)
 
     async def _child_to_client(self, child: WebSocketConnection, done: trio.CancelScope) -> None:
         send, on_activity = self._send, self._on_activity
-        frames = 0
+        frames = metrics.FRAMES.labels(direction="child_to_client")
+        size = metrics.FRAME_BYTES.labels(direction="child_to_client")
         try:
             while True:
                 message = await child.get_message()
@@ -171,13 +173,12 @@ class ClientRelay:
                     await send({"type": "websocket.send", "text": message})
                 else:
                     await send({"type": "websocket.send", "bytes": message})
-                frames += 1
+                frames.inc()
+                size.inc(len(message))
                 on_activity()
         except ConnectionClosed as closed:
             self._take_child_close(closed)
             done.cancel()
-        finally:
-            metrics.FRAMES.labels(direction="child_to_client").inc(frames)
 
     def _take_child_close(self, closed: ConnectionClosed) -> None:
         reason = closed.reason

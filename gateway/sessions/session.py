@@ -397,6 +397,7 @@ class Session:
         """Save CODEX_HOME now; returns whether it succeeded (failures are recorded, not raised)."""
         async with self._save_lock:
             start = trio.current_time()
+            previous = self.generation
             try:
                 self.generation = await self._services.persistence.save(
                     self.workspace_id, self.directories.codex_home, self.generation
@@ -414,7 +415,10 @@ class Session:
                 metrics.SAVES.labels(kind=kind, result="failed").inc()
                 log.error("session.save_failed", kind=kind, error=self.last_save_error)
                 return False
-            metrics.SAVES.labels(kind=kind, result="ok").inc()
+            uploaded = self.generation.stored != previous.stored
+            metrics.SAVES.labels(kind=kind, result="ok" if uploaded else "unchanged").inc()
+            if uploaded and self.generation.size:
+                metrics.SAVE_BYTES.labels(kind=kind).inc(self.generation.size)
             metrics.SAVE_SECONDS.labels(kind=kind).observe(trio.current_time() - start)
             self.last_checkpoint = time.time()
             self.last_save_error = None
