@@ -58,6 +58,9 @@ def build_app(
     ]
     http_app = Starlette(routes=routes)
     exporter = make_asgi_app() if metrics else None
+    served = {(route.path, method) for route in routes for method in route.methods or ()}
+    if metrics:
+        served.add(("/metrics", "GET"))
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -72,6 +75,7 @@ def build_app(
             return
         await http_app(scope, receive, send)  # type: ignore[arg-type]
 
+    app.served_routes = frozenset(served - {(path, "HEAD") for path, _ in served})  # type: ignore[attr-defined]
     return app
 
 

@@ -1,0 +1,80 @@
+"""The OpenAPI document in docs/api matches the routes the app serves and what they answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx2
+import jsonschema
+import trio
+import yaml
+
+from gateway.web.admin import AdminRoutes
+from gateway.web.app import Readiness, build_app
+from gateway.web.websocket import WebSocketEndpoint
+from gateway_tests.conftest import REPO
+from gateway_tests.harness import ADMIN_SECRET, connect, gateway_env, start_gateway
+
+SPEC = yaml.safe_load((REPO / "docs" / "api" / "openapi.yaml").read_text())
+
+
+def _documented() -> set[tuple[str, str]]:
+    return {(path, method.upper()) for path, item in SPEC["paths"].items() for method in item}
+
+
+def test_every_served_route_is_documented_and_every_documented_route_is_served() -> None:
+    app = build_app(
+        WebSocketEndpoint(None, None, ()),  # type: ignore[arg-type]
+        AdminRoutes(None, None, None),  # type: ignore[arg-type]
+        Readiness(),
+        metrics=True,
+    )
+    assert set(app.served_routes) == _documented()
+
+
+async def test_admin_listing_matches_the_documented_schema(
+    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+) -> None:
+    gateway = await start_gateway(nursery, gateway_env(tmp_path, fake_codex_bin))
+    try:
+        async with connect(gateway, "ws_doc"):
+            async with httpx2.AsyncClient() as http:
+                response = await http.get(
+                    f"{gateway.http_url}/admin/sessions",
+                    headers={"Authorization": f"Bearer {ADMIN_SECRET}"},
+                )
+            body = response.json()
+        assert set(body) == {"sessions"}
+        for session in body["sessions"]:
+            jsonschema.validate(session, SPEC["components"]["schemas"]["Session"])
+        assert body["sessions"][0]["workspaceId"] == "ws_doc"
+        assert body["sessions"][0]["state"] == "running"
+    finally:
+        await gateway.shutdown()
+
+
+async def test_documented_statuses_are_what_the_routes_answer(
+    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+) -> None:
+    gateway = await start_gateway(nursery, gateway_env(tmp_path, fake_codex_bin))
+    try:
+        async with httpx2.AsyncClient() as http:
+            checks = {
+                ("/healthz", "get"): (await http.get(f"{gateway.http_url}/healthz")).status_code,
+                ("/readyz", "get"): (await http.get(f"{gateway.http_url}/readyz")).status_code,
+                ("/metrics", "get"): (await http.get(f"{gateway.http_url}/metrics")).status_code,
+                ("/", "get"): (await http.get(f"{gateway.http_url}/")).status_code,
+                ("/codex-app/ws", "get"): (
+                    await http.get(f"{gateway.http_url}/codex-app/ws")
+                ).status_code,
+                ("/admin/sessions", "get"): (
+                    await http.get(f"{gateway.http_url}/admin/sessions")
+                ).status_code,
+                ("/admin/sessions/restart", "post"): (
+                    await http.post(f"{gateway.http_url}/admin/sessions/restart", content=b"{")
+                ).status_code,
+            }
+    finally:
+        await gateway.shutdown()
+    for (path, method), status in checks.items():
+        assert str(status) in SPEC["paths"][path][method]["responses"], (path, status)
