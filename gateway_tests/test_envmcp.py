@@ -560,4 +560,4 @@ def test_register_adds_the_subcommand() -> None:
     args = parser.parse_args(["env-mcp", *REQUIRED, "--exe-desc", "Mac", "--turn-id", "trn_1"])
     assert (args.exe_id, args.bridge_url, args.token_env) == ("e", "ws://gw/bridge/e", "T")
     assert (args.exe_desc, args.turn_id, args.timeout) == ("Mac", "trn_1", 50.0)
-    assert args.func is run
+    assert args.handler is run

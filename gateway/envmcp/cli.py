@@ -90,13 +90,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     # argparse prints usage plus a message; the product's rule is one clear line.
     parser.error = lambda message: _one_line_error(parser, message)  # type: ignore[method-assign]
-    parser.set_defaults(func=run)
+    # ``handler`` is what gateway.cli dispatches on; ``func`` is the argparse convention.
+    parser.set_defaults(handler=run, func=run)
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``env-mcp`` subcommand to ``subparsers`` (from ``add_subparsers()``).
 
-    The parsed namespace carries ``func``: call ``args.func(args)`` and exit with its result.
+    The parsed namespace carries ``handler`` (and ``func``, the same): call
+    ``args.handler(args)`` and exit with its result.
     """
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "env-mcp", help="MCP stdio server for one executor", description=DESCRIPTION
@@ -155,8 +157,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gateway.envmcp …``: the subcommand on its own."""
+    """``python -m gateway.envmcp [env-mcp] …``: the subcommand on its own.
+
+    A leading ``env-mcp`` is accepted, so ``(python, "-m", "gateway.envmcp")`` works as the
+    gateway's self command, to which the config.toml entries append ``env-mcp`` and the flags.
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["env-mcp"]:
+        arguments = arguments[1:]
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    args = parser.parse_args(arguments)
+    return int(args.handler(args))

@@ -1,0 +1,297 @@
+"""Executors end to end with real parts: the real codex app-server runs a shell tool call.
+
+The test plays the gateway's part at spawn: it asks the (fake) exec gateway which executors the
+workspace has, renders config.toml with ``executor_mcp_servers``' entries, and starts the real
+``codex app-server``. The fake model server tells codex to call ``mcp__exe_alpha`` ``shell``
+with ``["echo", "hello"]``; codex spawns ``env-mcp``, which dials the fake exec gateway's
+bridge with its capability token; the fake verifies it and relays to a real ``codex
+exec-server``. The tool's output must come back to the model and the turn must complete.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+import trio
+import trio_websocket
+
+from gateway.clients.execgateway import ConnectedExecutor
+from gateway.codex_home.config_toml import CodexConfig, McpServer, ModelProvider, render_config_toml
+from gateway.config import ExecGatewaySettings, Secret
+from gateway.executors import executor_mcp_servers, executor_servers_for
+from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway, run_exec_server
+from gateway_tests.fakes.fake_model_server import (
+    FakeModelServer,
+    FunctionCallReply,
+    TextReply,
+    function_call_outputs,
+    output_text,
+)
+
+CAP_SECRET = b"cap-s3cret"
+WORKSPACE = "ws_e2e"
+API_KEY = "sk-e2e"
+# How codex runs this gateway; the entries append ``env-mcp`` and its flags.
+SELF_COMMAND = (sys.executable, "-m", "gateway.envmcp")
+TURN_TIMEOUT = 90
+_BANNER = re.compile(rb"listening on:\s*(ws://[0-9.]+:\d+)")
+
+
+def exec_settings(gateway: FakeExecGateway) -> ExecGatewaySettings:
+    return ExecGatewaySettings(
+        ws_url=gateway.ws_url,
+        internal_url=gateway.base_url,
+        internal_secret=Secret(gateway.internal_secret),
+        captoken_secret=Secret(CAP_SECRET.decode()),
+        captoken_ttl=600.0,
+    )
+
+
+@pytest.fixture
+async def model() -> AsyncIterator[FakeModelServer]:
+    server = FakeModelServer(accept=lambda token: token == API_KEY)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def exec_gateway(real_codex_bin: Path, tmp_path: Path) -> AsyncIterator[FakeExecGateway]:
+    """The fake exec gateway relaying exe_alpha (of WORKSPACE) to a real exec-server."""
+    executor_home = tmp_path / "executor-home"
+    executor_home.mkdir()
+    gateway = FakeExecGateway(internal_secret="in-s3cret", captoken_secret=CAP_SECRET)
+    async with trio.open_nursery() as nursery:
+        backend = await nursery.start(run_exec_server, real_codex_bin, executor_home)
+        gateway.add_executor(
+            "exe_alpha", workspace_id=WORKSPACE, backend_url=backend, description="Test box"
+        )
+        await nursery.start(gateway.serve)
+        yield gateway
+        nursery.cancel_scope.cancel()
+
+
+class AppServerClient:
+    """The app-server protocol, just enough for a thread and a turn."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._ws = ws
+        self._ids = itertools.count(1)
+        self.notifications: list[dict[str, Any]] = []
+
+    async def _receive(self) -> dict[str, Any]:
+        message: dict[str, Any] = json.loads(await self._ws.get_message())
+        if "method" in message and "id" in message:
+            # An approval request would mean the entry's approval mode did not take effect.
+            raise AssertionError(f"unexpected server request: {message}")
+        return message
+
+    async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        request_id = next(self._ids)
+        await self._ws.send_message(
+            json.dumps({"id": request_id, "method": method, "params": params})
+        )
+        while True:
+            message = await self._receive()
+            if message.get("id") == request_id:
+                assert "error" not in message, f"{method} failed: {message['error']}"
+                result: dict[str, Any] = message["result"]
+                return result
+            self.notifications.append(message)
+
+    async def run_turn(self, text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Start a thread and one turn; return ``turn/completed``'s turn and every notification."""
+        await self.request("initialize", {"clientInfo": {"name": "envmcp-e2e", "version": "1"}})
+        await self._ws.send_message(json.dumps({"method": "initialized"}))
+        thread = await self.request("thread/start", {})
+        # codex starts MCP servers with the thread and may not wait for them before the first
+        # model request; the turn starts once the executor's server says it is ready.
+        await self.wait_for(
+            lambda m: (
+                m.get("method") == "mcpServer/startupStatus/updated"
+                and m.get("params", {}).get("name") == "exe_alpha"
+                and m.get("params", {}).get("status") in ("ready", "failed")
+            )
+        )
+        started = await self.request(
+            "turn/start",
+            {"threadId": thread["thread"]["id"], "input": [{"type": "text", "text": text}]},
+        )
+        turn_id = started["turn"]["id"]
+        completed = await self.wait_for(
+            lambda m: (
+                m.get("method") == "turn/completed"
+                and m.get("params", {}).get("turn", {}).get("id") == turn_id
+            )
+        )
+        return completed["params"]["turn"], self.notifications
+
+    async def wait_for(self, matches: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The first notification, received so far or next, that ``matches``."""
+        for message in self.notifications:
+            if matches(message):
+                return message
+        while True:
+            message = await self._receive()
+            self.notifications.append(message)
+            if matches(message):
+                return message
+
+
+async def run_app_server(
+    codex_bin: Path, codex_home: Path, *, task_status: trio.TaskStatus[str]
+) -> None:
+    """The real ``codex app-server`` on loopback, with an allow-listed environment."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(codex_home),
+        "CODEX_HOME": str(codex_home),
+        "LANG": "C.UTF-8",
+        "CODEX_API_KEY": API_KEY,
+    }
+    process = await trio.lowlevel.open_process(
+        [str(codex_bin), "app-server", "--listen", "ws://127.0.0.1:0"],
+        env=env,
+        cwd=str(codex_home),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    stderr = bytearray()
+    try:
+        with trio.fail_after(30):
+            while (match := _BANNER.search(stderr)) is None:
+                chunk = await process.stderr.receive_some()
+                if not chunk:
+                    raise RuntimeError(f"codex exited before listening: {bytes(stderr)!r}")
+                stderr += chunk
+        task_status.started(match.group(1).decode())
+        async for chunk in process.stderr:  # keep the pipe drained
+            stderr += chunk
+    finally:
+        with trio.CancelScope(shield=True):
+            process.terminate()
+            with trio.move_on_after(10):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+async def run_turn_with_servers(
+    real_codex_bin: Path,
+    tmp_path: Path,
+    model: FakeModelServer,
+    servers: tuple[McpServer, ...],
+    command: list[str],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Render config.toml with ``servers``, script the tool call, and run one turn."""
+    codex_home = tmp_path / "codex-home"
+    codex_home.mkdir()
+    config = CodexConfig(
+        model="gpt-5.5",
+        provider=ModelProvider(id="fake", base_url=f"{model.base_url}/v1", env_key="CODEX_API_KEY"),
+        trusted_paths=(str(codex_home),),
+        mcp_servers=servers,
+    )
+    (codex_home / "config.toml").write_text(render_config_toml(config))
+    model.script.append(
+        FunctionCallReply(
+            namespace="mcp__exe_alpha",
+            name="shell",
+            arguments={"command": command},
+            call_id="call_shell_1",
+        )
+    )
+    model.script.append(TextReply("The command ran."))
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(run_app_server, real_codex_bin, codex_home)
+        async with trio_websocket.open_websocket_url(url, max_message_size=64 * 1024 * 1024) as ws:
+            with trio.fail_after(TURN_TIMEOUT):
+                result = await AppServerClient(ws).run_turn("Say hello on the executor.")
+        nursery.cancel_scope.cancel()
+    return result
+
+
+def tool_output_seen_by_model(model: FakeModelServer) -> str:
+    outputs = [
+        item
+        for request in model.responses_requests()
+        for item in function_call_outputs(request.body)
+        if item.get("call_id") == "call_shell_1"
+    ]
+    assert outputs, "the tool's result never reached the model"
+    return output_text(outputs[0])
+
+
+async def test_real_codex_runs_echo_hello_on_the_executor(
+    real_codex_bin: Path,
+    tmp_path: Path,
+    model: FakeModelServer,
+    exec_gateway: FakeExecGateway,
+) -> None:
+    async with httpx2.AsyncClient() as http:
+        servers = await executor_mcp_servers(
+            exec_settings(exec_gateway), http, WORKSPACE, SELF_COMMAND
+        )
+    assert [s.name for s in servers] == ["exe_alpha"]
+
+    turn, notifications = await run_turn_with_servers(
+        real_codex_bin, tmp_path, model, servers, ["echo", "hello"]
+    )
+
+    assert turn["status"] == "completed", turn
+    # The executor's tools were announced to the model under its namespace (codex 0.169.0
+    # lists MCP namespaces as deferred tools in the request's input rather than in ``tools``).
+    assert "mcp__exe_alpha" in json.dumps(model.responses_requests()[0].body)
+    # env-mcp dialled the bridge with a token the exec gateway accepted...
+    assert [a.status for a in exec_gateway.bridge_attempts] == [101]
+    # ...and hello came back to the model in the next request.
+    text = tool_output_seen_by_model(model)
+    assert "hello" in text
+    assert "[exit_code=0]" in text
+    assert len(model.responses_requests()) == 2
+    mcp_items = [
+        n["params"]["item"]
+        for n in notifications
+        if n.get("method") == "item/completed" and n["params"]["item"].get("type") == "mcpToolCall"
+    ]
+    assert mcp_items and mcp_items[0].get("server") == "exe_alpha"
+
+
+async def test_a_refused_token_reaches_the_model_as_a_tool_error(
+    real_codex_bin: Path,
+    tmp_path: Path,
+    model: FakeModelServer,
+    exec_gateway: FakeExecGateway,
+) -> None:
+    # A token minted for another workspace: the exec gateway refuses the bridge with 403.
+    servers = executor_servers_for(
+        [ConnectedExecutor("exe_alpha")],
+        settings=exec_settings(exec_gateway),
+        workspace_id="ws_someone_else",
+        turn_id="trn_e2e00001",
+        self_command=SELF_COMMAND,
+    )
+
+    turn, _ = await run_turn_with_servers(
+        real_codex_bin, tmp_path, model, servers, ["echo", "hello"]
+    )
+
+    assert turn["status"] == "completed", turn
+    assert [a.status for a in exec_gateway.bridge_attempts] == [403]
+    text = tool_output_seen_by_model(model)
+    assert "HTTP 403" in text
+    assert "exe_id not in token workspace" in text
