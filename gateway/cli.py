@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 
@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
-    return []
+def _extra_commands() -> list[Callable[[Any], Any]]:
+    from gateway.envmcp.cli import register as register_env_mcp
+
+    return [register_env_mcp]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

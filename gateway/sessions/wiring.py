@@ -10,6 +10,7 @@ from gateway.codex_home.config_toml import McpServer
 from gateway.codex_home.persistence import Persistence, open_object_store
 from gateway.config import Config
 from gateway.credentials import SessionModelCredentials
+from gateway.executors import executor_mcp_servers
 from gateway.sessions.session import CredentialsFactory, ExecutorsFactory, ModelCredentials
 
 # codex's log database can grow to hundreds of MB and changes on every turn; it is not history.
@@ -36,6 +37,6 @@ def executors_factory(
     """Build each session's ``[mcp_servers]`` entries (none without an exec gateway)."""
 
     async def discover(workspace_id: str) -> tuple[McpServer, ...]:
-        return ()
+        return await executor_mcp_servers(config.exec_gateway, http, workspace_id, self_command)
 
     return discover
