@@ -28,8 +28,8 @@ def hypercorn_config(config: Config, listen_addr: str) -> HypercornConfig:
     if config.ws_ping_interval > 0:
         settings.websocket_ping_interval = config.ws_ping_interval
         # Hypercorn's pings have no pong timeout; a live client answers every ping, so a
-        # connection that reads nothing for two intervals is dead and is dropped.
-        settings.read_timeout = int(config.ws_ping_interval * 2 + 5)
+        # connection from which nothing arrives for two and a half intervals is dead.
+        settings.read_timeout = config.ws_ping_interval * 2.5
     return settings
 
 
