@@ -41,8 +41,9 @@ from gateway_tests.fakes.fake_model_server import (
 CAP_SECRET = b"cap-s3cret"
 WORKSPACE = "ws_e2e"
 API_KEY = "sk-e2e"
-# How codex runs this gateway; the entries append ``env-mcp`` and its flags.
-SELF_COMMAND = (sys.executable, "-m", "gateway.envmcp")
+# How the daemon tells codex to run this gateway (``gateway.daemon.self_command``); the entries
+# append ``env-mcp`` and its flags, so this goes through the real command line.
+SELF_COMMAND = (sys.executable, "-m", "gateway")
 TURN_TIMEOUT = 90
 _BANNER = re.compile(rb"listening on:\s*(ws://[0-9.]+:\d+)")
 
