@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import httpx2
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from gateway.auth.tokens import mint_hmac_token
 from gateway.config import Config, load_config
@@ -158,6 +158,15 @@ class Rpc:
         )
         await self.send({"method": "initialized"})
         return result
+
+    async def closed(self, *, within: float = 5.0) -> CloseReason:
+        """Read until the gateway closes this connection; return its close code and reason."""
+        with trio.fail_after(within):
+            try:
+                while True:
+                    await self.ws.get_message()
+            except ConnectionClosed as closed:
+                return closed.reason
 
     async def wait_for(
         self, method: str, predicate: Callable[[dict[str, Any]], bool] = lambda _: True
