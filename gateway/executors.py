@@ -25,6 +25,10 @@ from gateway.clients.execgateway import ConnectedExecutor, ExecGatewayClient, Ex
 from gateway.codex_home.config_toml import McpServer
 from gateway.config import ExecGatewaySettings
 
+# How long one shell command may run on an executor (builds and test suites take minutes).
+SHELL_TIME_LIMIT_SECONDS = 600.0
+TOOL_TIMEOUT_MARGIN_SECONDS = 30
+
 log = logging.getLogger(__name__)
 
 TOKEN_ENV_PREFIX = "CXG_BRIDGE_TOKEN_"
@@ -165,6 +169,8 @@ def executor_servers_for(
             _clean_description(executor.description, exe_id),
             "--turn-id",
             turn_id,
+            "--timeout",
+            f"{SHELL_TIME_LIMIT_SECONDS:g}",
         )
         servers.append(
             McpServer(
@@ -173,6 +179,9 @@ def executor_servers_for(
                 args=args,
                 env={token_env: token},
                 default_tools_approval_mode="approve",
+                # codex must wait longer than env-mcp's own limit, which kills the command and
+                # still answers; otherwise codex gives up first and the remote process lingers.
+                tool_timeout_sec=int(SHELL_TIME_LIMIT_SECONDS) + TOOL_TIMEOUT_MARGIN_SECONDS,
             )
         )
     return tuple(servers)

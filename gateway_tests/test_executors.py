@@ -89,9 +89,13 @@ def test_entry_has_the_upstream_shape() -> None:
         "Daisy's MacBook",
         "--turn-id",
         "trn_ab12cd34",
+        "--timeout",
+        "600",
     )
     assert list(server.env) == ["CXG_BRIDGE_TOKEN_EXE_ALPHA"]
     assert server.default_tools_approval_mode == "approve"
+    # codex waits longer than env-mcp's own limit, so env-mcp's kill-and-answer comes first.
+    assert server.tool_timeout_sec is not None and server.tool_timeout_sec > 600
     token = server.env["CXG_BRIDGE_TOKEN_EXE_ALPHA"]
     assert token not in " ".join(server.args)
     payload = verify_cap_token(token, CAP_SECRET)

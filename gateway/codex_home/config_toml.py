@@ -51,6 +51,7 @@ class McpServer:
     args: tuple[str, ...]
     env: Mapping[str, str] = attrs.field(factory=dict, repr=False)
     default_tools_approval_mode: str | None = "approve"
+    tool_timeout_sec: int | None = None
 
 
 @attrs.frozen
@@ -94,6 +95,8 @@ def managed_document(config: CodexConfig) -> dict[str, Any]:
             entry["env"] = dict(server.env)
         if server.default_tools_approval_mode:
             entry["default_tools_approval_mode"] = server.default_tools_approval_mode
+        if server.tool_timeout_sec is not None:
+            entry["tool_timeout_sec"] = server.tool_timeout_sec
         servers[server.name] = entry
     if servers:
         document["mcp_servers"] = servers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import trio
@@ -29,7 +30,7 @@ def hypercorn_config(config: Config, listen_addr: str) -> HypercornConfig:
         settings.websocket_ping_interval = config.ws_ping_interval
         # Hypercorn's pings have no pong timeout; a live client answers every ping, so a
         # connection from which nothing arrives for two and a half intervals is dead.
-        settings.read_timeout = config.ws_ping_interval * 2.5
+        settings.read_timeout = math.ceil(config.ws_ping_interval * 2.5)
     return settings
 
 
