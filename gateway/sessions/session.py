@@ -176,7 +176,6 @@ class Session:
         self.stop_reason: StopReason | None = None
         self.child: CodexChild | None = None
         self.last_activity = trio.current_time()
-        self.last_activity_wall = time.time()
         self.last_checkpoint: float | None = None
         self.last_save_error: str | None = None
         self.saved = False
@@ -201,6 +200,8 @@ class Session:
         """Ask the session to stop; it closes clients, stops the child and saves."""
         if self.stop_reason is None:
             self.stop_reason = reason
+        if self.state is SessionState.RUNNING:
+            self.state = SessionState.STOPPING
         for relay in self._clients:
             relay.close_code, relay.close_reason = reason.close_code, reason.close_reason
         if self._nursery is not None:
@@ -220,8 +221,10 @@ class Session:
                 self._run_client, relay, self.child.ws_url, [self.child.authorization_header()]
             )
         except BaseException:
-            self._clients.discard(relay)
-            metrics.CLIENTS_ATTACHED.dec()
+            # _run_client's own cleanup may already have forgotten it.
+            if relay in self._clients:
+                self._clients.discard(relay)
+                metrics.CLIENTS_ATTACHED.dec()
             raise
         self.touch()
         return relay
@@ -356,7 +359,7 @@ class Session:
                 if config.checkpoint_interval > 0:
                     nursery.start_soon(self._checkpoints)
         finally:
-            if self.state == SessionState.RUNNING:
+            if self.state in (SessionState.RUNNING, SessionState.STOPPING):
                 metrics.SESSIONS_ACTIVE.dec()
             self._nursery = None
 
