@@ -1,4 +1,4 @@
-"""Four narrow fixes to Hypercorn 0.18.0 (pinned exactly), installed once at daemon start.
+"""Five narrow fixes to Hypercorn 0.18.0 (pinned exactly), installed once at daemon start.
 
 1. pgjones/hypercorn#225: an exception in one connection's task (e.g. ``h11.LocalProtocolError``
    after trailing bytes on an upgrade request) escapes into the server nursery and stops
@@ -15,10 +15,19 @@
 4. After a WebSocket's closing handshake on HTTP/1.1, Hypercorn keeps the TCP connection open
    until the client drops it. RFC 6455 §7.1.1 has the server close TCP first; clients such as
    trio-websocket wait for that, and a lingering connection also holds up graceful shutdown.
+5. Bytes that arrive after an upgrade request but before the app accepted it (e.g. a stray byte
+   in the same TCP write) get a 400, but Hypercorn then never tells the already running app and
+   never closes the TCP connection: the app's relay to the child waited forever, one leaked
+   client per such request. The app now gets ``websocket.disconnect`` and the connection closes.
+   Likewise a ``Sec-WebSocket-Key`` that is not 16 base64-encoded bytes (RFC 6455 §4.2.1) was
+   accepted; it now gets 400 before the app runs.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +37,7 @@ import hypercorn.protocol.h11
 import structlog
 import trio
 from hypercorn.events import Closed
-from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.events import Body, Data, Request, StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.tcp_server import TCPServer
@@ -72,6 +81,19 @@ class _CloseAwareWSStream(WSStream):
                 self._closed_signal().set()
 
     async def _handle(self, event: Any) -> None:
+        if isinstance(event, Request) and not _valid_websocket_key(event):
+            # Without its key the handshake is invalid: Hypercorn's own 400 path, app not run.
+            headers = [(k, v) for k, v in event.headers if k.lower() != b"sec-websocket-key"]
+            await super().handle(dataclasses.replace(event, headers=headers))
+            await self.send(StreamClosed(stream_id=self.stream_id))
+            return
+        if isinstance(event, (Body, Data)) and not self.closed and not self.handshake.accepted:
+            # Hypercorn answers 400 and marks the stream closed, but never tells the app.
+            await super().handle(event)
+            if self.app_put is not None:
+                await self.app_put({"type": "websocket.disconnect", "code": 1006})
+            await self.send(StreamClosed(stream_id=self.stream_id))
+            return
         connection = getattr(self, "connection", None)
         if connection is not None and not self._tapped:
             self._tap(connection)
@@ -99,6 +121,19 @@ class _CloseAwareWSStream(WSStream):
                 yield event
 
         connection.events = events
+
+
+def _valid_websocket_key(request: Request) -> bool:
+    """Whether an HTTP/1.1 upgrade's key is 16 base64-encoded bytes (HTTP/2 has no key)."""
+    if request.http_version != "1.1":
+        return True
+    keys = [value for name, value in request.headers if name.lower() == b"sec-websocket-key"]
+    if len(keys) != 1:
+        return False
+    try:
+        return len(base64.b64decode(keys[0].strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _guard_connection_errors() -> None:
