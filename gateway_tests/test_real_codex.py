@@ -8,7 +8,7 @@ which is exactly what the persistence path needs.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ async def gateway(
     await running.shutdown()
 
 
-def is_user_message(text: str) -> Any:
+def is_user_message(text: str) -> Callable[[dict[str, Any]], bool]:
     """Whether an ``item/completed`` notification is the user message ``text``."""
 
     def check(message: dict[str, Any]) -> bool:
