@@ -166,6 +166,7 @@ class Rpc:
                 while True:
                     await self.ws.get_message()
             except ConnectionClosed as closed:
+                assert closed.reason is not None
                 return closed.reason
 
     async def wait_for(

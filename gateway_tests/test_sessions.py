@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import tarfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,9 @@ from gateway_tests.harness import (
 
 
 @pytest.fixture
-async def gateway(nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path) -> RunningGateway:
+async def gateway(
+    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+) -> AsyncIterator[RunningGateway]:
     running = await start_gateway(nursery, gateway_env(tmp_path, fake_codex_bin))
     yield running
     await running.shutdown()
@@ -301,6 +304,6 @@ async def test_spawn_failure_gives_503_with_a_reason(nursery: trio.Nursery, tmp_
             ):
                 pass
         assert rejected.value.status_code == 503
-        assert b"failed to start" in rejected.value.body
+        assert b"failed to start" in (rejected.value.body or b"")
     finally:
         await gateway.shutdown()
