@@ -1,0 +1,519 @@
+"""Durable CODEX_HOME through the whole gateway against a real S3 server (issue 3, SPEC §5, §8).
+
+Every test runs the real daemon (in-process, or as ``python -m gateway serve`` where a SIGKILL
+is the point) against moto's server on loopback. Where S3 must fail, the daemon reaches it
+through ``S3Outage``, a proxy the test takes down and brings back; what is stored is read behind
+the gateway's back with boto3 (``BucketView``). The bucket keeps every version, so "uploaded
+nothing" is counted, not guessed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import trio
+from prometheus_client import REGISTRY
+from trio_websocket import ConnectionRejected
+
+from gateway.config import S3Settings
+from gateway.store.base import archive_key
+from gateway_tests.harness import (
+    RunningGateway,
+    connect,
+    eventually,
+    gateway_env,
+    process_environ,
+    start_gateway,
+    token_for,
+)
+from gateway_tests.s3_control import BucketView, S3Outage, archive_files, s3_env
+from gateway_tests.s3_server import (  # noqa: F401 - pytest fixtures
+    BUCKET,
+    MotoServer,
+    moto_server,
+    s3_settings,
+    settings_for,
+)
+from gateway_tests.test_archive import GO_FIXTURE, add_file, add_special, add_zeros, tar_gz
+from gateway_tests.test_daemon_process import client, daemon_env, serve_process
+from gateway_tests.test_real_codex import STEP_TIMEOUT, closed_port, is_user_message
+
+# Restore bounds of the daemon in the hostile-archive test.
+MAX_RESTORE_BYTES = 1 << 20
+MAX_RESTORE_ENTRIES = 20
+# A bound for one in-process step (connect, save, restore against loopback S3).
+STEP = 20.0
+
+
+@pytest.fixture
+def bucket(moto_server: MotoServer, s3_settings: S3Settings) -> BucketView:  # noqa: F811
+    """A fresh, versioned bucket on the moto server."""
+    view = BucketView(moto_server, s3_settings.bucket)
+    view.enable_versioning()
+    return view
+
+
+@pytest.fixture
+async def outage(nursery: trio.Nursery, moto_server: MotoServer) -> S3Outage:  # noqa: F811
+    """A proxy in front of the moto server that the test can take down and bring back."""
+    proxy: S3Outage = await nursery.start(S3Outage(moto_server.endpoint).serve)
+    return proxy
+
+
+async def start_s3_gateway(
+    nursery: trio.Nursery,
+    root: Path,
+    codex_bin: Path,
+    settings: S3Settings,
+    **overrides: str,
+) -> RunningGateway:
+    """An in-process daemon under ``root`` whose store is ``settings``' bucket."""
+    env = gateway_env(root, codex_bin, **s3_env(settings))
+    env.update(overrides)
+    return await start_gateway(nursery, env)
+
+
+async def fake_pid(rpc: Any) -> int:
+    """The pid of the fake codex behind a connection."""
+    return int((await rpc.result("fake/pid"))["pid"])
+
+
+async def listed_threads(rpc: Any) -> set[str]:
+    """The thread ids ``thread/list`` shows."""
+    return {thread["id"] for thread in (await rpc.result("thread/list", {}))["data"]}
+
+
+def holds_thread(bucket: BucketView, workspace_id: str, thread_id: str) -> Callable[[], bool]:
+    """A predicate: the stored archive holds a file named after ``thread_id``."""
+
+    def check() -> bool:
+        members = bucket.members(workspace_id)
+        return members is not None and any(thread_id in name for name in members)
+
+    return check
+
+
+def saves(kind: str, result: str) -> float:
+    """The in-process daemon's ``cxg_saves_total`` for one kind and result."""
+    value = REGISTRY.get_sample_value("cxg_saves_total", {"kind": kind, "result": result})
+    return value or 0.0
+
+
+def thread_titles(database_path: Path) -> list[str]:
+    """The titles in the Go fixture's ``threads`` table."""
+    database = sqlite3.connect(database_path)
+    try:
+        return [title for (title,) in database.execute("SELECT title FROM threads")]
+    finally:
+        database.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first), from /proc."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found.append(child)
+            found.extend(descendants(child))
+    return found
+
+
+def fake_codex_children() -> list[int]:
+    """Fake codex processes started by this (test) process."""
+    running = []
+    for pid in descendants(os.getpid()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"fake_codex.py" in cmdline:
+            running.append(pid)
+    return running
+
+
+# -- 1. SIGKILL of the whole daemon loses at most one checkpoint interval ------------------------
+
+
+async def test_real_codex_thread_survives_sigkill_of_the_whole_daemon_on_a_new_node(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    real_codex_bin: Path,
+    s3_settings: S3Settings,  # noqa: F811
+    bucket: BucketView,
+) -> None:
+    text = "remember me after the crash"
+    provider = f"http://127.0.0.1:{await closed_port()}/v1"
+    common = {
+        "CXG_MODEL_PROVIDER_BASE_URL": provider,
+        "CXG_CHILD_READY_TIMEOUT": "60s",
+        **s3_env(s3_settings),
+    }
+    env = daemon_env(tmp_path / "node1", real_codex_bin, CXG_CHECKPOINT_INTERVAL="1s", **common)
+    with trio.fail_after(STEP_TIMEOUT * 3):
+        async with serve_process(env) as (daemon, url), client(url, token_for("ws_kill")) as rpc:
+            thread = (await rpc.result("thread/start", {}))["thread"]
+            thread_id, rollout = thread["id"], Path(thread["path"])
+            turn = (
+                await rpc.result(
+                    "turn/start",
+                    {"threadId": thread_id, "input": [{"type": "text", "text": text}]},
+                )
+            )["turn"]
+            await rpc.wait_for("item/completed", is_user_message(text))
+            await rpc.result("turn/interrupt", {"threadId": thread_id, "turnId": turn["id"]})
+
+            def checkpoint_holds_the_message() -> bool:
+                members = bucket.members("ws_kill") or {}
+                return any(
+                    thread_id in name and text.encode() in data for name, data in members.items()
+                )
+
+            await eventually(checkpoint_holds_the_message, within=STEP_TIMEOUT)
+            doomed = [daemon.process.pid, *descendants(daemon.process.pid)]
+            assert len(doomed) >= 2, "the codex child should be running"
+            for pid in doomed:
+                os.kill(pid, signal.SIGKILL)
+            await daemon.wait_exit()
+        assert rollout.exists(), "the dead node's disk is left as it was"
+
+    # The node is lost with its disk; a new daemon starts with the same configuration on an
+    # empty CXG_TMP_ROOT: only what the store holds is left.
+    shutil.rmtree(tmp_path / "node1")
+    fresh = await start_s3_gateway(
+        nursery, tmp_path / "node1", real_codex_bin, s3_settings, **common
+    )
+    try:
+        with trio.fail_after(STEP_TIMEOUT * 2):
+            async with connect(fresh, "ws_kill") as rpc:
+                assert thread_id in await listed_threads(rpc)
+                resumed = await rpc.result("thread/resume", {"threadId": thread_id})
+                assert resumed["thread"]["id"] == thread_id
+                assert text in Path(resumed["thread"]["path"]).read_text()
+    finally:
+        await fresh.shutdown()
+
+
+# -- 2. Clean stop saves, restart restores, unchanged checkpoints upload nothing ----------------
+
+
+async def test_clean_stop_saves_restart_restores_and_unchanged_checkpoints_upload_nothing(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    fake_codex_bin: Path,
+    s3_settings: S3Settings,  # noqa: F811
+    bucket: BucketView,
+) -> None:
+    gateway = await start_s3_gateway(
+        nursery, tmp_path, fake_codex_bin, s3_settings, CXG_CHECKPOINT_INTERVAL="1s"
+    )
+    home = tmp_path / "sessions" / "ws_clean"
+    try:
+        with trio.fail_after(STEP):
+            async with connect(gateway, "ws_clean") as rpc:
+                thread_id = (await rpc.result("thread/start", {}))["thread"]["id"]
+                assert (await gateway.restart("ws_clean")).status_code == 204
+                assert (await rpc.closed()).code == 1012
+        assert holds_thread(bucket, "ws_clean", thread_id)()
+        assert not home.exists()
+
+        uploaded = saves("checkpoint", "ok")
+        with trio.fail_after(STEP):
+            async with connect(gateway, "ws_clean") as rpc:
+                assert thread_id in await listed_threads(rpc)
+                # Starting the child touched the home (config.toml, the child's own files):
+                # the first checkpoint uploads that once.
+                await eventually(lambda: saves("checkpoint", "ok") > uploaded)
+                saved, uploads = bucket.state("ws_clean"), bucket.versions("ws_clean")
+
+                # Then two checkpoints of the unchanged home run; neither uploads anything.
+                unchanged = saves("checkpoint", "unchanged")
+                await eventually(lambda: saves("checkpoint", "unchanged") >= unchanged + 2)
+                entry = await gateway.session("ws_clean")
+                assert entry is not None and entry["lastSaveError"] is None
+                assert entry["lastCheckpointAt"] is not None
+                assert bucket.versions("ws_clean") == uploads
+                assert bucket.state("ws_clean") == saved
+
+                # A change is uploaded by the next checkpoint, while the session runs.
+                second = (await rpc.result("thread/start", {}))["thread"]["id"]
+                await eventually(holds_thread(bucket, "ws_clean", second))
+                assert bucket.versions("ws_clean") == uploads + 1
+    finally:
+        await gateway.shutdown()
+
+
+# -- 3. S3 down at save: the home is kept, retried, and saved when S3 is back ------------------
+
+
+async def test_store_down_at_stop_keeps_the_home_and_the_retry_saves_it_once_s3_is_back(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    fake_codex_bin: Path,
+    bucket: BucketView,
+    outage: S3Outage,
+) -> None:
+    gateway = await start_s3_gateway(
+        nursery,
+        tmp_path,
+        fake_codex_bin,
+        settings_for(outage.endpoint, bucket.bucket),
+        CXG_CHILD_STOP_GRACE="2s",
+        CXG_DRAIN_BUDGET="2s",
+    )
+    home = tmp_path / "sessions" / "ws_outage" / "codex-home"
+    failed = saves("final", "failed")
+    try:
+        with trio.fail_after(STEP):
+            async with connect(gateway, "ws_outage") as rpc:
+                thread_id = (await rpc.result("thread/start", {}))["thread"]["id"]
+                outage.take_down()
+                response = await gateway.restart("ws_outage")
+                assert response.status_code == 500
+                assert "not saved" in response.text
+                assert (await rpc.closed()).code == 1012
+
+        # The stopped session's home is kept on disk, and the failure is visible.
+        assert list(home.glob(f"sessions/*/*/*/rollout-*-{thread_id}.jsonl"))
+        entry = await gateway.session("ws_outage")
+        assert entry is not None
+        assert entry["state"] == "saving"
+        assert archive_key("ws_outage") in entry["lastSaveError"]
+        assert saves("final", "failed") > failed
+        assert not bucket.exists("ws_outage")
+
+        outage.bring_back()
+        await eventually(holds_thread(bucket, "ws_outage", thread_id), within=STEP * 2)
+        await eventually(lambda: not home.parent.exists())
+        assert await gateway.session("ws_outage") is None
+        with trio.fail_after(STEP):
+            async with connect(gateway, "ws_outage") as rpc:
+                assert thread_id in await listed_threads(rpc)
+    finally:
+        outage.bring_back()
+        await gateway.shutdown()
+
+
+# -- 4. S3 down at start: 503 with a reason, nothing started on an empty home ------------------
+
+
+async def test_store_down_at_start_refuses_with_503_and_starts_no_child(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    fake_codex_bin: Path,
+    bucket: BucketView,
+    outage: S3Outage,
+) -> None:
+    gateway = await start_s3_gateway(
+        nursery, tmp_path, fake_codex_bin, settings_for(outage.endpoint, bucket.bucket)
+    )
+    try:
+        outage.take_down()
+        with trio.fail_after(STEP), pytest.raises(ConnectionRejected) as rejected:
+            async with connect(gateway, "ws_down"):
+                pass
+        assert rejected.value.status_code == 503
+        body = (rejected.value.body or b"").decode()
+        assert "cannot restore" in body and archive_key("ws_down") in body
+        assert "unreachable" in body
+
+        assert fake_codex_children() == []
+        assert not (tmp_path / "sessions" / "ws_down").exists()
+        assert await gateway.sessions() == []
+
+        # The daemon goes on serving; once S3 is back the same workspace starts normally.
+        outage.bring_back()
+        with trio.fail_after(STEP):
+            async with connect(gateway, "ws_down") as rpc:
+                await rpc.result("thread/start", {})
+    finally:
+        outage.bring_back()
+        await gateway.shutdown()
+
+
+# -- 5. Hostile archives are refused and left untouched ----------------------------------------
+
+
+def _bomb(archive: tarfile.TarFile) -> None:
+    # Each entry is within the bound; together they expand to 8 times the total.
+    for index in range(16):
+        add_zeros(archive, f"zeros{index}", MAX_RESTORE_BYTES // 2)
+
+
+def _many(archive: tarfile.TarFile) -> None:
+    for index in range(MAX_RESTORE_ENTRIES + 1):
+        add_file(archive, f"f{index}")
+
+
+def hostile_archives() -> dict[str, bytes]:
+    """One archive per attack, against the daemon's restore bounds."""
+    bomb = tar_gz(_bomb)
+    assert len(bomb) < 64 * 1024, "a gzip bomb is small when stored"
+    return {
+        "traversal": tar_gz(lambda a: (add_file(a, "ok"), add_file(a, "sessions/../../escape"))),
+        "absolute": tar_gz(lambda a: add_file(a, "/tmp/cxg-absolute-escape")),
+        "symlink": tar_gz(lambda a: add_special(a, "link", tarfile.SYMTYPE, "/etc/passwd")),
+        "hardlink": tar_gz(lambda a: add_special(a, "hard", tarfile.LNKTYPE, "/etc/passwd")),
+        "device": tar_gz(lambda a: add_special(a, "dev", tarfile.CHRTYPE)),
+        "oversize_entry": tar_gz(lambda a: add_file(a, "big", os.urandom(MAX_RESTORE_BYTES + 1))),
+        "gzip_bomb": bomb,
+        "too_many_entries": tar_gz(_many),
+    }
+
+
+async def test_hostile_archives_are_refused_untouched_and_other_workspaces_go_on(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    fake_codex_bin: Path,
+    s3_settings: S3Settings,  # noqa: F811
+    bucket: BucketView,
+) -> None:
+    gateway = await start_s3_gateway(
+        nursery,
+        tmp_path,
+        fake_codex_bin,
+        s3_settings,
+        CXG_RESTORE_MAX_BYTES=str(MAX_RESTORE_BYTES),
+        CXG_RESTORE_MAX_ENTRIES=str(MAX_RESTORE_ENTRIES),
+    )
+    sessions = tmp_path / "sessions"
+    try:
+        with trio.fail_after(STEP * 2):
+            async with connect(gateway, "ws_neighbour") as neighbour:
+                thread_id = (await neighbour.result("thread/start", {}))["thread"]["id"]
+                for attack, body in hostile_archives().items():
+                    workspace_id = f"ws_{attack}"
+                    stored = bucket.put(workspace_id, body)
+                    with pytest.raises(ConnectionRejected) as rejected:
+                        async with connect(gateway, workspace_id):
+                            pass
+                    assert rejected.value.status_code == 500, attack
+                    reason = (rejected.value.body or b"").decode()
+                    assert archive_key(workspace_id) in reason, (attack, reason)
+                    assert "untouched" in reason, (attack, reason)
+                    assert bucket.state(workspace_id) == stored, attack
+                    assert bucket.versions(workspace_id) == 1, attack
+                    assert not (sessions / workspace_id).exists(), attack
+                assert not Path("/tmp/cxg-absolute-escape").exists()
+                assert not (sessions.parent / "escape").exists()
+                assert {entry["workspaceId"] for entry in await gateway.sessions()} == {
+                    "ws_neighbour"
+                }
+                # The workspace that was running all along is unaffected.
+                assert thread_id in await listed_threads(neighbour)
+    finally:
+        await gateway.shutdown()
+
+
+# -- 6. A stale writer's save is rejected and the newer snapshot survives ----------------------
+
+
+async def test_stale_writer_checkpoint_is_rejected_its_clients_get_1012_and_newer_snapshot_survives(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    fake_codex_bin: Path,
+    s3_settings: S3Settings,  # noqa: F811
+    bucket: BucketView,
+) -> None:
+    # Two pods of the same bucket; the first keeps running when the second takes over.
+    first = await start_s3_gateway(
+        nursery, tmp_path / "a", fake_codex_bin, s3_settings, CXG_CHECKPOINT_INTERVAL="1s"
+    )
+    second = await start_s3_gateway(nursery, tmp_path / "b", fake_codex_bin, s3_settings)
+    stale = saves("checkpoint", "stale")
+    try:
+        with structlog.testing.capture_logs() as logs, trio.fail_after(STEP * 2):
+            async with connect(first, "ws_twice") as old:
+                older_thread = (await old.result("thread/start", {}))["thread"]["id"]
+                await eventually(holds_thread(bucket, "ws_twice", older_thread))
+
+                async with connect(second, "ws_twice") as new:
+                    assert older_thread in await listed_threads(new)
+                    newer_thread = (await new.result("thread/start", {}))["thread"]["id"]
+                    assert (await second.restart("ws_twice")).status_code == 204
+                newer = bucket.state("ws_twice")
+                assert newer is not None
+                uploads = bucket.versions("ws_twice")
+
+                # The first pod's home changes; its next checkpoint is a stale write.
+                lost_thread = (await old.result("thread/start", {}))["thread"]["id"]
+                closed = await old.closed(within=STEP)
+                assert closed.code == 1012
+                assert "newer snapshot" in (closed.reason or "")
+
+            orphaned = tmp_path / "a" / "sessions" / ".orphaned"
+            await eventually(lambda: orphaned.exists() and any(orphaned.iterdir()))
+        assert saves("checkpoint", "stale") == stale + 1
+        assert any(entry["event"] == "session.superseded" for entry in logs)
+
+        # The newer snapshot survives, byte for byte.
+        assert bucket.state("ws_twice") == newer
+        assert bucket.versions("ws_twice") == uploads
+        members = archive_files(newer.body)
+        assert any(newer_thread in name for name in members)
+        assert not any(lost_thread in name for name in members)
+
+        # The stale home is set aside for an operator, never deleted nor uploaded.
+        (aside,) = orphaned.iterdir()
+        assert aside.name.startswith("ws_twice-")
+        assert list(aside.glob(f"codex-home/sessions/*/*/*/rollout-*-{lost_thread}.jsonl"))
+        assert not (tmp_path / "a" / "sessions" / "ws_twice").exists()
+        assert await first.session("ws_twice") is None
+
+        # The first pod's next session of the workspace starts from the newer snapshot.
+        async with connect(first, "ws_twice") as rpc:
+            assert {older_thread, newer_thread} <= await listed_threads(rpc)
+    finally:
+        await first.shutdown()
+        await second.shutdown()
+
+
+# -- 7. An archive written by the Go service restores --------------------------------------------
+
+
+async def test_go_service_archive_restores_and_is_saved_back_over_its_generation(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    fake_codex_bin: Path,
+    s3_settings: S3Settings,  # noqa: F811
+    bucket: BucketView,
+) -> None:
+    go_files = archive_files(GO_FIXTURE.read_bytes())
+    go_object = bucket.put("ws_go", GO_FIXTURE.read_bytes())
+    gateway = await start_s3_gateway(nursery, tmp_path, fake_codex_bin, s3_settings)
+    try:
+        with trio.fail_after(STEP):
+            async with connect(gateway, "ws_go") as rpc:
+                home = Path(process_environ(await fake_pid(rpc))["CODEX_HOME"])
+                for name, data in go_files.items():
+                    if name != "config.toml":  # rendered over by the gateway at every start
+                        assert (home / name).read_bytes() == data, name
+                        assert (home / name).stat().st_mode & 0o777 == 0o600, name
+                assert thread_titles(home / "state_5.sqlite") == ["from the Go gateway"]
+                assert (await gateway.restart("ws_go")).status_code == 204
+
+        # Saved back as a new generation over the Go service's object, with the Go files in.
+        saved = bucket.state("ws_go")
+        assert saved is not None and saved.etag != go_object.etag
+        members = archive_files(saved.body)
+        for name, data in go_files.items():
+            if name not in ("config.toml", "state_5.sqlite"):
+                assert members[name] == data, name
+        # The database is copied through the SQLite backup API: same content, new bytes.
+        copy = tmp_path / "saved.sqlite"
+        copy.write_bytes(members["state_5.sqlite"])
+        assert thread_titles(copy) == ["from the Go gateway"]
+    finally:
+        await gateway.shutdown()
