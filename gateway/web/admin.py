@@ -80,7 +80,14 @@ class AdminRoutes:
                     status_code=403,
                 )
         log.info("admin.restart", workspace_id=workspace_id)
+        session = self._manager.get(workspace_id)
         if not await self._manager.restart(workspace_id):
+            if session is not None and session.superseded:
+                return PlainTextResponse(
+                    "session stopped but not saved: a newer snapshot of this workspace exists "
+                    "elsewhere; its CODEX_HOME is set aside under CXG_TMP_ROOT/.orphaned\n",
+                    status_code=409,
+                )
             return PlainTextResponse(
                 "session stopped but its CODEX_HOME is not saved yet; it is kept and retried\n",
                 status_code=500,
