@@ -517,3 +517,44 @@ async def test_go_service_archive_restores_and_is_saved_back_over_its_generation
         assert thread_titles(copy) == ["from the Go gateway"]
     finally:
         await gateway.shutdown()
+
+
+async def test_stale_writer_final_save_at_stop_is_rejected_and_the_home_set_aside(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    fake_codex_bin: Path,
+    s3_settings: S3Settings,  # noqa: F811
+    bucket: BucketView,
+) -> None:
+    # Both pods start the workspace from nothing; the second saves first.
+    first = await start_s3_gateway(nursery, tmp_path / "a", fake_codex_bin, s3_settings)
+    second = await start_s3_gateway(nursery, tmp_path / "b", fake_codex_bin, s3_settings)
+    stale = saves("final", "stale")
+    try:
+        with structlog.testing.capture_logs() as logs, trio.fail_after(STEP * 2):
+            async with connect(first, "ws_race") as old, connect(second, "ws_race") as new:
+                lost_thread = (await old.result("thread/start", {}))["thread"]["id"]
+                newer_thread = (await new.result("thread/start", {}))["thread"]["id"]
+                assert (await second.restart("ws_race")).status_code == 204
+                newer = bucket.state("ws_race")
+                assert newer is not None
+
+                # The first pod's stop: its final save is fenced off, and not retried.
+                response = await first.restart("ws_race")
+                assert response.status_code == 409
+                assert "newer snapshot" in response.text
+                assert (await old.closed()).code == 1012
+        assert saves("final", "stale") == stale + 1
+        assert any(entry["event"] == "session.superseded" for entry in logs)
+        assert bucket.state("ws_race") == newer
+        assert bucket.versions("ws_race") == 1
+        members = archive_files(newer.body)
+        assert any(newer_thread in name for name in members)
+        assert not any(lost_thread in name for name in members)
+        (aside,) = (tmp_path / "a" / "sessions" / ".orphaned").iterdir()
+        assert list(aside.glob(f"codex-home/sessions/*/*/*/rollout-*-{lost_thread}.jsonl"))
+        assert not (tmp_path / "a" / "sessions" / "ws_race").exists()
+        assert await first.session("ws_race") is None
+    finally:
+        await first.shutdown()
+        await second.shutdown()
