@@ -18,6 +18,7 @@ Fencing (see ``docs`` in ``gateway.codex_home.persistence`` for the whole story)
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -125,6 +126,9 @@ class S3ObjectStore:
         self._client: S3Client | None = None
         self._stack = AsyncExitStack()
         self._client_lock = trio.Lock()
+        # Writes whose outcome is unknown (the connection failed after the request was sent):
+        # key -> (the generation that write expected, the ETag the object has if it landed).
+        self._in_doubt: dict[str, tuple[str | None, str]] = {}
 
     def describe(self) -> str:
         """``s3://bucket`` plus the endpoint when one is configured."""
@@ -232,6 +236,7 @@ class S3ObjectStore:
         self, key: str, chunks: AsyncIterable[bytes], *, expected_generation: str | None
     ) -> str:
         """Write ``key`` conditionally; see the module docstring for the fencing rules."""
+        expected_generation = await self._settle_in_doubt(key, expected_generation)
         buffer = bytearray()
         iterator = aiter(chunks)
         async for chunk in iterator:
@@ -250,16 +255,51 @@ class S3ObjectStore:
                 f"{self._where(key)}: the object this writer expected no longer exists"
             ) from exc
 
+    async def _settle_in_doubt(self, key: str, expected_generation: str | None) -> str | None:
+        """The generation to expect, given a previous write of ``key`` of unknown outcome.
+
+        When that write did land, the stored object is this writer's own and carries the ETag
+        it would have had: expecting it lets this writer go on instead of taking its own
+        snapshot for a newer one from elsewhere.
+        """
+        in_doubt = self._in_doubt.pop(key, None)
+        if in_doubt is None or in_doubt[0] != expected_generation:
+            return expected_generation
+        current = await self.head_generation(key)
+        return current if current == in_doubt[1] else expected_generation
+
+    @contextmanager
+    def _outcome_unknown_on_failure(
+        self, key: str, expected_generation: str | None, etag: str
+    ) -> Iterator[None]:
+        """Remember a write that failed in transit: it may have reached the store all the same."""
+        try:
+            yield
+        except StoreUnavailable:
+            self._in_doubt[key] = (expected_generation, etag)
+            raise
+
     async def _put(self, key: str, body: bytes, expected_generation: str | None) -> str:
         client = await self._get_client()
-        with self._conditional(key), self._mapped("PutObject", key):
-            response = await client.put_object(
-                Bucket=self.settings.bucket,
-                Key=key,
-                Body=body,
-                ContentType="application/gzip",
-                **self._conditions(expected_generation),  # type: ignore[arg-type]
-            )
+        etag = f'"{hashlib.md5(body, usedforsecurity=False).hexdigest()}"'
+        try:
+            with (
+                self._outcome_unknown_on_failure(key, expected_generation, etag),
+                self._conditional(key),
+                self._mapped("PutObject", key),
+            ):
+                response = await client.put_object(
+                    Bucket=self.settings.bucket,
+                    Key=key,
+                    Body=body,
+                    ContentType="application/gzip",
+                    **self._conditions(expected_generation),  # type: ignore[arg-type]
+                )
+        except PreconditionFailed:
+            # A retried request whose first attempt landed finds its own object.
+            if await self.head_generation(key) == etag:
+                return etag
+            raise
         return response["ETag"]
 
     async def _write_multipart(
@@ -280,9 +320,11 @@ class S3ObjectStore:
         upload_id = created["UploadId"]
         try:
             parts: list[dict[str, Any]] = []
+            digests: list[bytes] = []
 
             async def upload_part(data: bytes) -> None:
                 number = len(parts) + 1
+                digests.append(hashlib.md5(data, usedforsecurity=False).digest())
                 with self._mapped(f"UploadPart {number}", key):
                     response = await client.upload_part(
                         Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
@@ -299,14 +341,25 @@ class S3ObjectStore:
                 await upload_part(bytes(buffer))
             # Second fence: a newer snapshot written while this upload ran wins.
             await self._check_generation(key, expected_generation)
-            with self._conditional(key), self._mapped("CompleteMultipartUpload", key):
-                completed = await client.complete_multipart_upload(
-                    Bucket=bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
-                    **self._conditions(expected_generation),  # type: ignore[arg-type]
-                )
+            combined = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+            etag = f'"{combined}-{len(parts)}"'
+            try:
+                with (
+                    self._outcome_unknown_on_failure(key, expected_generation, etag),
+                    self._conditional(key),
+                    self._mapped("CompleteMultipartUpload", key),
+                ):
+                    completed = await client.complete_multipart_upload(
+                        Bucket=bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                        **self._conditions(expected_generation),  # type: ignore[arg-type]
+                    )
+            except PreconditionFailed:
+                if await self.head_generation(key) == etag:
+                    return etag
+                raise
             return completed["ETag"]
         except BaseException:
             await self._abort(key, upload_id)
