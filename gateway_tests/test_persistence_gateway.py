@@ -120,7 +120,11 @@ def thread_titles(database_path: Path) -> list[str]:
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (children first), from /proc."""
     found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # it exited meanwhile
+        return found
+    for task in tasks:
         try:
             children = (task / "children").read_text().split()
         except OSError:
