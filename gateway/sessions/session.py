@@ -35,6 +35,7 @@ from gateway.codex_home.persistence import (
     Persistence,
     StaleSnapshot,
 )
+from gateway.codex_home.relocate import relocate_codex_home
 from gateway.config import Config
 from gateway.sessions.child import ChildSpec, CodexChild, build_child_env, run_codex_child
 from gateway.sessions.relay import AsgiReceive, AsgiSend, ClientRelay
@@ -300,6 +301,7 @@ class Session:
                 )
             except Exception as exc:
                 raise _restore_error(exc) from None
+            await trio.to_thread.run_sync(relocate_codex_home, self.directories.codex_home)
         credentials = services.credentials(self.workspace_id, self.directories.runtime)
         await credentials.prime()
         mcp_servers = await services.executors(self.workspace_id)
