@@ -102,6 +102,12 @@ class Gateway:
         entry: dict[str, Any] = children[workspace]
         return entry
 
+    def children(self) -> dict[str, dict[str, Any]]:
+        """Every child recorded so far, by workspace."""
+        path = self.run_dir / "children.json"
+        children: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
+        return children
+
     @staticmethod
     def headers(workspace: str) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {token_for(workspace)}")]
