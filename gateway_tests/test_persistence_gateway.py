@@ -210,12 +210,6 @@ async def test_real_codex_thread_survives_sigkill_of_the_whole_daemon_on_a_new_n
         await fresh.shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="codex records absolute rollout paths in its state database; a home restored under "
-    "another CXG_TMP_ROOT (or from the Go service's /tmp/codex-app-gateway/<ws>) lists its "
-    "threads but cannot resume them",
-)
 async def test_real_codex_thread_resumes_after_a_restore_under_another_tmp_root(
     nursery: trio.Nursery,
     tmp_path: Path,
