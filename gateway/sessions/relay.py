@@ -32,6 +32,10 @@ AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 CHILD_CONNECT_TIMEOUT = 10.0
 CHILD_DISCONNECT_TIMEOUT = 2.0
 CLIENT_CLOSE_TIMEOUT = 2.0
+# How much the child connection reads per receive. trio-websocket's default is 4 KiB, which
+# makes a 1 MiB frame 256 reads, each through wsproto's parser; Hypercorn reads 64 KiB on the
+# client side, and so does this.
+CHILD_RECEIVE_BUFFER = 64 * 1024
 # Codes a peer may put in a close frame (RFC 6455 §7.4); 1005/1006/1015 are reserved for
 # "no code"/"abnormal" and must never be sent.
 _UNSENDABLE = {1004, 1005, 1006, 1015}
@@ -105,6 +109,7 @@ class ClientRelay:
                 child_url,
                 extra_headers=[(k.encode(), v.encode()) for k, v in child_headers],
                 max_message_size=self._max_message_size,
+                receive_buffer_size=CHILD_RECEIVE_BUFFER,
                 connect_timeout=CHILD_CONNECT_TIMEOUT,
                 disconnect_timeout=CHILD_DISCONNECT_TIMEOUT,
             ) as child:
