@@ -38,7 +38,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--reps", type=int, default=3, help="repetitions of each interleaved measurement"
     )
-    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument(
+        "--no-docs",
+        action="store_true",
+        help="do not rewrite docs/benchmarks.md (only full runs of every section do)",
+    )
     parser.add_argument(
         "--output", type=Path, default=RESULTS_DIR / "bench.json", help="where the JSON goes"
     )
@@ -95,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(results))
     report.write_json(results, opts, args.output)
     print(f"\nJSON: {args.output}")
-    if not args.no_docs:
+    if args.no_docs:
+        pass
+    elif opts.quick or set(sections) != set(SECTIONS):
+        print("docs/benchmarks.md not updated: only a full run of every section rewrites it")
+    else:
         path = report.write_docs(results, opts)
         print(f"docs: {path}")
     return 0
