@@ -80,8 +80,13 @@ def _bomb(archive: tarfile.TarFile) -> None:
         add_zeros(archive, f"zeros{index}", 4 << 20)
 
 
+def _traversal(archive: tarfile.TarFile) -> None:
+    add_file(archive, "ok")
+    add_file(archive, "sessions/../../escape")
+
+
 HOSTILE: dict[str, bytes] = {
-    "traversal": tar_gz(lambda a: (add_file(a, "ok"), add_file(a, "sessions/../../escape"))),
+    "traversal": tar_gz(_traversal),
     "absolute": tar_gz(lambda a: add_file(a, "/etc/cron.d/evil")),
     "symlink": tar_gz(lambda a: add_special(a, "link", tarfile.SYMTYPE, "/etc/passwd")),
     "hardlink": tar_gz(lambda a: add_special(a, "hard", tarfile.LNKTYPE, "/etc/passwd")),
