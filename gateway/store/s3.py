@@ -262,10 +262,13 @@ class S3ObjectStore:
         it would have had: expecting it lets this writer go on instead of taking its own
         snapshot for a newer one from elsewhere.
         """
-        in_doubt = self._in_doubt.pop(key, None)
+        in_doubt = self._in_doubt.get(key)
         if in_doubt is None or in_doubt[0] != expected_generation:
+            self._in_doubt.pop(key, None)
             return expected_generation
+        # Kept until the store has answered: a failed look leaves the question open.
         current = await self.head_generation(key)
+        del self._in_doubt[key]
         return current if current == in_doubt[1] else expected_generation
 
     @contextmanager
