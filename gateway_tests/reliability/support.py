@@ -163,9 +163,16 @@ class CuttableProxy:
         try:
             while data := await source.receive_some(65536):
                 if not upwards and self.lose_answers:
-                    self.answers_lost += 1
-                    self._bump()
-                    break
+                    # An interim "100 Continue" still passes, so the request body is sent in
+                    # full; the final answer is what gets lost.
+                    interim, data = _split_interim(data)
+                    if interim:
+                        await sink.send_all(interim)
+                    if data:
+                        self.answers_lost += 1
+                        self._bump()
+                        break
+                    continue
                 await sink.send_all(data)
                 if upwards:
                     self.bytes_up += len(data)
@@ -173,6 +180,15 @@ class CuttableProxy:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         done.cancel()
+
+
+def _split_interim(data: bytes) -> tuple[bytes, bytes]:
+    """Split leading ``HTTP/1.1 100 Continue`` responses off ``data``: (interim, rest)."""
+    interim = b""
+    while data.startswith(b"HTTP/1.1 100 ") and b"\r\n\r\n" in data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        interim += head + b"\r\n\r\n"
+    return interim, data
 
 
 def _reset(stream: trio.SocketStream) -> None:

@@ -272,6 +272,16 @@ def s3_env(proxy: CuttableProxy) -> dict[str, str]:
     }
 
 
+def stored_etag(moto: MotoServer, workspace: str) -> str | None:
+    """The stored archive's ETag (None when there is no object)."""
+    client = moto.boto_client()
+    try:
+        head = client.head_object(Bucket=BUCKET, Key=f"codex-app-gateway/{workspace}.tar.gz")
+    except client.exceptions.ClientError:
+        return None
+    return str(head["ETag"])
+
+
 def stored_bytes(moto: MotoServer, workspace: str) -> bytes:
     """Every file of the stored archive, concatenated (b"" when there is no object)."""
     client = moto.boto_client()
@@ -382,11 +392,13 @@ async def test_a_checkpoint_whose_answer_was_lost_is_known_as_its_own_and_the_se
             pid = (await rpc.result("fake/pid"))["pid"]
             thread_id = (await rpc.result("thread/start", {}))["thread"]["id"]
             for round_ in range(scale.pick(2, 10)):
-                text = f"said while answers are lost {round_}"
+                before = stored_etag(private_moto, workspace)
+                lost = f"said while answers are lost {round_}"
                 s3_proxy.lose_answers = True
-                await run_turn(rpc, thread_id, text)
+                await run_turn(rpc, thread_id, lost)
+                # A write lands (the store changed) but the session never hears back.
                 await eventually(
-                    lambda text=text: text.encode() in stored_bytes(private_moto, workspace),
+                    lambda before=before: stored_etag(private_moto, workspace) != before,
                     within=15,
                 )
                 await until(lambda: _has_save_error(listing), within=30)
@@ -394,8 +406,10 @@ async def test_a_checkpoint_whose_answer_was_lost_is_known_as_its_own_and_the_se
                 after = f"said after answers came back {round_}"
                 await run_turn(rpc, thread_id, after)
                 await eventually(
-                    lambda after=after: after.encode() in stored_bytes(private_moto, workspace),
-                    within=15,
+                    lambda texts=(lost, after): all(
+                        t.encode() in stored_bytes(private_moto, workspace) for t in texts
+                    ),
+                    within=30,
                 )
                 await until(lambda: _save_error_cleared(listing), within=10)
                 entry = await listing()
