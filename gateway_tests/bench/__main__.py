@@ -47,6 +47,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "--output", type=Path, default=RESULTS_DIR / "bench.json", help="where the JSON goes"
     )
     parser.add_argument(
+        "--from-json",
+        type=Path,
+        help="measure nothing: render the table, targets and docs again from a bench.json",
+    )
+    parser.add_argument(
         "--keep-work-dir", action="store_true", help="keep the scratch directory (logs)"
     )
     return parser.parse_args(argv)
@@ -74,6 +79,17 @@ async def _run(sections: list[str], opts: Options, results: Results) -> None:
         print(f"== {name} done in {results.seconds[name]:.0f} s", flush=True)
 
 
+def _render_again(args: argparse.Namespace) -> int:
+    results, opts, info = report.load_json(args.from_json)
+    report.evaluate_targets(results)
+    print(report.table(results))
+    report.write_json(results, opts, args.output, info)
+    complete = not opts.quick and set(results.sections_run) == set(SECTIONS)
+    if complete and not args.no_docs:
+        print(f"docs: {report.write_docs(results, opts, info)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()] or list(SECTIONS)
@@ -81,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown section(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
+    if args.from_json is not None:
+        return _render_again(args)
     _raise_fd_limit()
     work_dir = Path(tempfile.mkdtemp(prefix="cxg-bench-", dir="/var/tmp"))
     opts = Options(quick=args.quick, work_dir=work_dir, reps=max(1, args.reps))

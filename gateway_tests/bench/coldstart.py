@@ -97,7 +97,7 @@ async def run(opts: Options, results: Results) -> None:
             f"cold start added p50, {kind}",
             "ms",
             [v * 1e3 for v in difference_values(per_path["gateway"], per_path["direct"])],
-            "≤ 50 ms is the target",
+            "<= 50 ms is the target",
         )
         results.add(
             SECTION,

@@ -100,7 +100,7 @@ async def _latency(
             f"added round trip {q}, gateway / nginx",
             "ratio",
             ratio_values(gw_added, ngx_added),
-            "per repetition; ≤ 2 is the target",
+            "per repetition; <= 2 is the target",
         )
     return per_path
 
@@ -126,7 +126,7 @@ async def _attach(endpoints: dict[str, Endpoint], opts: Options, results: Result
         "attach added p50, gateway",
         "ms",
         [v * 1e3 for v in difference_values(per_path["gateway"], per_path["direct"])],
-        "≤ 2 ms is the target",
+        "<= 2 ms is the target",
     )
     results.add(
         SECTION,
@@ -203,7 +203,7 @@ async def _concurrent(
         f"{connections} connections req/s, gateway / direct",
         "ratio",
         ratio_values(rates["gateway"], rates["direct"]),
-        "≥ 0.75 is the target",
+        ">= 0.75 is the target",
     )
     results.add(
         SECTION,
@@ -256,7 +256,7 @@ async def _throughput(
                 f"throughput {label}, {path} / direct",
                 "ratio",
                 ratio_values(rates[path], rates["direct"]),
-                "≥ 0.5 is the target for the gateway at 1 MiB" if path == "gateway" else "",
+                ">= 0.5 is the target for the gateway at 1 MiB" if path == "gateway" else "",
             )
             if cpu[path]:
                 results.add(
