@@ -58,7 +58,7 @@ def _install_child_recorder(path: Path) -> None:
         workspace = spec.codex_home.parent.name
         return await original(spec, task_status=_Recording(workspace, task_status))  # type: ignore[arg-type]
 
-    session_module.run_codex_child = recording_run_codex_child  # type: ignore[assignment]
+    session_module.run_codex_child = recording_run_codex_child
 
 
 async def _main() -> None:

@@ -34,7 +34,7 @@ from gateway_tests.s3_server import BUCKET, REGION
 
 SECTION = "persistence"
 SIZES_FULL = ((10 * MIB, "10 MB"), (100 * MIB, "100 MB"), (1024 * MIB, "1 GB"))
-SIZES_QUICK = ((10 * MIB, "10 MB"), (100 * MIB, "100 MB"))
+SIZES_QUICK = ((10 * MIB, "10 MB"), (30 * MIB, "30 MB"))
 WORKER_TIMEOUT = 900
 # A 1 GB save takes minutes (see docs/benchmarks.md): one repetition at that size keeps
 # `make bench` near 20 minutes; smaller homes get the usual repetitions.

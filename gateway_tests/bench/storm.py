@@ -87,7 +87,7 @@ async def _direct_storm(work: Path, codex_bin: Path, count: int, config_toml: st
 
 async def run(opts: Options, results: Results) -> None:
     work = opts.work_dir / SECTION
-    count = 30 if opts.quick else 100
+    count = 20 if opts.quick else 100
     binaries = {"fake codex": fake_codex_bin(work / "bin"), "real codex": real_codex_bin()}
     for kind, codex_bin in binaries.items():
         slug = kind.split()[0]
