@@ -454,7 +454,7 @@ def test_any_cap_token_verifies_to_claims_or_raises_its_typed_error(
     assert all(isinstance(exe, str) for exe in payload.exe_ids)
 
 
-def test_bad_input_outcomes_are_recorded(counts: CountsRecorder) -> None:
+def test_bad_input_outcomes_are_recorded(counts: CountsRecorder, scale: Scale) -> None:
     """How the examples of the properties above ended (for ``docs/reliability.md``)."""
     counts["max_examples_per_property"] = EXAMPLES
     for outcome, number in sorted(OUTCOMES.items()):
