@@ -50,7 +50,7 @@ bench: $(PY_STAMP) $(CODEX_STAMP)
 	$(BIN)/python -m gateway_tests.bench
 
 soak: $(PY_STAMP) $(CODEX_STAMP)
-	CXG_SOAK=1 $(BIN)/pytest gateway_tests/reliability -m soak -p no:timeout
+	CXG_SOAK=1 $(BIN)/pytest gateway_tests/reliability -m soak --timeout=0
 
 clean:
 	rm -rf $(VENV) tools/codex/node_modules $(RUN_DIR)

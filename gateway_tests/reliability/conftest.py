@@ -1,4 +1,6 @@
-"""The reliability suite's switches: the ``soak`` marker and the short/long scale.
+"""The reliability suite's switches: soak selection and the short/long scale.
+
+The ``soak`` marker itself is registered in ``pyproject.toml``.
 
 ``make test`` runs the short version of every scenario; ``make soak`` (``CXG_SOAK=1 pytest
 gateway_tests/reliability -m soak``) runs the long ones. Soak tests are *deselected*, not
@@ -17,19 +19,13 @@ import pytest
 
 from gateway_tests.reliability.support import SOAK, CountsRecorder, Scale, recorded_counts
 
-SOAK_MARKER = "soak: long reliability runs (make soak)"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Register ``soak`` (``--strict-markers`` refuses unknown markers)."""
-    config.addinivalue_line("markers", SOAK_MARKER)
-
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Deselect soak tests unless ``CXG_SOAK=1``."""
     if SOAK:
         return
-    kept, dropped = [], []
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
     for item in items:
         (dropped if item.get_closest_marker("soak") else kept).append(item)
     if dropped:

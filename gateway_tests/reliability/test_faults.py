@@ -22,6 +22,7 @@ import signal
 import tarfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,19 @@ async def user_messages(rpc: Rpc, thread_id: str) -> list[str]:
 # -- child SIGKILL mid-turn ---------------------------------------------------------------------
 
 
+def _archive_exists(gateway: RunningGateway, workspace: str) -> bool:
+    return gateway.archive_path(workspace).exists()
+
+
+def _stored_has(moto: Any, workspace: str, texts: tuple[str, ...]) -> bool:
+    stored = stored_bytes(moto, workspace)
+    return all(text.encode() in stored for text in texts)
+
+
+def _etag_changed(moto: Any, workspace: str, before: Any) -> bool:
+    return bool(stored_etag(moto, workspace) != before)
+
+
 async def test_child_killed_mid_turn_closes_clients_with_1011_within_a_second_and_keeps_the_thread(
     nursery: trio.Nursery,
     tmp_path: Path,
@@ -125,7 +139,7 @@ async def test_child_killed_mid_turn_closes_clients_with_1011_within_a_second_an
                 )
             counts.add("clients_closed_1011", codes.count(1011))
             assert codes == [1011, 1011]
-            await eventually(lambda ws=workspace: gateway.archive_path(ws).exists())
+            await eventually(partial(_archive_exists, gateway, workspace))
             async with connect(gateway, workspace) as rpc:
                 assert int((await rpc.result("fake/pid"))["pid"]) != pid
                 listed = await rpc.result("thread/list", {})
@@ -348,7 +362,7 @@ async def test_s3_outage_fails_checkpoints_keeps_serving_and_the_next_checkpoint
 
                 s3_proxy.restore()
                 await eventually(
-                    lambda said=said: said[1].encode() in stored_bytes(private_moto, workspace),
+                    partial(_stored_has, private_moto, workspace, (said[1],)),
                     within=30,
                 )
                 await until(lambda: _save_error_cleared(listing), within=10)
@@ -398,7 +412,7 @@ async def test_a_checkpoint_whose_answer_was_lost_is_known_as_its_own_and_the_se
                 await run_turn(rpc, thread_id, lost)
                 # A write lands (the store changed) but the session never hears back.
                 await eventually(
-                    lambda before=before: stored_etag(private_moto, workspace) != before,
+                    partial(_etag_changed, private_moto, workspace, before),
                     within=15,
                 )
                 await until(lambda: _has_save_error(listing), within=30)
@@ -406,10 +420,7 @@ async def test_a_checkpoint_whose_answer_was_lost_is_known_as_its_own_and_the_se
                 after = f"said after answers came back {round_}"
                 await run_turn(rpc, thread_id, after)
                 await eventually(
-                    lambda texts=(lost, after): all(
-                        t.encode() in stored_bytes(private_moto, workspace) for t in texts
-                    ),
-                    within=30,
+                    partial(_stored_has, private_moto, workspace, (lost, after)), within=30
                 )
                 await until(lambda: _save_error_cleared(listing), within=10)
                 entry = await listing()
