@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import trio
 
-from gateway.sessions.child import build_child_env
+from gateway.sessions.child import app_server_argv, build_child_env
 from gateway_tests.bench.common import children_of, free_port, wait_until
 from gateway_tests.fakes.launchers import make_fake_codex_launcher
 from gateway_tests.harness import ADMIN_SECRET, HMAC_SECRET, token_for
@@ -204,16 +204,8 @@ async def direct_child(
     part of the measurement); stops the child (SIGTERM, then SIGKILL) when the block ends.
     """
     token = secrets.token_urlsafe(32)
-    argv = [
-        str(codex_bin),
-        "app-server",
-        "--listen",
-        "ws://127.0.0.1:0",
-        "--ws-auth",
-        "capability-token",
-        "--ws-token-sha256",
-        hashlib.sha256(token.encode()).hexdigest(),
-    ]
+    # The very command line a session uses, so the baseline starts the same child.
+    argv = app_server_argv(str(codex_bin), hashlib.sha256(token.encode()).hexdigest())
     process = await trio.lowlevel.open_process(
         argv,
         stdin=subprocess.DEVNULL,
