@@ -212,6 +212,14 @@ async def eventually(predicate: Callable[[], bool], *, within: float = 10.0) -> 
             await trio.sleep(POLL_INTERVAL)
 
 
+async def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released): an unreachable service."""
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
 def process_environ(pid: int) -> dict[str, str]:
     """Another process's environment, from /proc."""
     raw = Path(f"/proc/{pid}/environ").read_bytes()

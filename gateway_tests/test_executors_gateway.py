@@ -16,7 +16,7 @@ import trio
 
 from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway
 from gateway_tests.fakes.fake_model_server import FakeModelServer, FunctionCallReply, TextReply
-from gateway_tests.harness import Rpc, connect, gateway_env, start_gateway
+from gateway_tests.harness import Rpc, closed_port, connect, gateway_env, start_gateway
 from gateway_tests.test_envmcp_e2e import (  # noqa: F401 - fixtures
     API_KEY,
     CAP_SECRET,
@@ -112,9 +112,7 @@ async def test_exec_gateway_down_at_spawn_gives_no_executors_and_chat_still_work
     real_codex_bin: Path,
     model: FakeModelServer,  # noqa: F811
 ) -> None:
-    with trio.socket.socket() as unused:
-        await unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
+    port = await closed_port()
     down = {
         "CXG_EXEC_GATEWAY_URL": f"ws://127.0.0.1:{port}",
         "CXG_EXEC_GATEWAY_INTERNAL_URL": f"http://127.0.0.1:{port}",

@@ -28,6 +28,7 @@ from gateway.config import S3Settings
 from gateway.store.base import archive_key
 from gateway_tests.harness import (
     RunningGateway,
+    closed_port,
     connect,
     eventually,
     gateway_env,
@@ -45,7 +46,7 @@ from gateway_tests.s3_server import (  # noqa: F401 - pytest fixtures
 )
 from gateway_tests.test_archive import GO_FIXTURE, add_file, add_special, add_zeros, tar_gz
 from gateway_tests.test_daemon_process import client, daemon_env, serve_process
-from gateway_tests.test_real_codex import STEP_TIMEOUT, closed_port, is_user_message
+from gateway_tests.test_real_codex import STEP_TIMEOUT, is_user_message
 
 # Restore bounds of the daemon in the hostile-archive test.
 MAX_RESTORE_BYTES = 1 << 20

@@ -19,6 +19,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from gateway_tests.harness import (
     RunningGateway,
+    closed_port,
     connect,
     eventually,
     gateway_env,
@@ -29,14 +30,6 @@ from gateway_tests.harness import (
 # Generous bounds for a real codex on a busy machine; each step normally takes ~1 s.
 STEP_TIMEOUT = 30.0
 TCP_LISTEN = "0A"
-
-
-async def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with trio.socket.socket() as sock:
-        await sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from gateway_tests.fakes.launchers import make_fake_codex_launcher
 from gateway_tests.harness import (
     HMAC_SECRET,
     RunningGateway,
+    closed_port,
     connect,
     eventually,
     gateway_env,
@@ -272,9 +273,7 @@ async def test_browser_origin_is_refused_with_403(gateway: RunningGateway) -> No
 async def test_verifier_down_gives_503_not_401(
     nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
 ) -> None:
-    with trio.socket.socket() as unused:
-        await unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
+    port = await closed_port()
     env = gateway_env(
         tmp_path,
         fake_codex_bin,

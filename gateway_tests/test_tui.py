@@ -20,11 +20,11 @@ import trio
 from gateway_tests.harness import (
     POLL_INTERVAL,
     RunningGateway,
+    closed_port,
     gateway_env,
     start_gateway,
     token_for,
 )
-from gateway_tests.test_real_codex import closed_port
 
 COLUMNS, ROWS = 120, 40
 TOKEN_VAR = "CXG_TEST_REMOTE_TOKEN"
