@@ -19,7 +19,11 @@ CHANNEL_CAPACITY = 4
 
 
 def _single_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one real error inside a nursery's group (ignoring the cancellations it caused)."""
+    """The one real error inside a nursery's group (ignoring the cancellations it caused).
+
+    When one side fails, the other may trip over the channel the failing side closed before
+    the cancellation reaches it; that broken channel is a consequence, not a second error.
+    """
     leaves: list[BaseException] = []
 
     def walk(error: BaseException) -> None:
@@ -30,6 +34,11 @@ def _single_failure(group: BaseExceptionGroup[BaseException]) -> BaseException |
             leaves.append(error)
 
     walk(group)
+    causes = [
+        e for e in leaves if not isinstance(e, trio.BrokenResourceError | trio.ClosedResourceError)
+    ]
+    if len(causes) == 1:
+        return causes[0]
     return leaves[0] if len(leaves) == 1 else None
 
 
