@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -37,6 +35,7 @@ from gateway_tests.fakes.fake_model_server import (
     function_call_outputs,
     output_text,
 )
+from gateway_tests.real_app_server import run_app_server
 
 CAP_SECRET = b"cap-s3cret"
 WORKSPACE = "ws_e2e"
@@ -150,47 +149,6 @@ class AppServerClient:
                 return message
 
 
-async def run_app_server(
-    codex_bin: Path, codex_home: Path, *, task_status: trio.TaskStatus[str]
-) -> None:
-    """The real ``codex app-server`` on loopback, with an allow-listed environment."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(codex_home),
-        "CODEX_HOME": str(codex_home),
-        "LANG": "C.UTF-8",
-        "CODEX_API_KEY": API_KEY,
-    }
-    process = await trio.lowlevel.open_process(
-        [str(codex_bin), "app-server", "--listen", "ws://127.0.0.1:0"],
-        env=env,
-        cwd=str(codex_home),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    stderr = bytearray()
-    try:
-        with trio.fail_after(30):
-            while (match := _BANNER.search(stderr)) is None:
-                chunk = await process.stderr.receive_some()
-                if not chunk:
-                    raise RuntimeError(f"codex exited before listening: {bytes(stderr)!r}")
-                stderr += chunk
-        task_status.started(match.group(1).decode())
-        async for chunk in process.stderr:  # keep the pipe drained
-            stderr += chunk
-    finally:
-        with trio.CancelScope(shield=True):
-            process.terminate()
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-
-
 async def run_turn_with_servers(
     real_codex_bin: Path,
     tmp_path: Path,
@@ -218,8 +176,12 @@ async def run_turn_with_servers(
     )
     model.script.append(TextReply("The command ran."))
     async with trio.open_nursery() as nursery:
-        url = await nursery.start(run_app_server, real_codex_bin, codex_home)
-        async with trio_websocket.open_websocket_url(url, max_message_size=64 * 1024 * 1024) as ws:
+        server = await nursery.start(
+            run_app_server, real_codex_bin, codex_home, {"CODEX_API_KEY": API_KEY}
+        )
+        async with trio_websocket.open_websocket_url(
+            server.url, max_message_size=64 * 1024 * 1024
+        ) as ws:
             with trio.fail_after(TURN_TIMEOUT):
                 result = await AppServerClient(ws).run_turn("Say hello on the executor.")
         nursery.cancel_scope.cancel()

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import re
-import subprocess
 from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ from gateway.config import Config, load_config
 from gateway.credentials import SessionModelCredentials
 from gateway_tests.fakes.fake_agentserver import FakeAgentserver
 from gateway_tests.fakes.fake_model_server import FakeModelServer
+from gateway_tests.real_app_server import AppServer, run_app_server
 
 SECRET = "agentserver-internal-secret"
 STATIC_KEY = "sk-static-fallback-0123456789"
@@ -37,7 +35,6 @@ WORKSPACE = "ws-model-token"
 # codex re-reads the token file this often in these tests (production: 30 s).
 COMMAND_REFRESH = 0.5
 TURN_TIMEOUT = 30.0
-_BANNER = re.compile(rb"listening on:\s*(ws://[0-9.]+:\d+)")
 
 
 def make_config(agentserver_url: str, model_base_url: str, *, static_key: str | None) -> Config:
@@ -51,64 +48,6 @@ def make_config(agentserver_url: str, model_base_url: str, *, static_key: str | 
     if static_key is not None:
         environ["CXG_CODEX_API_KEY"] = static_key
     return load_config(environ)
-
-
-@attrs.define
-class AppServer:
-    """A running real ``codex app-server`` and everything it printed on stderr."""
-
-    process: trio.Process
-    url: str
-    stderr: bytearray
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
-async def run_app_server(
-    codex_bin: Path,
-    codex_home: Path,
-    extra_env: dict[str, str],
-    *,
-    task_status: trio.TaskStatus[AppServer] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Spawn the app-server with a session-like allow-listed environment; stop it on cancel."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(codex_home),
-        "CODEX_HOME": str(codex_home),
-        "LANG": "C.UTF-8",
-        **extra_env,
-    }
-    process = await trio.lowlevel.open_process(
-        [str(codex_bin), "app-server", "--listen", "ws://127.0.0.1:0"],
-        env=env,
-        cwd=str(codex_home),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    stderr = bytearray()
-    try:
-        with trio.fail_after(30):
-            while (match := _BANNER.search(stderr)) is None:
-                chunk = await process.stderr.receive_some()
-                if not chunk:
-                    raise RuntimeError(f"codex exited before listening: {bytes(stderr)!r}")
-                stderr += chunk
-        task_status.started(AppServer(process, match.group(1).decode(), stderr))
-        async for chunk in process.stderr:
-            stderr += chunk
-    finally:
-        with trio.CancelScope(shield=True):
-            process.terminate()
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
 
 
 class AppServerClient:
