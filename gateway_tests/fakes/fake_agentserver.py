@@ -32,18 +32,16 @@ import datetime as dt
 import json
 import time
 from collections.abc import Callable
-from functools import partial
-from typing import Any
 from urllib.parse import unquote
 
 import attrs
-import hypercorn.config
-import hypercorn.trio
 import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from gateway_tests.fakes.serving import serve_on_loopback
 
 VERIFY_PATH = "/api/internal/codex/tokens/verify"
 # ``:path`` so that an id with an escaped "/" still reaches the handler (and gets a 404).
@@ -205,14 +203,8 @@ class FakeAgentserver:
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; report the base URL (``http://127.0.0.1:PORT``) when bound."""
-        config = hypercorn.config.Config()
-        config.bind = ["127.0.0.1:0"]
-        config.accesslog = None
-        config.graceful_timeout = 0.5
-        app: Any = self.app  # Starlette is an ASGI app; hypercorn's annotation is narrower
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(hypercorn.trio.serve, app, config))
-            self.base_url = binds[0]
+            self.base_url = await nursery.start(serve_on_loopback, self.app)
             task_status.started(self.base_url)
 
     def _record(self, request: Request, body: bytes) -> RecordedRequest:

@@ -36,8 +36,6 @@ from functools import partial
 from typing import Any
 
 import attrs
-import hypercorn.config
-import hypercorn.trio
 import trio
 import trio_websocket
 from starlette.applications import Starlette
@@ -47,6 +45,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway.captoken import CapTokenError, verify_cap_token
+from gateway_tests.fakes.serving import serve_on_loopback
 
 CONNECTED_PATH = "/api/exec-gateway/connected"
 
@@ -126,14 +125,8 @@ class FakeExecGateway:
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; report the base URL (``http://127.0.0.1:PORT``) when bound."""
-        config = hypercorn.config.Config()
-        config.bind = ["127.0.0.1:0"]
-        config.accesslog = None
-        config.graceful_timeout = 0.5
-        app: Any = self.app  # hypercorn's ASGI type is narrower than Starlette's signature
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(hypercorn.trio.serve, app, config))
-            self.base_url = binds[0]
+            self.base_url = await nursery.start(serve_on_loopback, self.app)
             task_status.started(self.base_url)
 
     async def wait_for_bridge_attempts(self, count: int) -> list[BridgeAttempt]:

@@ -36,17 +36,16 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
-from functools import partial
 from typing import Any
 
 import attrs
-import hypercorn.config
-import hypercorn.trio
 import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from gateway_tests.fakes.serving import serve_on_loopback
 
 
 @attrs.frozen
@@ -187,14 +186,8 @@ class FakeModelServer:
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; report ``http://127.0.0.1:PORT`` when bound."""
-        config = hypercorn.config.Config()
-        config.bind = ["127.0.0.1:0"]
-        config.accesslog = None
-        config.graceful_timeout = 0.5
-        app: Any = self.app  # Starlette is an ASGI app; hypercorn's annotation is narrower
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(hypercorn.trio.serve, app, config))
-            self.base_url = binds[0]
+            self.base_url = await nursery.start(serve_on_loopback, self.app)
             task_status.started(self.base_url)
 
     def _finish(self, recorded: ModelRequest, response: Response) -> Response:
