@@ -14,15 +14,9 @@ from typing import Any
 
 import structlog
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    open_websocket_url,
-)
 
 from gateway import metrics
+from gateway.sessions.child_socket import ChildClosed, ChildSocket, open_child_socket
 
 log = structlog.get_logger(__name__)
 
@@ -32,10 +26,6 @@ AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 CHILD_CONNECT_TIMEOUT = 10.0
 CHILD_DISCONNECT_TIMEOUT = 2.0
 CLIENT_CLOSE_TIMEOUT = 2.0
-# How much the child connection reads per receive. trio-websocket's default is 4 KiB, which
-# makes a 1 MiB frame 256 reads, each through wsproto's parser; Hypercorn reads 64 KiB on the
-# client side, and so does this.
-CHILD_RECEIVE_BUFFER = 64 * 1024
 # Codes a peer may put in a close frame (RFC 6455 §7.4); 1005/1006/1015 are reserved for
 # "no code"/"abnormal" and must never be sent.
 _UNSENDABLE = {1004, 1005, 1006, 1015}
@@ -105,19 +95,17 @@ class ClientRelay:
     ) -> None:
         started = False
         try:
-            async with open_websocket_url(
+            async with open_child_socket(
                 child_url,
-                extra_headers=[(k.encode(), v.encode()) for k, v in child_headers],
+                child_headers,
                 max_message_size=self._max_message_size,
-                receive_buffer_size=CHILD_RECEIVE_BUFFER,
                 connect_timeout=CHILD_CONNECT_TIMEOUT,
-                disconnect_timeout=CHILD_DISCONNECT_TIMEOUT,
             ) as child:
                 await self._send({"type": "websocket.accept"})
                 started = True
                 task_status.started()
                 await self._pump(child)
-        except (OSError, HandshakeError, ConnectionRejected, trio.TooSlowError) as exc:
+        except (OSError, trio.TooSlowError) as exc:
             if not started:
                 # Before started(): the caller (the ASGI handler) turns this into a denial.
                 self._client_closed = True
@@ -132,12 +120,12 @@ class ClientRelay:
             log.warning("relay.error", error=repr(exc)[:300])
             self.close_code, self.close_reason = 1011, "gateway relay error"
 
-    async def _pump(self, child: WebSocketConnection) -> None:
+    async def _pump(self, child: ChildSocket) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._client_to_child, child, nursery.cancel_scope)
             nursery.start_soon(self._child_to_client, child, nursery.cancel_scope)
 
-    async def _client_to_child(self, child: WebSocketConnection, done: trio.CancelScope) -> None:
+    async def _client_to_child(self, child: ChildSocket, done: trio.CancelScope) -> None:
         receive, on_activity = self._receive, self._on_activity
         frames = metrics.FRAMES.labels(direction="client_to_child")
         size = metrics.FRAME_BYTES.labels(direction="client_to_child")
@@ -160,20 +148,20 @@ class ClientRelay:
                     )
                     metrics.WS_CLOSES.labels(side="client", code=str(message.get("code"))).inc()
                     with trio.move_on_after(CHILD_DISCONNECT_TIMEOUT):
-                        await child.aclose(code, reason)
+                        await child.close(code, reason)
                     done.cancel()
                     return
-        except ConnectionClosed as closed:
+        except ChildClosed as closed:
             self._take_child_close(closed)
             done.cancel()
 
-    async def _child_to_client(self, child: WebSocketConnection, done: trio.CancelScope) -> None:
+    async def _child_to_client(self, child: ChildSocket, done: trio.CancelScope) -> None:
         send, on_activity = self._send, self._on_activity
         frames = metrics.FRAMES.labels(direction="child_to_client")
         size = metrics.FRAME_BYTES.labels(direction="child_to_client")
         try:
             while True:
-                message = await child.get_message()
+                message = await child.receive_message()
                 if isinstance(message, str):
                     await send({"type": "websocket.send", "text": message})
                 else:
@@ -181,19 +169,17 @@ class ClientRelay:
                 frames.inc()
                 size.inc(len(message))
                 on_activity()
-        except ConnectionClosed as closed:
+        except ChildClosed as closed:
             self._take_child_close(closed)
             done.cancel()
 
-    def _take_child_close(self, closed: ConnectionClosed) -> None:
-        reason = closed.reason
-        code = reason.code if reason is not None else None
-        if code == 1006:
+    def _take_child_close(self, closed: ChildClosed) -> None:
+        if closed.code == 1006:
             # The child's connection dropped without a close frame: the child is gone or dying.
             self.close_code, self.close_reason = 1011, "codex app-server connection lost"
         else:
             self.close_code, self.close_reason = sendable_close(
-                code, reason.reason if reason is not None else None, fallback=1000
+                closed.code, closed.reason, fallback=1000
             )
 
     async def _close_client(self, code: int, reason: str) -> None:
