@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import attrs
 import boto3
@@ -50,9 +51,9 @@ class MotoServer:
         )
 
 
-@pytest.fixture(scope="session")
-def moto_server() -> Iterator[MotoServer]:
-    """One moto server on 127.0.0.1 with an OS-chosen port for the whole test session."""
+@contextmanager
+def running_moto() -> Iterator[MotoServer]:
+    """A moto server on 127.0.0.1 with an OS-chosen port, stopped when the block ends."""
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -60,6 +61,13 @@ def moto_server() -> Iterator[MotoServer]:
         yield MotoServer(endpoint=f"http://{host}:{port}", server=server)
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """One moto server for the whole test session."""
+    with running_moto() as server:
+        yield server
 
 
 def settings_for(endpoint: str, bucket: str = BUCKET) -> S3Settings:

@@ -97,10 +97,12 @@ async def test_fake_agentserver_rotates_lazily() -> None:
         seen: list[str] = []
         with trio.fail_after(10):
             while len(set(seen)) < 3:
+                asked_at = trio.current_time()
                 response = await http.get(url, headers=headers)
                 assert "expires_at" not in response.json()
                 seen.append(response.json()["access_token"])
-                await trio.sleep(0.05)  # pacing the polling client, not waiting for a state
+                # The next rotation is due 0.2 s after this fetch: ask again exactly then.
+                await trio.sleep_until(asked_at + 0.2)
         assert seen[-1] == fake.current_token("ws1")
         assert fake.issued_tokens("ws1") == sorted(set(seen))
 

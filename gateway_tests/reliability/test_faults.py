@@ -28,7 +28,6 @@ from typing import Any
 
 import pytest
 import trio
-from moto.server import ThreadedMotoServer
 from prometheus_client import REGISTRY
 from trio_websocket import ConnectionRejected, open_websocket_url
 
@@ -55,7 +54,7 @@ from gateway_tests.reliability.support import (
     close_code,
     until,
 )
-from gateway_tests.s3_server import BUCKET, MotoServer, settings_for
+from gateway_tests.s3_server import BUCKET, MotoServer, running_moto, settings_for
 from gateway_tests.test_daemon_process import client, daemon_env, serve_process
 from gateway_tests.test_model_token_gateway import install_credentials
 
@@ -255,13 +254,8 @@ async def test_agentserver_outage_gives_503_never_401_and_attached_sessions_keep
 @pytest.fixture(scope="module")
 def private_moto() -> Iterator[MotoServer]:
     """A moto server only this module uses (the proxy in front of it cuts it off)."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield MotoServer(endpoint=f"http://{host}:{port}", server=server)
-    finally:
-        server.stop()
+    with running_moto() as server:
+        yield server
 
 
 @pytest.fixture
