@@ -66,6 +66,8 @@ class S3Settings:
     access_key_id: str
     secret_access_key: Secret
     path_style: bool
+    # The time bound of one S3 request (see ``gateway.store.s3``), in seconds.
+    timeout: float = 5.0
 
 
 @attrs.frozen
@@ -98,6 +100,8 @@ class RestoreLimits:
 
     max_total_bytes: int
     max_entries: int
+    # An archive may unpack to this many times its stored size (0: no such bound).
+    max_ratio: int = 0
 
 
 @attrs.frozen
@@ -156,6 +160,7 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("CXG_S3_ACCESS_KEY_ID", "", str),
     _Var("CXG_S3_SECRET_ACCESS_KEY", "", Secret, secret=True),
     _Var("CXG_S3_PATH_STYLE", "false", bool),
+    _Var("CXG_S3_TIMEOUT", "5s", Seconds),
     _Var("CXG_LOCAL_STORE_DIR", "/tmp/codex-app-gateway-store", str),
     _Var("CXG_INBOUND_HMAC_SECRET", None, Secret, secret=True),
     _Var("CXG_EXEC_GATEWAY_URL", None, str),
@@ -183,6 +188,7 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("CXG_ALLOWED_ORIGINS", "", CsvList),
     _Var("CXG_RESTORE_MAX_BYTES", "8GiB", ByteSize),
     _Var("CXG_RESTORE_MAX_ENTRIES", "200000", int),
+    _Var("CXG_RESTORE_MAX_RATIO", "100", int),
     _Var("CXG_METRICS_LISTEN_ADDR", None, str),
 )
 
@@ -312,9 +318,18 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             "CXG_WS_MAX_MESSAGE_SIZE must be at least 1KiB; "
             f"got {values['CXG_WS_MAX_MESSAGE_SIZE']}"
         )
-    for name in ("CXG_CHILD_READY_TIMEOUT", "CXG_DRAIN_BUDGET", "CXG_IDLE_SHUTDOWN"):
+    for name in (
+        "CXG_CHILD_READY_TIMEOUT",
+        "CXG_DRAIN_BUDGET",
+        "CXG_IDLE_SHUTDOWN",
+        "CXG_S3_TIMEOUT",
+    ):
         if values[name] <= 0:
             raise ConfigError(f"{name} must be greater than zero")
+    if values["CXG_RESTORE_MAX_RATIO"] < 0:
+        raise ConfigError(
+            f"CXG_RESTORE_MAX_RATIO must be 0 (off) or more; got {values['CXG_RESTORE_MAX_RATIO']}"
+        )
 
     agentserver = None
     if _group(
@@ -346,6 +361,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             access_key_id=values["CXG_S3_ACCESS_KEY_ID"],
             secret_access_key=values["CXG_S3_SECRET_ACCESS_KEY"],
             path_style=values["CXG_S3_PATH_STYLE"],
+            timeout=values["CXG_S3_TIMEOUT"],
         )
 
     exec_gateway = None
@@ -404,6 +420,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         restore_limits=RestoreLimits(
             max_total_bytes=values["CXG_RESTORE_MAX_BYTES"],
             max_entries=values["CXG_RESTORE_MAX_ENTRIES"],
+            max_ratio=values["CXG_RESTORE_MAX_RATIO"],
         ),
         metrics_listen_addr=values["CXG_METRICS_LISTEN_ADDR"],
     )

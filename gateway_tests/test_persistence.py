@@ -288,7 +288,7 @@ async def test_store_down_at_restore_is_unavailable_and_starts_nothing(
     closed_port_settings: S3Settings,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    store = S3ObjectStore(closed_port_settings, max_attempts=1, connect_timeout=2)
+    store = S3ObjectStore(closed_port_settings, max_attempts=1, timeout=2)
     target = tmp_path / "codex-home"
     with pytest.raises(PersistenceUnavailable, match=KEY) as raised:
         await persistence(store).restore(WS, target)
@@ -302,14 +302,14 @@ async def test_store_down_at_save_keeps_the_local_copy(
     moto_server: MotoServer,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    store = S3ObjectStore(s3_settings, max_attempts=1, connect_timeout=2)
+    store = S3ObjectStore(s3_settings, max_attempts=1, timeout=2)
     home = make_home(tmp_path)
     before = listing(home)
     generation = await persistence(store).restore(WS, tmp_path / "restored")
 
     # The same bucket, seen through a port where nobody answers: S3 is down.
     down = S3ObjectStore(
-        attrs.evolve(s3_settings, endpoint=_closed_endpoint()), max_attempts=1, connect_timeout=2
+        attrs.evolve(s3_settings, endpoint=_closed_endpoint()), max_attempts=1, timeout=2
     )
     with pytest.raises(PersistenceUnavailable, match=KEY):
         await persistence(down).save(WS, home, generation)

@@ -44,7 +44,14 @@ from gateway_tests.s3_server import (  # noqa: F401 - pytest fixtures
     s3_settings,
     settings_for,
 )
-from gateway_tests.test_archive import GO_FIXTURE, add_file, add_special, add_zeros, tar_gz
+from gateway_tests.test_archive import (
+    GO_FIXTURE,
+    PARTIAL,
+    add_file,
+    add_special,
+    add_zeros,
+    tar_gz,
+)
 from gateway_tests.test_daemon_process import client, daemon_env, serve_process
 from gateway_tests.test_real_codex import STEP_TIMEOUT, is_user_message
 
@@ -417,12 +424,13 @@ def hostile_archives() -> dict[str, bytes]:
     return {
         "traversal": tar_gz(_traversal),
         "absolute": tar_gz(lambda a: add_file(a, "/tmp/cxg-absolute-escape")),
-        "symlink": tar_gz(lambda a: add_special(a, "link", tarfile.SYMTYPE, "/etc/passwd")),
-        "hardlink": tar_gz(lambda a: add_special(a, "hard", tarfile.LNKTYPE, "/etc/passwd")),
-        "device": tar_gz(lambda a: add_special(a, "dev", tarfile.CHRTYPE)),
+        "symlink_named_out": tar_gz(lambda a: add_special(a, "../link", tarfile.SYMTYPE, "x")),
+        "hardlink_out": tar_gz(lambda a: add_special(a, "hard", tarfile.LNKTYPE, "/etc/passwd")),
+        "device_named_out": tar_gz(lambda a: add_special(a, "/tmp/dev", tarfile.CHRTYPE)),
         "oversize_entry": tar_gz(lambda a: add_file(a, "big", os.urandom(MAX_RESTORE_BYTES + 1))),
         "gzip_bomb": bomb,
         "too_many_entries": tar_gz(_many),
+        **{name.replace("-", "_"): data for name, data in PARTIAL.items()},
     }
 
 
@@ -553,7 +561,9 @@ async def test_go_service_archive_restores_and_is_saved_back_over_its_generation
                 for name, data in go_files.items():
                     if name != "config.toml":  # rendered over by the gateway at every start
                         assert (home / name).read_bytes() == data, name
-                        assert (home / name).stat().st_mode & 0o777 == 0o600, name
+                        # Only the owner's bits survive (the Go script's 0755 keeps its x).
+                        mode = 0o700 if name.endswith(".sh") else 0o600
+                        assert (home / name).stat().st_mode & 0o777 == mode, name
                 assert thread_titles(home / "state_5.sqlite") == ["from the Go gateway"]
                 assert (await gateway.restart("ws_go")).status_code == 204
 

@@ -184,7 +184,7 @@ async def test_abandoned_multipart_uploads_are_aborted(
 async def test_unreachable_s3_is_unavailable_with_a_clear_message(
     closed_port_settings: S3Settings,  # noqa: F811
 ) -> None:
-    store = S3ObjectStore(closed_port_settings, max_attempts=1, connect_timeout=2)
+    store = S3ObjectStore(closed_port_settings, max_attempts=1, timeout=2)
     with pytest.raises(StoreUnavailable, match=rf"s3://{BUCKET}/{KEY}.*unreachable"):
         await read_all(store)
     with pytest.raises(StoreUnavailable, match=rf"s3://{BUCKET}/{KEY}"):

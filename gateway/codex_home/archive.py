@@ -49,32 +49,59 @@ class BadArchive(Exception):
 
 
 class UnsafeEntry(BadArchive):
-    """One entry breaks the safety rules (traversal, link, device, size, count)."""
+    """One entry breaks the safety rules (traversal, size, count, unsupported type)."""
 
 
 class EntryKind(enum.Enum):
-    """What an accepted entry creates."""
+    """What an accepted entry becomes."""
 
     FILE = "file"
     DIRECTORY = "directory"
+    # A hard link to a regular file restored earlier from the same archive.
+    HARDLINK = "hardlink"
+    # Restored as nothing: symlinks, fifos and device nodes are counted and skipped.
+    SYMLINK = "symlink"
+    SPECIAL = "fifo or device"
+
+
+# Below this many expanded bytes an archive is never refused for its compression ratio: small
+# homes with a few zero-filled files compress far better than large ones.
+RATIO_FLOOR_BYTES = 256 * MIB
 
 
 @attrs.frozen
 class ArchiveLimits:
-    """Bounds enforced while restoring (see ``gateway.config.RestoreLimits``)."""
+    """Bounds enforced while restoring (see ``gateway.config.RestoreLimits``).
+
+    ``max_ratio`` bounds the expansion against the stored (compressed) size when that size is
+    known: an archive may unpack to at most ``max_ratio`` times its stored size (but always to
+    ``ratio_floor`` bytes, and never past ``max_total_bytes``). ``0`` turns the ratio bound off.
+    """
 
     max_total_bytes: int
     max_entries: int
     max_entry_bytes: int
+    max_ratio: int = 0
+    ratio_floor: int = RATIO_FLOOR_BYTES
 
-    def max_stream_bytes(self) -> int:
+    def max_expanded_bytes(self, compressed_size: int | None) -> int:
+        """The most file bytes an archive of ``compressed_size`` stored bytes may unpack to."""
+        if not self.max_ratio or compressed_size is None:
+            return self.max_total_bytes
+        by_ratio = max(self.ratio_floor, self.max_ratio * compressed_size)
+        return min(self.max_total_bytes, by_ratio)
+
+    def max_stream_bytes(self, compressed_size: int | None = None) -> int:
         """The most decompressed bytes a conforming archive within these limits can have."""
-        return self.max_total_bytes + self.max_entries * _PER_ENTRY_OVERHEAD + _STREAM_SLACK
+        return (
+            self.max_expanded_bytes(compressed_size)
+            + self.max_entries * _PER_ENTRY_OVERHEAD
+            + _STREAM_SLACK
+        )
 
 
 _FILE_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE})
-_LINK_TYPES = frozenset({tarfile.SYMTYPE, tarfile.LNKTYPE})
-_DEVICE_TYPES = frozenset({tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE})
+_SPECIAL_TYPES = frozenset({tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE})
 _METADATA_TYPES = frozenset(
     {
         tarfile.XHDTYPE,
@@ -86,73 +113,109 @@ _METADATA_TYPES = frozenset(
 )
 
 
-def check_member(name: str, type_flag: bytes, size: int) -> tuple[PurePosixPath, EntryKind] | None:
-    """Decide whether an entry may be restored; pure, no I/O.
-
-    Returns the entry's relative path and kind, or ``None`` for an entry that names the root
-    itself (``.`` or ``./``), which is skipped. Raises ``UnsafeEntry`` for anything that could
-    escape the target directory or create something other than a regular file or directory.
-    """
+def _relative_path(name: str, what: str) -> PurePosixPath | None:
+    """``name`` as a path inside the root (``None`` for the root itself); refuses escapes."""
     shown = repr(name[:200])
-    if type_flag in _LINK_TYPES:
-        kind = "symlink" if type_flag == tarfile.SYMTYPE else "hardlink"
-        raise UnsafeEntry(f"entry {shown} is a {kind}; links are not restored")
-    if type_flag in _DEVICE_TYPES:
-        raise UnsafeEntry(f"entry {shown} is a device or fifo")
-    if type_flag == tarfile.DIRTYPE:
-        kind_of = EntryKind.DIRECTORY
-    elif type_flag in _FILE_TYPES:
-        kind_of = EntryKind.FILE
-    else:
-        raise UnsafeEntry(f"entry {shown} has unsupported type {type_flag!r}")
     if "\x00" in name:
-        raise UnsafeEntry(f"entry {shown} contains a NUL byte")
+        raise UnsafeEntry(f"{what} {shown} contains a NUL byte")
     if name.startswith("/"):
-        raise UnsafeEntry(f"entry {shown} is an absolute path")
+        raise UnsafeEntry(f"{what} {shown} is an absolute path")
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
-        raise UnsafeEntry(f"entry {shown} contains a '..' component")
+        raise UnsafeEntry(f"{what} {shown} contains a '..' component")
+    return PurePosixPath(*parts) if parts else None
+
+
+def check_member(
+    name: str, type_flag: bytes, size: int, linkname: str = ""
+) -> tuple[PurePosixPath, EntryKind] | None:
+    """Decide what an entry becomes; pure, no I/O.
+
+    Returns the entry's relative path and kind, or ``None`` for an entry that names the root
+    itself (``.`` or ``./``), which is skipped. Every entry's name must stay inside the root,
+    whatever its type. Symlinks, fifos and devices come back as kinds the caller skips (they
+    are never created, so their targets do not matter); a hard link's target must name a path
+    inside the root as well. Raises ``UnsafeEntry`` for anything that could escape the target
+    directory and for types that cannot be restored faithfully.
+    """
+    shown = repr(name[:200])
+    if type_flag == tarfile.DIRTYPE:
+        kind = EntryKind.DIRECTORY
+    elif type_flag in _FILE_TYPES:
+        kind = EntryKind.FILE
+    elif type_flag == tarfile.LNKTYPE:
+        kind = EntryKind.HARDLINK
+    elif type_flag == tarfile.SYMTYPE:
+        kind = EntryKind.SYMLINK
+    elif type_flag in _SPECIAL_TYPES:
+        kind = EntryKind.SPECIAL
+    else:
+        raise UnsafeEntry(f"entry {shown} has unsupported type {type_flag!r}")
+    relative = _relative_path(name, "entry")
     if size < 0:
         raise UnsafeEntry(f"entry {shown} has a negative size")
-    if kind_of is EntryKind.DIRECTORY and size:
-        raise UnsafeEntry(f"directory entry {shown} carries data")
-    if not parts:
-        if kind_of is EntryKind.DIRECTORY:
+    if kind is not EntryKind.FILE and size:
+        raise UnsafeEntry(f"{kind.value} entry {shown} carries data")
+    if relative is None:
+        if kind is EntryKind.DIRECTORY:
             return None
-        raise UnsafeEntry(f"entry {shown} names the archive root as a file")
-    return PurePosixPath(*parts), kind_of
+        raise UnsafeEntry(f"entry {shown} names the archive root as a {kind.value}")
+    if kind is EntryKind.HARDLINK and _relative_path(linkname, "hard link target") is None:
+        raise UnsafeEntry(f"hard link {shown} points at the archive root")
+    return relative, kind
 
 
 @attrs.define
 class ExtractBudget:
-    """Counts entries and bytes while restoring; raises when a limit would be crossed."""
+    """Counts entries and bytes while restoring; raises when a limit would be crossed.
+
+    ``max_bytes`` is the expansion bound of this very archive (``max_total_bytes``, or less
+    under the ratio bound); ``compressed_size`` is only for the message.
+    """
 
     limits: ArchiveLimits
+    compressed_size: int | None = None
+    max_bytes: int = attrs.field()
     entries: int = 0
     total_bytes: int = 0
 
+    @max_bytes.default
+    def _max_bytes_default(self) -> int:
+        return self.limits.max_expanded_bytes(self.compressed_size)
+
     def admit(
-        self, name: str, type_flag: bytes, size: int
+        self, name: str, type_flag: bytes, size: int, linkname: str = ""
     ) -> tuple[PurePosixPath, EntryKind] | None:
         """Check one entry (``check_member``) and charge it against the limits."""
-        checked = check_member(name, type_flag, size)
+        checked = check_member(name, type_flag, size, linkname)
         if checked is None:
             return None
-        shown = repr(name[:200])
         self.entries += 1
         if self.entries > self.limits.max_entries:
             raise UnsafeEntry(f"more than {self.limits.max_entries} entries")
+        self.charge(name, size)
+        return checked
+
+    def charge(self, name: str, size: int) -> None:
+        """Count ``size`` more bytes of the file ``name`` (a hard link costs its target's)."""
+        shown = repr(name[:200])
         if size > self.limits.max_entry_bytes:
             raise UnsafeEntry(
                 f"entry {shown} is {size} bytes, over the {self.limits.max_entry_bytes}-byte "
                 "bound per entry"
             )
         self.total_bytes += size
-        if self.total_bytes > self.limits.max_total_bytes:
+        if self.total_bytes <= self.max_bytes:
+            return
+        if self.max_bytes < self.limits.max_total_bytes:
             raise UnsafeEntry(
-                f"expanded size exceeds {self.limits.max_total_bytes} bytes at entry {shown}"
+                f"expanded size exceeds {self.max_bytes} bytes at entry {shown}: more than "
+                f"{self.limits.max_ratio} times the {self.compressed_size}-byte stored archive "
+                "(a gzip bomb? the bound is CXG_RESTORE_MAX_RATIO)"
             )
-        return checked
+        raise UnsafeEntry(
+            f"expanded size exceeds {self.limits.max_total_bytes} bytes at entry {shown}"
+        )
 
 
 # --- packing ----------------------------------------------------------------------------------
@@ -312,7 +375,14 @@ class GunzipReader:
 
     Decompression is bounded twice: each call returns at most what was asked for (zlib's
     ``max_length``), and the total output is capped, so a gzip bomb stops at the cap instead of
-    filling memory or disk. Concatenated gzip members are read as one stream, like Go's reader.
+    filling memory or disk. ``b""`` comes back only at the true end of the input, after the
+    last member's trailer (CRC32 and length) was checked by zlib; input that ends early raises.
+
+    Concatenated gzip members are read as one stream, as Go's ``compress/gzip`` reader (the
+    Go service's restore), ``gzip -d`` and ``tar -xz`` do: an archive some tool split into
+    members is still one tar, and every member's trailer is checked. Two whole tar archives
+    gzipped one after the other are refused all the same, by the tar reader: after the first
+    end-of-archive marker only zeros may follow.
     """
 
     def __init__(self, pull: Callable[[], bytes], *, max_output: int) -> None:
@@ -342,7 +412,7 @@ class GunzipReader:
             if not self._input:
                 self._input = self._next_input()
                 if not self._input:
-                    raise BadArchive("the gzip stream is truncated")
+                    raise BadArchive("the gzip stream is truncated (no trailer)")
             try:
                 data = self._decompressor.decompress(self._input, wanted - len(self._output))
             except zlib.error as exc:
@@ -365,12 +435,26 @@ class GunzipReader:
         return data
 
 
-class _GuardedTarInfo(tarfile.TarInfo):
-    """Refuses oversized metadata records before tarfile reads them into memory."""
+class _StrictTarInfo(tarfile.TarInfo):
+    """A header reader that never takes garbage for the end of the archive.
+
+    ``tarfile`` ends its member list quietly at the first block it cannot parse once some
+    entries were read, so garbage after the first entries would look like a complete, shorter
+    archive. Here only a block of zeros (the end-of-archive marker) ends it; anything else that
+    is not a valid header refuses the archive. Oversized metadata records are refused before
+    tarfile reads them into memory.
+    """
 
     @classmethod
     def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:  # type: ignore[override]
-        info = super().frombuf(buf, encoding, errors)
+        try:
+            info = super().frombuf(buf, encoding, errors)
+        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]  # not in typeshed
+            raise
+        except tarfile.EmptyHeaderError:  # type: ignore[attr-defined]
+            raise BadArchive("the tar stream ends without its end-of-archive marker") from None
+        except tarfile.HeaderError as exc:
+            raise BadArchive(f"malformed tar header ({exc})") from None
         if info.type in _METADATA_TYPES and info.size > MAX_METADATA_BYTES:
             raise UnsafeEntry(f"a metadata record of {info.size} bytes is over the bound")
         return info
@@ -378,18 +462,34 @@ class _GuardedTarInfo(tarfile.TarInfo):
 
 @attrs.frozen
 class UnpackStats:
-    """What a restore wrote."""
+    """What a restore wrote, and what it skipped (never created)."""
 
     entries: int
     total_bytes: int
     compressed_bytes: int
+    skipped_symlinks: int = 0
+    skipped_special: int = 0
+    skipped_hardlinks: int = 0
+
+    @property
+    def skipped(self) -> int:
+        """Entries counted but not restored."""
+        return self.skipped_symlinks + self.skipped_special + self.skipped_hardlinks
+
+
+# The mode bits a restored file keeps: the owner's. Group and other bits, setuid, setgid and
+# sticky never survive; the owner can always read and write (the gateway must read the file to
+# save it, codex expects to write its own files).
+_FILE_MODE_KEPT = 0o700
+# Seconds since the epoch a restored mtime may have (out of range: the time of the restore).
+_MAX_MTIME = 1 << 34
 
 
 def _ensure_directory(root: Path, relative: PurePosixPath) -> Path:
     """Create ``root/relative`` and missing parents as 0700 directories (never following links).
 
     Only this module writes under ``root`` (a fresh staging directory) and it never creates a
-    link, so an existing component is either a directory we made or a file — a conflict.
+    symlink, so an existing component is either a directory we made or a file — a conflict.
     """
     current = root
     for part in relative.parts:
@@ -402,20 +502,39 @@ def _ensure_directory(root: Path, relative: PurePosixPath) -> Path:
     return current
 
 
-def _write_file(root: Path, relative: PurePosixPath, source: BinaryIO | None, size: int) -> None:
+def _replaceable(target: Path, relative: PurePosixPath) -> None:
+    """Make way for a new file at ``target``: a later entry of the same name replaces the
+    earlier one, as with tar. It is unlinked, not truncated, so a hard link made to the
+    earlier file keeps the earlier content."""
+    try:
+        info = os.lstat(target)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        raise UnsafeEntry(f"entry {str(relative)!r} conflicts with a directory")
+    os.unlink(target)
+
+
+def _valid_mtime(mtime: float) -> bool:
+    return 0 <= mtime < _MAX_MTIME
+
+
+def _write_file(
+    root: Path,
+    relative: PurePosixPath,
+    source: BinaryIO | None,
+    size: int,
+    *,
+    mode: int,
+    mtime: float,
+) -> None:
     parent = _ensure_directory(root, relative.parent)
     target = parent / relative.name
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(target, flags, FILE_MODE)
-    except (IsADirectoryError, OSError) as exc:
-        if os.path.isdir(target):
-            raise UnsafeEntry(f"entry {str(relative)!r} conflicts with a directory") from None
-        raise exc
+    _replaceable(target, relative)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    permissions = (mode & _FILE_MODE_KEPT) | FILE_MODE
+    fd = os.open(target, flags, FILE_MODE)
     with os.fdopen(fd, "wb") as out:
-        # A later duplicate entry of the same name replaces the earlier one, as with tar; the
-        # mode is reset because O_CREAT's mode only applies to new files.
-        os.fchmod(out.fileno(), FILE_MODE)
         remaining = size
         while remaining and source is not None:
             data = source.read(min(COPY_SIZE, remaining))
@@ -423,42 +542,130 @@ def _write_file(root: Path, relative: PurePosixPath, source: BinaryIO | None, si
                 raise BadArchive(f"entry {str(relative)!r} is truncated")
             out.write(data)
             remaining -= len(data)
+        out.flush()
+        os.fchmod(out.fileno(), permissions)
+        if _valid_mtime(mtime):
+            os.utime(out.fileno(), (mtime, mtime))
+
+
+def _link_target_size(root: Path, target: PurePosixPath) -> int | None:
+    """The size of the regular file ``target`` restored earlier, or ``None`` if there is none.
+
+    Resolving ``target`` cannot leave ``root``: its name has no ``..`` and no leading ``/``
+    (``check_member``), and nothing under ``root`` is a symlink (none is ever created).
+    """
+    try:
+        info = os.lstat(root / target)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+def _hard_link(root: Path, relative: PurePosixPath, target: PurePosixPath) -> None:
+    parent = _ensure_directory(root, relative.parent)
+    link = parent / relative.name
+    if link == root / target:
+        return
+    _replaceable(link, relative)
+    os.link(root / target, link, follow_symlinks=False)
+
+
+def _expect_end_padding(stream: BinaryIO) -> None:
+    """Read the tar stream past the first end-of-archive block: only zeros may follow.
+
+    Tar writers end an archive with two zero blocks and may pad it further (GNU tar and Python
+    to a 10240-byte record; Go's ``archive/tar`` writes exactly the two blocks). Anything else
+    after the marker — a second archive, garbage — means the archive holds more than a
+    restore would read, and is refused.
+    """
+    zeros = 0
+    while data := stream.read(COPY_SIZE):
+        if data.count(0) != len(data):
+            raise BadArchive("data follows the tar end-of-archive marker")
+        zeros += len(data)
+    if zeros < tarfile.BLOCKSIZE:
+        raise BadArchive("the tar end-of-archive marker is incomplete")
 
 
 def unpack_archive(
-    pull: Callable[[], bytes], destination: Path, limits: ArchiveLimits
+    pull: Callable[[], bytes],
+    destination: Path,
+    limits: ArchiveLimits,
+    *,
+    compressed_size: int | None = None,
 ) -> UnpackStats:
     """Extract a tar.gz stream from ``pull`` into the existing, empty ``destination``.
 
     Every entry is checked before anything is written for it; the first unsafe entry aborts
-    the whole restore with ``UnsafeEntry`` (the caller discards ``destination``). Malformed
-    data raises ``BadArchive``; local I/O problems raise ``OSError``.
+    the whole restore with ``UnsafeEntry`` (the caller discards ``destination``). The stream
+    is read to its very end: the tar end-of-archive marker, only zeros after it, and every gzip
+    trailer must be there, or ``BadArchive`` is raised, so an archive that cannot be read
+    completely is never taken for a smaller one. ``compressed_size`` (the stored object's
+    size, when known) arms the ratio bound of ``limits`` against gzip bombs, on declared sizes
+    before anything is written. Files keep their mtime and their owner permission bits;
+    symlinks, fifos and devices are skipped and counted. Local I/O problems raise ``OSError``.
     """
-    reader = GunzipReader(pull, max_output=limits.max_stream_bytes())
-    budget = ExtractBudget(limits)
+    reader = GunzipReader(pull, max_output=limits.max_stream_bytes(compressed_size))
+    budget = ExtractBudget(limits, compressed_size=compressed_size)
+    skipped = {kind: 0 for kind in (EntryKind.SYMLINK, EntryKind.SPECIAL, EntryKind.HARDLINK)}
+    directory_times: dict[PurePosixPath, float] = {}
     try:
         archive = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115 - closed below
-            fileobj=reader, mode="r|", tarinfo=_GuardedTarInfo
+            fileobj=reader, mode="r|", tarinfo=_StrictTarInfo
         )
     except tarfile.ReadError as exc:
         raise BadArchive(f"not a tar archive ({exc})") from None
     try:
         with archive:
-            for member in archive:
+            while (member := archive.next()) is not None:
+                # tarfile keeps every member it read; a stream needs none of them.
+                archive.members.clear()
                 if member.sparse is not None:
                     raise UnsafeEntry(f"entry {member.name[:200]!r} is a sparse file")
-                checked = budget.admit(member.name, member.type, member.size)
+                checked = budget.admit(member.name, member.type, member.size, member.linkname)
                 if checked is None:
                     continue
                 relative, kind = checked
                 if kind is EntryKind.DIRECTORY:
                     _ensure_directory(destination, relative)
+                    directory_times[relative] = member.mtime
+                elif kind is EntryKind.FILE:
+                    _write_file(
+                        destination,
+                        relative,
+                        archive.extractfile(member),
+                        member.size,
+                        mode=member.mode,
+                        mtime=member.mtime,
+                    )
+                elif kind is EntryKind.HARDLINK:
+                    target = _relative_path(member.linkname, "hard link target")
+                    assert target is not None  # check_member refuses links to the root
+                    size = _link_target_size(destination, target)
+                    if size is None:
+                        skipped[kind] += 1
+                        continue
+                    # Charged at full size: the next save stores the link as a whole file.
+                    budget.charge(member.name, size)
+                    _hard_link(destination, relative, target)
                 else:
-                    _write_file(destination, relative, archive.extractfile(member), member.size)
+                    skipped[kind] += 1
+            _expect_end_padding(archive.fileobj)
     except tarfile.TarError as exc:
         raise BadArchive(f"malformed tar data ({exc})") from None
     except EOFError:
         raise BadArchive("the tar stream is truncated") from None
+    if reader.read(1):
+        raise BadArchive("data follows the tar end-of-archive marker")
+    # Directories last: writing their contents changed their mtimes.
+    for relative, mtime in directory_times.items():
+        if _valid_mtime(mtime):
+            os.utime(destination / relative, (mtime, mtime), follow_symlinks=False)
     return UnpackStats(
-        entries=budget.entries, total_bytes=budget.total_bytes, compressed_bytes=reader.bytes_in
+        entries=budget.entries,
+        total_bytes=budget.total_bytes,
+        compressed_bytes=reader.bytes_in,
+        skipped_symlinks=skipped[EntryKind.SYMLINK],
+        skipped_special=skipped[EntryKind.SPECIAL],
+        skipped_hardlinks=skipped[EntryKind.HARDLINK],
     )

@@ -32,10 +32,12 @@ import os
 import shutil
 import sqlite3
 import tempfile
+from collections import OrderedDict
 from collections.abc import AsyncIterable, Callable
 from pathlib import Path
 
 import attrs
+import structlog
 import trio
 
 from gateway.codex_home import archive, snapshot
@@ -49,6 +51,12 @@ from gateway.store.base import (
     archive_key,
 )
 from gateway.store.local import LocalDirectoryStore
+
+log = structlog.get_logger(__name__)
+
+# Refused archives remembered per daemon; beyond this many the least recently refused is
+# forgotten (and read once more if asked for again).
+REFUSAL_MEMO_SIZE = 1024
 
 
 class PersistenceError(Exception):
@@ -85,6 +93,40 @@ class Generation:
     size: int | None = None
 
 
+class RefusalMemo:
+    """The refusals of recent restores, by object key and generation, in bounded memory.
+
+    A refused archive stays refused until the object changes (a new generation), so asking
+    again must not download and unpack a gzip bomb again. Least recently used entries go
+    first once ``capacity`` keys are held.
+    """
+
+    def __init__(self, capacity: int = REFUSAL_MEMO_SIZE) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str, generation: str) -> str | None:
+        """The refusal of ``key`` at ``generation``, or ``None`` (never refused, or changed)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] != generation:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def remember(self, key: str, generation: str, message: str) -> None:
+        """Record that ``key`` at ``generation`` was refused with ``message``."""
+        self._entries[key] = (generation, message)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+
 class Persistence:
     """Restores and saves CODEX_HOME directories as ``codex-app-gateway/<ws>.tar.gz``.
 
@@ -111,9 +153,11 @@ class Persistence:
             max_entry_bytes=(
                 limits.max_total_bytes if max_entry_bytes is None else max_entry_bytes
             ),
+            max_ratio=limits.max_ratio,
         )
         self.policy = snapshot.ExcludePolicy(extra_patterns=exclude)
         self.compresslevel = compresslevel
+        self.refusals = RefusalMemo()
 
     # --- restore ------------------------------------------------------------------------------
 
@@ -135,25 +179,35 @@ class Persistence:
                 )
             )
         )
+        generation: str | None = None
         try:
             try:
                 async with self.store.open_read(key) as stored:
-                    await consume_in_thread(
-                        stored.chunks(),
-                        lambda pull: archive.unpack_archive(pull, staging, self.archive_limits),
-                    )
                     generation, size = stored.generation, stored.size
+                    refused = self.refusals.get(key, generation)
+                    if refused is not None:
+                        # The very object refused before: the same answer, without reading it.
+                        raise HostileArchive(refused)
+                    stats = await consume_in_thread(
+                        stored.chunks(),
+                        lambda pull: archive.unpack_archive(
+                            pull, staging, self.archive_limits, compressed_size=size
+                        ),
+                    )
             except ObjectNotFound:
-                generation, size = None, None
+                generation, size, stats = None, None, None
             except StoreUnavailable as exc:
                 raise PersistenceUnavailable(
                     f"restoring {key} from {self.store.describe()} failed: {exc}"
                 ) from exc
             except archive.BadArchive as exc:
-                raise HostileArchive(
+                message = (
                     f"refusing to restore {key} from {self.store.describe()}: {exc}; "
                     "the stored archive was left untouched"
-                ) from exc
+                )
+                if generation is not None:
+                    self.refusals.remember(key, generation, message)
+                raise HostileArchive(message) from exc
             except OSError as exc:
                 raise PersistenceError(f"restoring {key} into {codex_home} failed: {exc}") from exc
             if generation is not None:
@@ -167,6 +221,15 @@ class Persistence:
             # Shielded: a cancelled restore must still not leave a half-restored tree behind.
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
+        if stats is not None and stats.skipped:
+            # One line per restore, however many entries: codex leaves such links behind.
+            log.info(
+                "restore.entries_skipped",
+                key=key,
+                symlinks=stats.skipped_symlinks,
+                fifos_and_devices=stats.skipped_special,
+                dangling_hardlinks=stats.skipped_hardlinks,
+            )
         fingerprint = await trio.to_thread.run_sync(
             snapshot.fingerprint_home, codex_home, self.policy
         )

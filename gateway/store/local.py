@@ -48,11 +48,24 @@ class _LocalObject:
     _file: BinaryIO
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Yield the file in chunks of ``READ_CHUNK_SIZE`` bytes, reading off the event loop."""
+        """Yield the file in chunks of ``READ_CHUNK_SIZE`` bytes, reading off the event loop.
+
+        A file that ends before the size it had when opened was cut short in place by someone
+        else: that is a store failure, not a shorter archive.
+        """
+        received = 0
         while True:
-            chunk = await trio.to_thread.run_sync(self._file.read, READ_CHUNK_SIZE)
+            try:
+                chunk = await trio.to_thread.run_sync(self._file.read, READ_CHUNK_SIZE)
+            except OSError as exc:
+                raise StoreUnavailable(f"reading {self._file.name} failed: {exc}") from exc
             if not chunk:
+                if self.size is not None and received != self.size:
+                    raise StoreUnavailable(
+                        f"{self._file.name} ended after {received} of {self.size} bytes"
+                    )
                 return
+            received += len(chunk)
             yield chunk
 
 

@@ -14,6 +14,17 @@ Fencing (see ``docs`` in ``gateway.codex_home.persistence`` for the whole story)
   older S3-compatible servers) the checks still reject every writer that is already stale and
   every write that races with a long upload; only a competing write landing in the one round
   trip between the last check and the completion can be overwritten.
+
+Time bounds (``CXG_S3_TIMEOUT``, ``T``, 5 s by default). A client gives up on a connect after
+about 10 s, so a store that does not answer must fail the restore well before that — and a
+save, or the daemon's drain, must not wait minutes on it either. Every request therefore has
+an overall deadline, all retries included: ``T`` for requests without archive data (HEAD, GET
+until its headers, create / abort multipart), ``T`` plus one second per MiB sent for
+``PutObject`` and ``UploadPart`` (a floor of 1 MiB/s), ``T`` plus 0.1 s per part for
+``CompleteMultipartUpload``, and ``T`` for each read of a GET body (no data for that long is
+a stall). The HTTP client's own connect, read, write and pool timeouts are ``T`` as well, so a
+request cannot hang below the deadline either. A missed deadline is ``StoreUnavailable``; for
+a write it leaves the outcome in doubt, as any lost answer does.
 """
 
 from __future__ import annotations
@@ -45,9 +56,9 @@ MIB = 1024 * 1024
 DEFAULT_PART_SIZE = 8 * MIB
 MIN_PART_SIZE = 5 * MIB
 READ_CHUNK_SIZE = 256 * 1024
-# Aborting a multipart upload is cleanup that must happen even when the caller was cancelled,
-# but must never hold a shutdown hostage.
-_ABORT_BUDGET_SECONDS = 10.0
+# Slowest transfer rate a data-carrying request may run at before its deadline passes.
+_MIN_BYTES_PER_SECOND = MIB
+_SECONDS_PER_COMPLETED_PART = 0.1
 
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
@@ -61,6 +72,11 @@ def _describe_error(exc: BaseException) -> str:
         message = error.get("Message") or ""
         return f"{code} (HTTP {status}){': ' + message if message else ''}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _transfer_seconds(size: int) -> float:
+    """Time allowed for sending ``size`` bytes of archive data, beyond the base deadline."""
+    return size / _MIN_BYTES_PER_SECOND
 
 
 def _client_error_code(exc: botocore.exceptions.ClientError) -> tuple[str, int | None]:
@@ -91,18 +107,35 @@ class _S3Object:
     size: int | None
     _body: Any
     _where: str
+    _read_deadline: float
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Yield the body in chunks of at most ``READ_CHUNK_SIZE`` bytes."""
+        """Yield the body in chunks of at most ``READ_CHUNK_SIZE`` bytes.
+
+        Each read is bounded by ``read_deadline``. A body that ends before its announced
+        length is a failed transfer (``StoreUnavailable``), never a shorter object: a restore
+        must not take a dropped connection for a truncated archive and refuse it.
+        """
+        received = 0
         while True:
             try:
-                chunk = await self._body.read(READ_CHUNK_SIZE)
+                with trio.fail_after(self._read_deadline):
+                    chunk = await self._body.read(READ_CHUNK_SIZE)
+            except trio.TooSlowError:
+                raise StoreUnavailable(
+                    f"reading {self._where} stalled: no data for {self._read_deadline:g} s"
+                ) from None
             except (botocore.exceptions.BotoCoreError, OSError) as exc:
                 raise StoreUnavailable(
                     f"reading {self._where} failed midway: {_describe_error(exc)}"
                 ) from exc
             if not chunk:
+                if self.size is not None and received != self.size:
+                    raise StoreUnavailable(
+                        f"reading {self._where} ended after {received} of {self.size} bytes"
+                    )
                 return
+            received += len(chunk)
             yield chunk
 
 
@@ -119,18 +152,20 @@ class S3ObjectStore:
         settings: S3Settings,
         *,
         part_size: int = DEFAULT_PART_SIZE,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
         max_attempts: int = 3,
+        timeout: float | None = None,
     ) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3's minimum)")
         self.settings = settings
         self.part_size = part_size
+        # The deadline of a request without archive data (see the module docstring).
+        self.timeout = settings.timeout if timeout is None else timeout
         self._config = AioConfig(
             http_session_cls=aiobotocore.httpxsession.HttpxSession,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
+            connect_timeout=self.timeout,
+            read_timeout=self.timeout,
+            connector_args={"write_timeout": self.timeout, "pool_timeout": self.timeout},
             retries={"total_max_attempts": max_attempts, "mode": "standard"},
             s3={"addressing_style": "path" if settings.path_style else "auto"},
             # Checksums only where S3 requires them: parts are already in memory and signed;
@@ -177,12 +212,22 @@ class S3ObjectStore:
             return self._client
 
     @contextmanager
-    def _mapped(self, operation: str, key: str) -> Iterator[None]:
-        """Translate botocore/httpx failures of ``operation`` on ``key`` into store errors."""
+    def _mapped(self, operation: str, key: str, *, extra_seconds: float = 0.0) -> Iterator[None]:
+        """Bound ``operation`` on ``key`` in time and translate its failures into store errors.
+
+        The deadline is ``timeout`` plus ``extra_seconds`` (time for the data it carries).
+        """
+        deadline = self.timeout + extra_seconds
         try:
-            yield
+            with trio.fail_after(deadline):
+                yield
         except StoreError:
             raise
+        except trio.TooSlowError:
+            raise StoreUnavailable(
+                f"{operation} {self._where(key)}: store unreachable: no answer within "
+                f"{deadline:g} s (CXG_S3_TIMEOUT)"
+            ) from None
         except botocore.exceptions.ClientError as exc:
             self._raise_client_error(operation, key, exc)
         except (botocore.exceptions.BotoCoreError, OSError) as exc:
@@ -219,9 +264,10 @@ class S3ObjectStore:
                 size=response.get("ContentLength"),
                 body=body,
                 where=self._where(key),
+                read_deadline=self.timeout,
             )
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(_ABORT_BUDGET_SECONDS):
+            with trio.CancelScope(shield=True), trio.move_on_after(self.timeout):
                 await body.close()
 
     async def head_generation(self, key: str) -> str | None:
@@ -304,7 +350,7 @@ class S3ObjectStore:
             with (
                 self._outcome_unknown_on_failure(key, expected_generation, etag),
                 self._conditional(key),
-                self._mapped("PutObject", key),
+                self._mapped("PutObject", key, extra_seconds=_transfer_seconds(len(body))),
             ):
                 response = await client.put_object(
                     Bucket=self.settings.bucket,
@@ -331,19 +377,25 @@ class S3ObjectStore:
         bucket = self.settings.bucket
         # A writer that is already stale must not even start: the upload could take minutes.
         await self._check_generation(key, expected_generation)
-        with self._mapped("CreateMultipartUpload", key):
+        # Shielded (and bounded by its deadline): an upload the store created but whose id was
+        # lost to a cancellation could never be aborted. A cancellation meanwhile is delivered
+        # at the first checkpoint inside the ``try``, which aborts the upload.
+        with trio.CancelScope(shield=True), self._mapped("CreateMultipartUpload", key):
             created = await client.create_multipart_upload(
                 Bucket=bucket, Key=key, ContentType="application/gzip"
             )
         upload_id = created["UploadId"]
         try:
+            await trio.lowlevel.checkpoint_if_cancelled()
             parts: list[dict[str, Any]] = []
             digests: list[bytes] = []
 
             async def upload_part(data: bytes) -> None:
                 number = len(parts) + 1
                 digests.append(hashlib.md5(data, usedforsecurity=False).digest())
-                with self._mapped(f"UploadPart {number}", key):
+                with self._mapped(
+                    f"UploadPart {number}", key, extra_seconds=_transfer_seconds(len(data))
+                ):
                     response = await client.upload_part(
                         Bucket=bucket,
                         Key=key,
@@ -369,7 +421,11 @@ class S3ObjectStore:
                 with (
                     self._outcome_unknown_on_failure(key, expected_generation, etag),
                     self._conditional(key),
-                    self._mapped("CompleteMultipartUpload", key),
+                    self._mapped(
+                        "CompleteMultipartUpload",
+                        key,
+                        extra_seconds=_SECONDS_PER_COMPLETED_PART * len(parts),
+                    ),
                 ):
                     completed = await client.complete_multipart_upload(
                         Bucket=bucket,
@@ -388,16 +444,18 @@ class S3ObjectStore:
             raise
 
     async def _abort(self, key: str, upload_id: str) -> None:
-        """Best-effort cleanup of an unfinished upload (a lifecycle rule catches leftovers)."""
-        client = await self._get_client()
-        with (
-            trio.CancelScope(shield=True),
-            trio.move_on_after(_ABORT_BUDGET_SECONDS),
-            suppress(botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError),
-        ):
-            await client.abort_multipart_upload(
-                Bucket=self.settings.bucket, Key=key, UploadId=upload_id
-            )
+        """Best-effort cleanup of an unfinished upload (a lifecycle rule catches leftovers).
+
+        The shield comes first: this runs while the writer is being cancelled, and even taking
+        the client lock is a checkpoint that would raise ``Cancelled`` before the abort was
+        sent. The request's own deadline (``timeout``) keeps the shield from hanging.
+        """
+        with trio.CancelScope(shield=True), suppress(StoreError):
+            client = await self._get_client()
+            with self._mapped("AbortMultipartUpload", key):
+                await client.abort_multipart_upload(
+                    Bucket=self.settings.bucket, Key=key, UploadId=upload_id
+                )
 
     async def aclose(self) -> None:
         """Close the HTTP client, if one was opened."""
