@@ -10,6 +10,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -213,3 +214,165 @@ async def test_local_store_rejects_keys_outside_its_root(tmp_path: Path) -> None
     store = LocalDirectoryStore(tmp_path)
     with pytest.raises(StoreError, match="invalid object key"):
         await store.write("../escape", chunks_of(b"x"), expected_generation=None)
+
+
+# --- what a cancelled write leaves behind ---------------------------------------------------
+
+
+class RequestGate:
+    """A loopback proxy to moto that holds the ``n``-th request whose bytes contain ``marker``.
+
+    The held request never reaches moto; ``held`` is set when it arrives, so a test can cancel
+    the writer exactly while that request is in flight. Every other request passes.
+    """
+
+    def __init__(self, target: str, marker: bytes, n: int = 1) -> None:
+        host, port = target.removeprefix("http://").split(":")
+        self._target = (host, int(port))
+        self._marker = marker
+        self._remaining = n
+        self.held = trio.Event()
+        self.endpoint = ""
+
+    async def serve(self, *, task_status: trio.TaskStatus[RequestGate]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.endpoint = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        async with trio.open_nursery() as nursery:
+            task_status.started(self)
+            await trio.serve_listeners(self._relay, listeners, handler_nursery=nursery)
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        upstream = await trio.open_tcp_stream(*self._target)
+        async with client, upstream, trio.open_nursery() as nursery:
+            nursery.start_soon(self._forward_requests, client, upstream, nursery.cancel_scope)
+            nursery.start_soon(_pump, upstream, client, nursery.cancel_scope)
+
+    async def _forward_requests(
+        self, source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
+    ) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                if self._marker in data and not self.held.is_set():
+                    self._remaining -= 1
+                    if self._remaining == 0:
+                        self.held.set()
+                        await trio.sleep_forever()
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            done.cancel()
+
+
+async def _pump(source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope) -> None:
+    try:
+        while data := await source.receive_some(65536):
+            await sink.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        done.cancel()
+
+
+def _stalling_source(parts: int, stalled: trio.Event) -> AsyncIterator[bytes]:
+    """``parts`` parts' worth of data, then a source that never ends (a packer still busy)."""
+
+    async def source() -> AsyncIterator[bytes]:
+        for _ in range(parts):
+            yield os.urandom(MIN_PART_SIZE)
+        yield os.urandom(10)
+        stalled.set()
+        await trio.sleep_forever()
+        yield b""  # pragma: no cover - never reached
+
+    return source()
+
+
+@pytest.mark.parametrize(
+    ("point", "marker", "nth", "parts"),
+    [
+        # The upload exists; its first part is still being filled by the packer.
+        ("created, waiting for data", None, 0, 1),
+        # The packer is busy after a first part went up.
+        ("one part up, waiting for data", None, 0, 2),
+        # A part is on the wire.
+        ("during UploadPart", b"partNumber=1", 1, 2),
+        # Every part is up; the writer checks the stored generation before completing.
+        ("during the check before completing", b"HEAD ", 2, 2),
+        # The completion itself is on the wire.
+        ("during CompleteMultipartUpload", b"POST ", 2, 2),
+    ],
+)
+async def test_a_cancelled_multipart_write_leaves_no_upload(
+    point: str,
+    marker: bytes | None,
+    nth: int,
+    parts: int,
+    nursery: trio.Nursery,
+    s3_settings: S3Settings,  # noqa: F811
+    moto_server: MotoServer,  # noqa: F811
+) -> None:
+    gate = RequestGate(moto_server.endpoint, marker or b"\x00never\x00", max(nth, 1))
+    await nursery.start(gate.serve)
+    settings = attrs.evolve(s3_settings, endpoint=gate.endpoint)
+    store = S3ObjectStore(settings, part_size=MIN_PART_SIZE, max_attempts=1, timeout=5)
+    stalled = trio.Event()
+    if marker is None:
+        source = _stalling_source(parts, stalled)
+        reached = stalled
+    else:
+
+        async def finite() -> AsyncIterator[bytes]:
+            for _ in range(parts):
+                yield os.urandom(MIN_PART_SIZE)
+
+        source = finite()
+        reached = gate.held
+    with trio.fail_after(30):
+        async with trio.open_nursery() as writers:
+
+            async def write() -> None:
+                await store.write(KEY, source, expected_generation=None)
+
+            writers.start_soon(write)
+            await reached.wait()
+            writers.cancel_scope.cancel()
+    assert _bucket_uploads(moto_server) == [], point
+    assert "Contents" not in moto_server.boto_client().list_objects_v2(Bucket=BUCKET), point
+    await store.aclose()
+
+
+@pytest.mark.parametrize("point", ["streaming", "after the last chunk"])
+async def test_a_cancelled_local_write_leaves_only_the_objects(point: str, tmp_path: Path) -> None:
+    store = LocalDirectoryStore(tmp_path / "store")
+    first = await store.write(KEY, chunks_of(b"first"), expected_generation=None)
+    stalled = trio.Event()
+
+    async def source() -> AsyncIterator[bytes]:
+        yield os.urandom(1 << 20)
+        if point == "streaming":
+            stalled.set()
+            await trio.sleep_forever()
+
+    async def slow_end() -> AsyncIterator[bytes]:
+        async for chunk in source():
+            yield chunk
+        # The whole body is written; the writer's next step is its flush and commit.
+        stalled.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as writers:
+            body = source() if point == "streaming" else slow_end()
+
+            async def write() -> None:
+                await store.write(KEY, body, expected_generation=first)
+
+            writers.start_soon(write)
+            await stalled.wait()
+            writers.cancel_scope.cancel()
+    everything = sorted(
+        str(path.relative_to(tmp_path / "store")) for path in (tmp_path / "store").rglob("*")
+    )
+    assert everything == ["codex-app-gateway", KEY]
+    assert await read_all(store) == (first, b"first")

@@ -1,10 +1,13 @@
 """A local directory object store: the embedded default when no S3 bucket is configured.
 
 Objects are files under one root directory, keyed by relative path. A write streams into a
-temporary file beside the target, then — holding an exclusive ``flock`` on a per-key lock file —
-checks the current generation and renames the temporary file into place. The rename is atomic,
-so readers see the old object or the new one, never a mix; the lock makes "check, then
-replace" one step for every writer on this machine, in this process or another.
+temporary ``.part`` file beside the target, then — holding an exclusive ``flock`` on the
+object's directory — checks the current generation and renames the temporary file into place.
+The rename is atomic, so readers see the old object or the new one, never a mix; the lock makes
+"check, then replace" one step for every writer on this machine, in this process or another.
+Locking the directory rather than a lock file per key leaves nothing but objects in the store,
+and a failed or cancelled write removes its ``.part`` file (shielded), so the directory holds
+only objects after any write.
 
 A generation is the file's identity and metadata (inode, mtime in nanoseconds, size): every
 successful write creates a new inode, so an old generation never matches a newer object.
@@ -112,7 +115,12 @@ class LocalDirectoryStore:
             raise StoreUnavailable(f"cannot create {path.parent}: {exc}") from exc
         # Same check as the S3 store makes before a long upload: a stale writer stops early.
         self._check(path, key, expected_generation)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        try:
+            fd, tmp_name = tempfile.mkstemp(
+                dir=path.parent, prefix=f".{path.name}.", suffix=".part"
+            )
+        except OSError as exc:
+            raise StoreUnavailable(f"writing {path} failed: {exc}") from exc
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -123,7 +131,9 @@ class LocalDirectoryStore:
         except OSError as exc:
             raise StoreUnavailable(f"writing {path} failed: {exc}") from exc
         finally:
-            await trio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
+            # Shielded: a cancelled write must not leave its partial file behind.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
 
     def _check(self, path: Path, key: str, expected_generation: str | None) -> None:
         current = _current_generation(path)
@@ -134,17 +144,16 @@ class LocalDirectoryStore:
             )
 
     def _commit(self, tmp: Path, path: Path, key: str, expected_generation: str | None) -> str:
-        """Check and rename under the key's lock (runs in a worker thread)."""
-        lock_path = path.with_name(f".{path.name}.lock")
-        with open(lock_path, "a+b") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                self._check(path, key, expected_generation)
-                os.replace(tmp, path)
-                _sync_directory(path.parent)
-                return _generation_of(path.stat())
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        """Check and rename under the directory's lock (runs in a worker thread)."""
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX)
+            self._check(path, key, expected_generation)
+            os.replace(tmp, path)
+            os.fsync(directory)  # the rename is durable, not just the file data
+            return _generation_of(path.stat())
+        finally:
+            os.close(directory)  # releases the lock
 
     async def aclose(self) -> None:
         """Nothing to release."""
@@ -154,12 +163,3 @@ class LocalDirectoryStore:
 def _flush_and_sync(file: BinaryIO) -> None:
     file.flush()
     os.fsync(file.fileno())
-
-
-def _sync_directory(directory: Path) -> None:
-    """Make a rename durable (the directory entry, not just the file data)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
