@@ -8,7 +8,7 @@ import socket
 import sqlite3
 import tarfile
 from collections.abc import AsyncIterable, AsyncIterator
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import attrs
@@ -21,6 +21,7 @@ from gateway.codex_home.persistence import (
     Persistence,
     PersistenceError,
     PersistenceUnavailable,
+    RefusalMemo,
     StaleSnapshot,
     open_object_store,
 )
@@ -440,3 +441,81 @@ async def test_cancelled_save_and_restore_end_promptly_and_change_nothing(
     assert listing(other) == {}
     assert os.listdir(other.parent) == ["codex-home"]
     assert second.stored != first.stored
+
+
+@attrs.define
+class CountingReads:
+    """A real store that counts the body bytes restores read from it."""
+
+    inner: ObjectStore
+    bytes_read: int = 0
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    @asynccontextmanager
+    async def open_read(self, key: str) -> AsyncIterator[StoredObject]:
+        async with self.inner.open_read(key) as stored:
+            outer = self
+
+            @attrs.define
+            class Counted:
+                generation: str = stored.generation
+                size: int | None = stored.size
+
+                async def chunks(self) -> AsyncIterator[bytes]:
+                    async for chunk in stored.chunks():
+                        outer.bytes_read += len(chunk)
+                        yield chunk
+
+            yield Counted()
+
+    async def write(
+        self, key: str, chunks: AsyncIterable[bytes], *, expected_generation: str | None
+    ) -> str:
+        return await self.inner.write(key, chunks, expected_generation=expected_generation)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_refused_archive_is_refused_at_once_until_the_object_changes(
+    tmp_path: Path,
+) -> None:
+    local = LocalDirectoryStore(tmp_path / "store")
+    store = CountingReads(local)
+    facade = persistence(store)
+
+    async def body(data: bytes) -> AsyncIterator[bytes]:
+        yield data
+
+    bad = await local.write(KEY, body(HOSTILE["garbage-after-entries"]), expected_generation=None)
+    with pytest.raises(HostileArchive, match=r"data follows|malformed") as first:
+        await facade.restore(WS, tmp_path / "a")
+    read_once = store.bytes_read
+    assert read_once > 0
+
+    with pytest.raises(HostileArchive) as again:
+        await facade.restore(WS, tmp_path / "b")
+    assert str(again.value) == str(first.value)
+    assert store.bytes_read == read_once, "the remembered refusal must not read the object"
+
+    # The object changes (an operator put a good archive back): it is read and restored.
+    home = make_home(tmp_path / "good")
+    await persistence(local).save(WS, home, Generation(stored=bad))
+    await facade.restore(WS, tmp_path / "c" / "codex-home")
+    assert listing(tmp_path / "c" / "codex-home") == listing(home)
+    assert len(facade.refusals) == 0
+
+
+def test_the_refusal_memo_is_bounded_and_forgets_the_least_recent() -> None:
+    memo = RefusalMemo(capacity=3)
+    for index in range(3):
+        memo.remember(f"k{index}", "g", f"refused {index}")
+    assert memo.get("k0", "g") == "refused 0"  # k0 is now the most recent
+    memo.remember("k3", "g", "refused 3")
+    assert len(memo) == 3
+    assert memo.get("k1", "g") is None
+    assert [memo.get(f"k{i}", "g") for i in (0, 2, 3)] == ["refused 0", "refused 2", "refused 3"]
+    assert memo.get("k0", "other generation") is None
+    assert len(memo) == 2

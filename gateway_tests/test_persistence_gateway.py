@@ -467,6 +467,18 @@ async def test_hostile_archives_are_refused_untouched_and_other_workspaces_go_on
                     assert bucket.state(workspace_id) == stored, attack
                     assert bucket.versions(workspace_id) == 1, attack
                     assert not (sessions / workspace_id).exists(), attack
+                    # A reconnect gets the same refusal (remembered, not read again), and
+                    # nothing ever saves over the object. A third connect meets the manager's
+                    # back-off for repeated start failures (503) — the object is still intact.
+                    for expected in (500, 503):
+                        with pytest.raises(ConnectionRejected) as again:
+                            async with connect(gateway, workspace_id):
+                                pass
+                        assert again.value.status_code == expected, attack
+                        if expected == 500:
+                            assert (again.value.body or b"").decode() == reason, attack
+                    assert bucket.state(workspace_id) == stored, attack
+                    assert bucket.versions(workspace_id) == 1, attack
                 assert not Path("/tmp/cxg-absolute-escape").exists()
                 assert not (sessions.parent / "escape").exists()
                 assert {entry["workspaceId"] for entry in await gateway.sessions()} == {
@@ -621,3 +633,48 @@ async def test_stale_writer_final_save_at_stop_is_rejected_and_the_home_set_asid
     finally:
         await first.shutdown()
         await second.shutdown()
+
+
+# -- 8. A black-holed S3: the connect gets 503 before the client gives up ----------------------
+
+
+async def _black_hole(*, task_status: trio.TaskStatus[str]) -> None:
+    """A loopback listener that accepts every connection, reads it, and never answers."""
+
+    async def swallow(stream: trio.SocketStream) -> None:
+        async with stream:
+            while await stream.receive_some(65536):
+                pass
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        task_status.started(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+        await trio.serve_listeners(swallow, listeners, handler_nursery=nursery)
+
+
+# The codex client gives up on a connect after about 10 s.
+CLIENT_CONNECT_WAIT = 10.0
+
+
+async def test_black_holed_s3_gives_the_connect_503_within_the_clients_wait(
+    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+) -> None:
+    endpoint: str = await nursery.start(_black_hole)
+    # The default CXG_S3_TIMEOUT: the test is about the value operators get.
+    gateway = await start_s3_gateway(nursery, tmp_path, fake_codex_bin, settings_for(endpoint))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            started = trio.current_time()
+            with trio.fail_after(CLIENT_CONNECT_WAIT), pytest.raises(ConnectionRejected) as refused:
+                async with connect(gateway, "ws_black_hole"):
+                    pass
+            waited = trio.current_time() - started
+            # The failure is in the log by the time the client has its answer.
+            failures = [entry for entry in logs if entry["event"] == "session.start_failed"]
+        assert refused.value.status_code == 503
+        assert len(failures) == 1
+        assert "no answer within 5 s (CXG_S3_TIMEOUT)" in failures[0]["error"]
+        assert 4.5 <= waited < CLIENT_CONNECT_WAIT
+        assert fake_codex_children() == []
+    finally:
+        await gateway.shutdown()
