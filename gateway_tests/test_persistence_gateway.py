@@ -9,6 +9,8 @@ nothing" is counted, not guessed.
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import shutil
 import signal
@@ -676,5 +678,147 @@ async def test_black_holed_s3_gives_the_connect_503_within_the_clients_wait(
         assert "no answer within 5 s (CXG_S3_TIMEOUT)" in failures[0]["error"]
         assert 4.5 <= waited < CLIENT_CONNECT_WAIT
         assert fake_codex_children() == []
+    finally:
+        await gateway.shutdown()
+
+
+# -- 9. With the real codex: what a restore must keep ------------------------------------------
+
+
+async def _threads_with_messages(rpc: Any, texts: list[str]) -> list[dict[str, Any]]:
+    """One thread per text, each with that user message recorded in its rollout."""
+    threads = []
+    for text in texts:
+        thread = (await rpc.result("thread/start", {}))["thread"]
+        turn = (
+            await rpc.result(
+                "turn/start",
+                {"threadId": thread["id"], "input": [{"type": "text", "text": text}]},
+            )
+        )["turn"]
+        await rpc.wait_for("item/completed", is_user_message(text))
+        await rpc.result("turn/interrupt", {"threadId": thread["id"], "turnId": turn["id"]})
+        threads.append(thread)
+    return threads
+
+
+async def _listed_by_update(rpc: Any) -> list[tuple[str, int]]:
+    """``thread/list`` sorted by ``updated_at``: (id, updatedAt) in the order codex gives."""
+    listed = (await rpc.result("thread/list", {"sortKey": "updated_at"}))["data"]
+    return [(thread["id"], thread["updatedAt"]) for thread in listed]
+
+
+async def test_real_codex_thread_order_and_update_times_survive_save_and_restore(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    real_codex_bin: Path,
+    s3_settings: S3Settings,  # noqa: F811
+) -> None:
+    common = {
+        "CXG_MODEL_PROVIDER_BASE_URL": f"http://127.0.0.1:{await closed_port()}/v1",
+        "CXG_CHILD_READY_TIMEOUT": "60s",
+    }
+    gateway = await start_s3_gateway(
+        nursery, tmp_path / "node", real_codex_bin, s3_settings, **common
+    )
+    try:
+        with trio.fail_after(STEP_TIMEOUT * 3):
+            async with connect(gateway, "ws_times") as rpc:
+                threads = await _threads_with_messages(rpc, ["oldest", "middle", "newest"])
+                # codex 0.169.0 takes a thread's updatedAt from its rollout file's mtime. Threads
+                # last used days apart (not seconds apart, as a test makes them) show the order.
+                for age_days, thread in zip((30, 7, 1), threads, strict=True):
+                    when = 1_790_000_000 - age_days * 86400
+                    os.utime(thread["path"], (when, when))
+                before = await _listed_by_update(rpc)
+                assert [thread_id for thread_id, _ in before] == [t["id"] for t in threads[::-1]]
+                assert (await gateway.restart("ws_times")).status_code == 204
+
+            async with connect(gateway, "ws_times") as rpc:
+                assert await _listed_by_update(rpc) == before
+    finally:
+        await gateway.shutdown()
+
+
+def go_shaped(saved: bytes, extra: Callable[[tarfile.TarFile], None]) -> bytes:
+    """``saved`` re-encoded the way the Go service writes an archive, plus ``extra`` entries.
+
+    USTAR headers (Go's ``tar.FileInfoHeader``: the directory bit in directory modes, the
+    owner's uid), names relative to the home, two zero blocks and no record padding at the end
+    (Go's ``archive/tar``), gzip with ``compress/gzip`` defaults (no name, mtime 0).
+    """
+    raw = bytearray()
+    with tarfile.open(fileobj=io.BytesIO(saved), mode="r:gz") as source:
+        members = [(m, source.extractfile(m)) for m in source.getmembers()]
+        for member, body in members:
+            member.uid = member.gid = 1000
+            member.uname = member.gname = ""
+            if member.isdir():
+                member.mode |= 0o40000
+            raw += member.tobuf(tarfile.USTAR_FORMAT)
+            if body is not None:
+                data = body.read()
+                raw += data + bytes(-len(data) % tarfile.BLOCKSIZE)
+    scratch = io.BytesIO()
+    with tarfile.open(fileobj=scratch, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        extra(archive)
+    # The extra entries' blocks without Python's end marker and record padding.
+    tail = scratch.getvalue().rstrip(b"\0")
+    raw += tail + bytes(-len(tail) % tarfile.BLOCKSIZE)
+    raw += bytes(2 * tarfile.BLOCKSIZE)
+    return gzip.compress(bytes(raw), mtime=0)
+
+
+def _uncleanly_stopped_leftovers(archive: tarfile.TarFile) -> None:
+    # What codex leaves when its child died uncleanly: helper links under tmp/arg0-linux/.
+    for name in ("tmp", "tmp/arg0-linux", "tmp/arg0-linux/codex-arg0abc"):
+        info = tarfile.TarInfo(name)
+        info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o40755, 1767312000
+        archive.addfile(info)
+    link = tarfile.TarInfo("tmp/arg0-linux/codex-arg0abc/apply_patch")
+    link.type, link.linkname, link.mode = tarfile.SYMTYPE, "/usr/local/bin/codex", 0o777
+    archive.addfile(link)
+    fifo = tarfile.TarInfo("tmp/arg0-linux/codex-arg0abc/.lock-pipe")
+    fifo.type, fifo.mode = tarfile.FIFOTYPE, 0o600
+    archive.addfile(fifo)
+
+
+async def test_real_codex_resumes_a_go_shaped_archive_with_a_symlink_and_a_fifo(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    real_codex_bin: Path,
+    s3_settings: S3Settings,  # noqa: F811
+    bucket: BucketView,
+) -> None:
+    text = "written before the Go pod died"
+    common = {
+        "CXG_MODEL_PROVIDER_BASE_URL": f"http://127.0.0.1:{await closed_port()}/v1",
+        "CXG_CHILD_READY_TIMEOUT": "60s",
+    }
+    gateway = await start_s3_gateway(
+        nursery, tmp_path / "node", real_codex_bin, s3_settings, **common
+    )
+    try:
+        with trio.fail_after(STEP_TIMEOUT * 3):
+            async with connect(gateway, "ws_from_go") as rpc:
+                (thread,) = await _threads_with_messages(rpc, [text])
+                assert (await gateway.restart("ws_from_go")).status_code == 204
+            saved = bucket.state("ws_from_go")
+            assert saved is not None
+            # The Go service uploaded this home, leftovers and all.
+            bucket.put("ws_from_go", go_shaped(saved.body, _uncleanly_stopped_leftovers))
+            leftovers = tmp_path / "node/sessions/ws_from_go/codex-home/tmp/arg0-linux"
+
+            with structlog.testing.capture_logs() as logs:
+                async with connect(gateway, "ws_from_go") as rpc:
+                    # Never created: not the link, not the fifo (their directories are kept).
+                    assert (leftovers / "codex-arg0abc").is_dir()
+                    assert os.listdir(leftovers / "codex-arg0abc") == []
+                    assert thread["id"] in await listed_threads(rpc)
+                    resumed = await rpc.result("thread/resume", {"threadId": thread["id"]})
+                    assert text in Path(resumed["thread"]["path"]).read_text()
+            skipped = [entry for entry in logs if entry["event"] == "restore.entries_skipped"]
+            assert len(skipped) == 1
+            assert (skipped[0]["symlinks"], skipped[0]["fifos_and_devices"]) == (1, 1)
     finally:
         await gateway.shutdown()
