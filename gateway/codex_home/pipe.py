@@ -18,11 +18,18 @@ T = TypeVar("T")
 CHANNEL_CAPACITY = 4
 
 
-def _single_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+def _single_failure(
+    group: BaseExceptionGroup[BaseException], stream_error: BaseException | None = None
+) -> BaseException | None:
     """The one real error inside a nursery's group (ignoring the cancellations it caused).
 
     When one side fails, the other may trip over the channel the failing side closed before
     the cancellation reaches it; that broken channel is a consequence, not a second error.
+    The thread cannot be cancelled while it works, so it may also fail on its own just after
+    the async side did (a restore finds bad data while the download breaks): then the async
+    side's error (``stream_error``, the object store's) is the one reported, because the
+    thread's may be a consequence of incomplete input — a transfer failure must not be taken
+    for a bad archive, nor a stale write for a local problem.
     """
     leaves: list[BaseException] = []
 
@@ -39,6 +46,8 @@ def _single_failure(group: BaseExceptionGroup[BaseException]) -> BaseException |
     ]
     if len(causes) == 1:
         return causes[0]
+    if stream_error is not None and stream_error in causes:
+        return stream_error
     return leaves[0] if len(leaves) == 1 else None
 
 
@@ -49,14 +58,20 @@ async def consume_in_thread(
 
     ``pull()`` returns the next chunk, or ``b""`` once ``source`` is exhausted. If ``source``
     fails, its exception is raised here (the thread is cancelled, and never sees a clean end of
-    stream it could mistake for a complete archive). If ``consume`` returns before the end,
+    stream it could mistake for a complete archive), even when the thread failed as well. If
+    ``consume`` returns before the end,
     the rest of ``source`` is not read.
     """
     send, receive = trio.open_memory_channel[bytes](CHANNEL_CAPACITY)
+    source_failure: list[BaseException] = []
 
     async def produce() -> None:
-        async for chunk in source:
-            await send.send(chunk)
+        try:
+            async for chunk in source:
+                await send.send(chunk)
+        except Exception as exc:
+            source_failure.append(exc)
+            raise
         # Only a complete stream is closed; a failure propagates instead.
         await send.aclose()
 
@@ -76,7 +91,7 @@ async def consume_in_thread(
             nursery.cancel_scope.cancel()
         return result
     except BaseExceptionGroup as group:
-        single = _single_failure(group)
+        single = _single_failure(group, next(iter(source_failure), None))
         if single is None:
             raise
         raise single from None
@@ -91,10 +106,12 @@ async def produce_in_thread(
     The stream ``consume`` receives ends cleanly only when ``produce`` returned; if the
     producer fails, ``consume`` is cancelled instead, so a partial stream is never mistaken for
     a complete one (an upload is abandoned rather than committed). If ``consume`` fails, the
-    producer is cancelled at its next ``emit``. Returns both results.
+    producer is cancelled at its next ``emit``; if both fail, the consumer's error (the
+    store's) is raised. Returns both results.
     """
     send, receive = trio.open_memory_channel[bytes](CHANNEL_CAPACITY)
     produced: list[T] = []
+    consume_failure: list[BaseException] = []
 
     def emit(chunk: bytes) -> None:
         trio.from_thread.run(send.send, chunk)
@@ -107,9 +124,13 @@ async def produce_in_thread(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_producer)
             async with receive:
-                consumed = await consume(receive)
+                try:
+                    consumed = await consume(receive)
+                except Exception as exc:
+                    consume_failure.append(exc)
+                    raise
     except BaseExceptionGroup as group:
-        single = _single_failure(group)
+        single = _single_failure(group, next(iter(consume_failure), None))
         if single is None:
             raise
         raise single from None
