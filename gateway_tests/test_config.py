@@ -222,6 +222,9 @@ def test_split_listen_addr(value: str, split: tuple[str, int]) -> None:
         ("CXG_MAX_SESSIONS", "ten"),
         ("CXG_MAX_SESSIONS", "-1"),
         ("CXG_RESTORE_MAX_ENTRIES", "many"),
+        ("CXG_RESTORE_MAX_RATIO", "-1"),
+        ("CXG_RESTORE_MAX_RATIO", "lots"),
+        ("CXG_S3_TIMEOUT", "fast"),
         ("CXG_LISTEN_ADDR", "nowhere"),
         ("CXG_LISTEN_ADDR", "localhost:99999"),
         ("CXG_METRICS_LISTEN_ADDR", "http://0.0.0.0:9090"),
@@ -253,7 +256,7 @@ def test_an_s3_endpoint_without_a_bucket_asks_for_the_bucket() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["CXG_IDLE_SHUTDOWN", "CXG_CHILD_READY_TIMEOUT", "CXG_DRAIN_BUDGET"]
+    "name", ["CXG_IDLE_SHUTDOWN", "CXG_CHILD_READY_TIMEOUT", "CXG_DRAIN_BUDGET", "CXG_S3_TIMEOUT"]
 )
 def test_durations_that_must_be_positive_refuse_zero(name: str) -> None:
     assert name in config_error({name: "0s"})

@@ -223,16 +223,18 @@ class RequestGate:
     """A loopback proxy to moto that holds the ``n``-th request whose bytes contain ``marker``.
 
     The held request never reaches moto; ``held`` is set when it arrives, so a test can cancel
-    the writer exactly while that request is in flight. Every other request passes.
+    the writer exactly while that request is in flight. Every other request passes, unless
+    ``hold_all``: then every request from the ``n``-th on is held (a store that went silent).
     """
 
-    def __init__(self, target: str, marker: bytes, n: int = 1) -> None:
+    def __init__(self, target: str, marker: bytes, n: int = 1, *, hold_all: bool = False) -> None:
         host, port = target.removeprefix("http://").split(":")
         self._target = (host, int(port))
         self._marker = marker
         self._remaining = n
         self.held = trio.Event()
         self.endpoint = ""
+        self._hold_all = hold_all
 
     async def serve(self, *, task_status: trio.TaskStatus[RequestGate]) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -252,9 +254,9 @@ class RequestGate:
     ) -> None:
         try:
             while data := await source.receive_some(65536):
-                if self._marker in data and not self.held.is_set():
+                if self._marker in data and (self._hold_all or not self.held.is_set()):
                     self._remaining -= 1
-                    if self._remaining == 0:
+                    if self._remaining <= 0:
                         self.held.set()
                         await trio.sleep_forever()
                 await sink.send_all(data)
@@ -376,3 +378,66 @@ async def test_a_cancelled_local_write_leaves_only_the_objects(point: str, tmp_p
     )
     assert everything == ["codex-app-gateway", KEY]
     assert await read_all(store) == (first, b"first")
+
+
+class StallingResponses(RequestGate):
+    """A proxy to moto that passes requests but stops each response after ``limit`` bytes."""
+
+    def __init__(self, target: str, limit: int) -> None:
+        super().__init__(target, b"\x00never\x00")
+        self._limit = limit
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        upstream = await trio.open_tcp_stream(*self._target)
+        async with client, upstream, trio.open_nursery() as nursery:
+            nursery.start_soon(_pump, client, upstream, nursery.cancel_scope)
+            nursery.start_soon(self._stall_after_limit, upstream, client)
+
+    async def _stall_after_limit(self, source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        sent = 0
+        while sent < self._limit and (data := await source.receive_some(self._limit - sent)):
+            await sink.send_all(data)
+            sent += len(data)
+        self.held.set()
+        await trio.sleep_forever()
+
+
+async def test_every_s3_call_is_bounded_by_the_timeout(
+    nursery: trio.Nursery,
+    s3_settings: S3Settings,  # noqa: F811
+    moto_server: MotoServer,  # noqa: F811
+) -> None:
+    direct = S3ObjectStore(s3_settings, max_attempts=1)
+    await direct.write(KEY, chunks_of(os.urandom(1 << 20)), expected_generation=None)
+    await direct.aclose()
+
+    # A body that stops arriving: the read fails after one timeout without data.
+    stalling = StallingResponses(moto_server.endpoint, limit=64 * 1024)
+    await nursery.start(stalling.serve)
+    store = S3ObjectStore(
+        attrs.evolve(s3_settings, endpoint=stalling.endpoint, timeout=1.0), max_attempts=3
+    )
+    started = trio.current_time()
+    with trio.fail_after(5), pytest.raises(StoreUnavailable, match="stalled: no data for 1 s"):
+        await read_all(store)
+    assert 1.0 <= trio.current_time() - started < 3.0
+    await store.aclose()
+
+    # Requests whose answers never come: each fails after the timeout (plus its data's time),
+    # retries included.
+    silent = RequestGate(moto_server.endpoint, b" http", hold_all=True)
+    await nursery.start(silent.serve)
+    store = S3ObjectStore(
+        attrs.evolve(s3_settings, endpoint=silent.endpoint, timeout=1.0),
+        part_size=MIN_PART_SIZE,
+        max_attempts=3,
+    )
+    for attempt in (
+        read_all(store),
+        store.write(KEY, chunks_of(b"small"), expected_generation=None),
+    ):
+        started = trio.current_time()
+        with trio.fail_after(5), pytest.raises(StoreUnavailable, match="no answer within 1 s"):
+            await attempt
+        assert 1.0 <= trio.current_time() - started < 3.0
+    await store.aclose()
