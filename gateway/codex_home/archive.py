@@ -3,7 +3,14 @@
 Format (compatible with the Go service both ways): entry names are POSIX paths relative to the
 home, without a ``./`` prefix; the root itself is not an entry; directories are entries (before
 their contents); only regular files and directories are written. Restore accepts those plus
-``./``-prefixed names and a ``.`` root entry as other tar writers produce them.
+``./``-prefixed names and a ``.`` root entry as other tar writers produce them, hard links to
+files of the same archive, and skips (counts, never creates) the symlinks, fifos and devices
+the Go service archived as it found them.
+
+A restore is all or nothing: the stream is read to its very end — the tar end-of-archive
+marker, nothing but zero padding after it, every gzip trailer checked — so an archive that can
+only be read in part is refused rather than restored as a smaller home that the next save
+would write over the whole one.
 
 Everything here is synchronous and meant to run in a worker thread: packing pushes compressed
 chunks to an ``emit`` callback, unpacking pulls compressed chunks from a ``pull`` callback, so
@@ -11,7 +18,10 @@ the async side can stream to and from the object store through a small channel a
 stays bounded whatever the size of the home.
 
 The safety rules for restore are the pure function ``check_member`` and the ``ExtractBudget``
-accumulator; they do no I/O and are tested on arbitrary names.
+accumulator (entry count, bytes, and the compression-ratio bound on declared sizes); they do
+no I/O and are tested on arbitrary names. Memory stays bounded too: tarfile's list of members
+is cleared as the stream goes, and only directory times wait for the end (one per entry at
+most, and entries are bounded).
 """
 
 from __future__ import annotations
