@@ -584,3 +584,10 @@ def test_no_archive_expands_past_the_ratio_bound(sizes: list[int], tmp_path: Pat
         assert written <= bound
     else:
         assert sum(sizes) <= bound and stats.total_bytes == sum(sizes)
+
+
+def test_a_name_too_long_to_create_is_the_archives_fault(tmp_path: Path) -> None:
+    too_long = "x" * 300 + "/f"
+    data = tar_gz(lambda a: add_file(a, too_long))
+    with pytest.raises(UnsafeEntry, match="name too long"):
+        unpack_archive(pull_from(data), tmp_path, LIMITS)

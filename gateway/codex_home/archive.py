@@ -27,13 +27,14 @@ most, and entries are bounded).
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import stat
 import tarfile
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import attrs
 
@@ -532,7 +533,7 @@ def _valid_mtime(mtime: float) -> bool:
 def _write_file(
     root: Path,
     relative: PurePosixPath,
-    source: BinaryIO | None,
+    source: IO[bytes] | None,
     size: int,
     *,
     mode: int,
@@ -597,6 +598,41 @@ def _expect_end_padding(stream: BinaryIO) -> None:
         raise BadArchive("the tar end-of-archive marker is incomplete")
 
 
+def _restore_entry(
+    archive: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    destination: Path,
+    relative: PurePosixPath,
+    kind: EntryKind,
+    budget: ExtractBudget,
+    skipped: dict[EntryKind, int],
+) -> None:
+    """Create what one admitted entry becomes under ``destination`` (or count it skipped)."""
+    if kind is EntryKind.DIRECTORY:
+        _ensure_directory(destination, relative)
+    elif kind is EntryKind.FILE:
+        _write_file(
+            destination,
+            relative,
+            archive.extractfile(member),
+            member.size,
+            mode=member.mode,
+            mtime=member.mtime,
+        )
+    elif kind is EntryKind.HARDLINK:
+        target = _relative_path(member.linkname, "hard link target")
+        assert target is not None  # check_member refuses links to the root
+        size = _link_target_size(destination, target)
+        if size is None:
+            skipped[kind] += 1
+            return
+        # Charged at full size: the next save stores the link as a whole file.
+        budget.charge(member.name, size)
+        _hard_link(destination, relative, target)
+    else:
+        skipped[kind] += 1
+
+
 def unpack_archive(
     pull: Callable[[], bytes],
     destination: Path,
@@ -636,30 +672,17 @@ def unpack_archive(
                 if checked is None:
                     continue
                 relative, kind = checked
+                try:
+                    _restore_entry(archive, member, destination, relative, kind, budget, skipped)
+                except OSError as exc:
+                    if exc.errno != errno.ENAMETOOLONG:
+                        raise
+                    # The archive's fault, not the disk's: refused like any unrestorable entry.
+                    raise UnsafeEntry(
+                        f"entry {member.name[:200]!r} has a name too long to create"
+                    ) from None
                 if kind is EntryKind.DIRECTORY:
-                    _ensure_directory(destination, relative)
                     directory_times[relative] = member.mtime
-                elif kind is EntryKind.FILE:
-                    _write_file(
-                        destination,
-                        relative,
-                        archive.extractfile(member),
-                        member.size,
-                        mode=member.mode,
-                        mtime=member.mtime,
-                    )
-                elif kind is EntryKind.HARDLINK:
-                    target = _relative_path(member.linkname, "hard link target")
-                    assert target is not None  # check_member refuses links to the root
-                    size = _link_target_size(destination, target)
-                    if size is None:
-                        skipped[kind] += 1
-                        continue
-                    # Charged at full size: the next save stores the link as a whole file.
-                    budget.charge(member.name, size)
-                    _hard_link(destination, relative, target)
-                else:
-                    skipped[kind] += 1
             _expect_end_padding(archive.fileobj)
     except tarfile.TarError as exc:
         raise BadArchive(f"malformed tar data ({exc})") from None
