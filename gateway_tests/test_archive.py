@@ -591,3 +591,18 @@ def test_a_name_too_long_to_create_is_the_archives_fault(tmp_path: Path) -> None
     data = tar_gz(lambda a: add_file(a, too_long))
     with pytest.raises(UnsafeEntry, match="name too long"):
         unpack_archive(pull_from(data), tmp_path, LIMITS)
+
+
+def test_implied_parent_directories_count_as_entries(tmp_path: Path) -> None:
+    # Fifty entries of deep, distinct names would otherwise make hundreds of directories.
+    def build(archive: tarfile.TarFile) -> None:
+        for index in range(LIMITS.max_entries // 5):
+            add_file(archive, f"{index}/a/b/c/d/f")
+
+    with pytest.raises(UnsafeEntry, match="directories included"):
+        unpack_archive(pull_from(tar_gz(build)), tmp_path, LIMITS)
+    # Within the bound they restore: 5 entries' worth of paths for one file.
+    target = tmp_path / "ok"
+    target.mkdir()
+    stats = unpack_archive(pull_from(tar_gz(lambda a: add_file(a, "a/b/c/d/f"))), target, LIMITS)
+    assert stats.entries == 5 and (target / "a/b/c/d/f").is_file()

@@ -207,6 +207,12 @@ class ExtractBudget:
         self.charge(name, size)
         return checked
 
+    def count_directory(self) -> None:
+        """Count a directory made for entries below it (one the archive has no entry for)."""
+        self.entries += 1
+        if self.entries > self.limits.max_entries:
+            raise UnsafeEntry(f"more than {self.limits.max_entries} entries (directories included)")
+
     def charge(self, name: str, size: int) -> None:
         """Count ``size`` more bytes of the file ``name`` (a hard link costs its target's)."""
         shown = repr(name[:200])
@@ -496,15 +502,20 @@ _FILE_MODE_KEPT = 0o700
 _MAX_MTIME = 1 << 34
 
 
-def _ensure_directory(root: Path, relative: PurePosixPath) -> Path:
+def _ensure_directory(
+    root: Path, relative: PurePosixPath, on_create: Callable[[], None] | None = None
+) -> Path:
     """Create ``root/relative`` and missing parents as 0700 directories (never following links).
 
     Only this module writes under ``root`` (a fresh staging directory) and it never creates a
     symlink, so an existing component is either a directory we made or a file — a conflict.
+    ``on_create`` is called before each directory is made (to charge it to the budget).
     """
     current = root
     for part in relative.parts:
         current = current / part
+        if on_create is not None and not os.path.lexists(current):
+            on_create()
         try:
             os.mkdir(current, DIRECTORY_MODE)
         except FileExistsError:
@@ -608,6 +619,12 @@ def _restore_entry(
     skipped: dict[EntryKind, int],
 ) -> None:
     """Create what one admitted entry becomes under ``destination`` (or count it skipped)."""
+    if kind in (EntryKind.SYMLINK, EntryKind.SPECIAL):
+        skipped[kind] += 1
+        return
+    # Parents the archive has no entries for count as entries too: deep names must not turn
+    # the entry bound into many times as many directories.
+    _ensure_directory(destination, relative.parent, budget.count_directory)
     if kind is EntryKind.DIRECTORY:
         _ensure_directory(destination, relative)
     elif kind is EntryKind.FILE:
