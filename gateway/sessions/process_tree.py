@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -115,8 +116,8 @@ def _under(path: str, root: Path) -> bool:
     return path == str(root) or path.startswith(str(root) + os.sep)
 
 
-def belongs_to_root(pid: int, root: Path) -> str | None:
-    """Why process ``pid`` belongs to the directory ``root`` (``CODEX_HOME``, cwd, exe), or None.
+def belongs_to_root(pid: int, root: Path) -> tuple[str, str] | None:
+    """Why process ``pid`` belongs to the directory ``root``: (``CODEX_HOME``|cwd|exe, path).
 
     ``root`` must be resolved. Processes that cannot be read (another uid) do not match.
     """
@@ -125,17 +126,17 @@ def belongs_to_root(pid: int, root: Path) -> str | None:
     except OSError:
         environ = b""
     for entry in environ.split(b"\0"):
-        if entry.startswith(b"CODEX_HOME=") and _under(
-            entry[len(b"CODEX_HOME=") :].decode("utf-8", "replace"), root
-        ):
-            return "CODEX_HOME"
+        if entry.startswith(b"CODEX_HOME="):
+            home = entry[len(b"CODEX_HOME=") :].decode("utf-8", "replace")
+            if _under(home, root):
+                return "CODEX_HOME", home
     for link in ("cwd", "exe"):
         try:
-            target = os.readlink(f"/proc/{pid}/{link}")
+            target = os.readlink(f"/proc/{pid}/{link}").removesuffix(" (deleted)")
         except OSError:
             continue
-        if _under(target.removesuffix(" (deleted)"), root):
-            return link
+        if _under(target, root):
+            return link, target
     return None
 
 
@@ -279,3 +280,55 @@ async def _kill_tree(tree: SessionTree) -> None:
         # Children the leader had not yet been told about were reparented when it died.
         tree.signal_members(signal.SIGKILL, tree.refresh())
     tree.signal_group(signal.SIGKILL)
+
+
+@attrs.frozen
+class Leftover:
+    """A process of an earlier daemon's session, found under the session root at start."""
+
+    pid: int
+    start_time: int
+    name: str
+    reason: str
+    path: str
+
+
+def find_leftovers(tmp_root: Path) -> list[Leftover]:
+    """Processes whose ``CODEX_HOME``, working directory or executable is under ``tmp_root``."""
+    root = tmp_root.resolve()
+    me = {os.getpid(), os.getppid()}
+    found = []
+    for pid in all_pids():
+        if pid in me:
+            continue
+        stat = read_stat(pid)
+        if stat is None or not stat.alive:
+            continue
+        match = belongs_to_root(pid, root)
+        if match is None:
+            continue
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            name = "?"
+        found.append(Leftover(pid, stat.start_time, name, match[0], match[1]))
+    return found
+
+
+def end_leftover_processes(tmp_root: Path) -> list[Leftover]:
+    """SIGKILL every leftover process under ``tmp_root`` and wait (bounded) until they are gone.
+
+    Run at start, before any session directory is adopted or set aside: a child of a daemon
+    that was SIGKILLed (or a grandchild that outlived that child) must not keep writing into a
+    directory the new daemon is about to move or restore into. Blocking; call it in a thread.
+    """
+    leftovers = find_leftovers(tmp_root)
+    ended = [p for p in leftovers if signal_process(p.pid, p.start_time, signal.SIGKILL)]
+    deadline = time.monotonic() + EXIT_TIMEOUT_SECONDS
+    for leftover in ended:
+        while time.monotonic() < deadline:
+            stat = read_stat(leftover.pid)
+            if stat is None or not stat.alive or stat.start_time != leftover.start_time:
+                break
+            time.sleep(_EXIT_POLL_SECONDS)
+    return ended
