@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 import trio
 
+from gateway.sessions.turns import is_running
 from gateway_tests.fakes.fake_model_server import FakeModelServer, TextReply
 from gateway_tests.harness import connect, eventually, gateway_env, start_gateway
 
@@ -42,7 +43,8 @@ async def test_an_attached_silent_client_keeps_its_session_past_the_idle_time(
                 assert int((await rpc.result("fake/pid"))["pid"]) == pid
             # Once the client has left, the idle time runs from its leaving.
             await eventually(lambda: bool(_events(logs, "session.idle")), within=IDLE * 10)
-        await eventually(lambda: gateway.archive_path("ws_quiet").exists(), within=15)
+            await eventually(lambda: bool(_events(logs, "session.stopped")), within=15)
+        assert gateway.archive_path("ws_quiet").exists()
         assert await gateway.session("ws_quiet") is None
     finally:
         await gateway.shutdown()
@@ -89,7 +91,23 @@ async def test_a_turn_running_without_a_client_keeps_the_session_until_it_ends(
 
             hold.set()
             await eventually(lambda: bool(_events(logs, "session.idle")), within=30)
-            await eventually(lambda: gateway.archive_path("ws_long_turn").exists(), within=30)
+            await eventually(lambda: bool(_events(logs, "session.stopped")), within=30)
+        assert gateway.archive_path("ws_long_turn").exists()
         assert await gateway.session("ws_long_turn") is None
     finally:
         await gateway.shutdown()
+
+
+def test_only_a_turn_that_can_go_on_by_itself_counts_as_running() -> None:
+    assert is_running({"type": "active", "activeFlags": []})
+    # Nobody attached can answer an approval or a question: that turn does not hold the session.
+    assert not is_running({"type": "active", "activeFlags": ["waitingOnApproval"]})
+    assert not is_running({"type": "active", "activeFlags": ["waitingOnUserInput"]})
+    for status in (
+        {"type": "idle"},
+        {"type": "notLoaded"},
+        {"type": "systemError"},
+        None,
+        "active",
+    ):
+        assert not is_running(status)

@@ -100,7 +100,15 @@ async def child_is_busy(child: CodexChild, *, within: float) -> bool:
     with trio.move_on_after(within):
         try:
             return await child_has_running_turn(child, connect_timeout=within)
-        except (OSError, ChildClosed, TurnCheckError, ValueError, KeyError, TypeError) as exc:
+        except (
+            OSError,
+            ChildClosed,
+            TurnCheckError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as exc:
             log.warning("session.idle_check_failed", error=repr(exc)[:200])
             return False
     log.warning("session.idle_check_failed", error=f"no answer within {within:g}s")
