@@ -11,10 +11,11 @@ import signal
 import subprocess
 from pathlib import Path
 
+import httpx2
 import trio
 
-from gateway.sessions.process_tree import read_stat
-from gateway_tests.harness import eventually, token_for
+from gateway.sessions.process_tree import children_of, read_stat
+from gateway_tests.harness import ADMIN_SECRET, eventually, token_for
 from gateway_tests.process_trees import GRANDCHILDREN, is_running, make_tree_launcher, read_pids
 from gateway_tests.test_daemon_process import client, daemon_env, serve_process
 
@@ -87,3 +88,28 @@ async def test_the_next_start_ends_a_process_planted_under_the_session_root(
             if process.returncode is None:
                 os.kill(process.pid, signal.SIGKILL)
                 await process.wait()
+
+
+async def test_a_stopped_session_leaves_no_process_or_zombie_below_the_daemon(
+    tmp_path: Path,
+) -> None:
+    pid_file = tmp_path / "tree-pids"
+    launcher = make_tree_launcher(tmp_path / "bin", pid_file)
+    with trio.fail_after(STEP_TIMEOUT * 2):
+        async with serve_process(daemon_env(tmp_path, launcher)) as (daemon, url):
+            async with client(url, token_for("ws_reaped")) as rpc:
+                child = int((await rpc.result("fake/pid"))["pid"])
+                await eventually(lambda: len(read_pids(pid_file)) == len(GRANDCHILDREN))
+                grandchildren = read_pids(pid_file)
+                assert children_of(daemon.process.pid) == [child]
+                async with httpx2.AsyncClient(timeout=60) as http:
+                    response = await http.post(
+                        f"{url}/admin/sessions/restart",
+                        json={"workspaceId": "ws_reaped"},
+                        headers={"Authorization": f"Bearer {ADMIN_SECRET}"},
+                    )
+                assert response.status_code == 204
+            # The child was reaped by the daemon; nothing of the session is left below it,
+            # not even a zombie, and none of the grandchildren runs anywhere.
+            assert children_of(daemon.process.pid) == []
+            assert not any(is_running(pid, start) for pid, start in grandchildren.values())
