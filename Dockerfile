@@ -9,7 +9,7 @@
 #   codex   - installs the pinned @openai/codex from tools/codex (package-lock.json, npm ci) and
 #             lays out its native package for the target architecture in /opt/codex.
 #   build   - builds a virtualenv with the gateway, every dependency pinned by constraints.txt.
-#   runtime - python slim + bubblewrap + the two above, as a non-root user.
+#   runtime - python slim + bubblewrap + tini + the two above, as a non-root user.
 
 # Must equal the version pinned in tools/codex/package.json (a test checks it; the build
 # re-checks it against what npm actually installed).
@@ -65,9 +65,10 @@ LABEL org.opencontainers.image.title="codex-app-gateway" \
       codex-app-gateway.codex-version="${CODEX_VERSION}"
 
 # bubblewrap: codex looks for a system bwrap on PATH (it logs an error and falls back to its
-# bundled copy otherwise). ca-certificates: TLS to S3 and the model endpoint.
+# bundled copy otherwise). ca-certificates: TLS to S3 and the model endpoint. tini: the init
+# the daemon runs under (see ENTRYPOINT).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends bubblewrap ca-certificates \
+    && apt-get install -y --no-install-recommends bubblewrap ca-certificates tini \
     && rm -rf /var/lib/apt/lists/*
 
 # A fixed numeric user, so `runAsNonRoot` can verify it without a passwd lookup. Its home and
@@ -94,8 +95,13 @@ USER 10001:10001
 WORKDIR /var/lib/codex-app-gateway
 EXPOSE 8086
 
-# The daemon handles SIGTERM itself (drain, save, exit 0). Orphaned grandchildren of codex are
-# reaped by the pod's pause process (the chart sets shareProcessNamespace); with plain Docker,
-# run with --init for the same effect.
-ENTRYPOINT ["codex-app-gateway"]
+# tini runs the daemon and reaps whatever is orphaned to it; -s registers it as a child
+# subreaper when it is not PID 1 (the chart sets shareProcessNamespace, so the pod's pause
+# process is PID 1 there), so orphans of the daemon's tree reach tini, not pause. tini forwards
+# SIGTERM to the daemon, which drains and saves; when the daemon exits for any reason (a
+# SIGKILL too), tini exits with it and the runtime ends what is left of the container. The
+# daemon is not made PID 1 itself: PID 1 has no default signal actions and would have to reap
+# every orphan of the container, including those of `kubectl exec` sessions that are not ours.
+# Each codex child is a subreaper of its own tree (gateway/sessions/child_process.py).
+ENTRYPOINT ["/usr/bin/tini", "-s", "--", "codex-app-gateway"]
 CMD ["serve"]

@@ -58,6 +58,12 @@ async def watch_stop_signals(stop: trio.Event) -> None:
 
 
 def _warn_about_placement(config: Config) -> None:
+    if os.getpid() == 1:
+        # Orphans of ended sessions reparent to PID 1; the daemon does not reap them.
+        log.warning(
+            "daemon.running_as_pid_1",
+            hint="run under an init that reaps orphans (the image's tini, or docker run --init)",
+        )
     if Path(config.tmp_root).resolve().is_relative_to("/tmp"):
         log.warning(
             "config.tmp_root_under_tmp",

@@ -569,13 +569,14 @@ def test_dockerfile_runtime_is_non_root_and_runs_the_gateway() -> None:
     runtime = instructions[runtime_start:]
     users = [args for keyword, args in runtime if keyword == "USER"]
     assert len(users) == 1 and re.fullmatch(r"[1-9]\d*:[1-9]\d*", users[0]), users
-    assert ("ENTRYPOINT", '["codex-app-gateway"]') in runtime
+    # Under tini, which reaps orphans and ends with the daemon (docs/architecture.md).
+    assert ("ENTRYPOINT", '["/usr/bin/tini", "-s", "--", "codex-app-gateway"]') in runtime
     assert ("CMD", '["serve"]') in runtime
     assert ("EXPOSE", "8086") in runtime
     env = " ".join(args for keyword, args in runtime if keyword == "ENV")
     assert "CXG_TMP_ROOT=/var/lib/codex-app-gateway/sessions" in env
     runs = " ".join(args for keyword, args in runtime if keyword == "RUN")
-    assert "bubblewrap" in runs
+    assert "bubblewrap" in runs and " tini" in runs
     build = " ".join(args for keyword, args in instructions[:runtime_start] if keyword == "RUN")
     assert "pip install -c constraints.txt ." in build
     # The uid in the image is the one the chart runs as.

@@ -1,9 +1,16 @@
 """The ``codex app-server`` child of one session: spawn, readiness, log relay, stop.
 
 ``run_codex_child`` is one function you ``nursery.start()``: it reports the ready child with
-``task_status.started(child)``, relays the child's stdout/stderr lines into the structured log
-for as long as the child lives, returns the exit status when the child exits on its own, and
-stops it (SIGTERM, then SIGKILL after the grace) when cancelled.
+``task_status.started(child)``, relays the child's stdout/stderr lines into the structured log,
+returns the exit status when the child exits on its own, and stops it when cancelled. Stopping
+ends the child's whole process tree (``process_tree.stop_process_tree``: SIGTERM, the grace,
+SIGKILL, escaped processes included). The child is started by ``child_process`` so that it dies
+with the daemon.
+
+The output relays are not cut off when the child exits or the session stops: the last lines a
+dying child writes (a panic message) are the ones worth having. They run shielded until EOF,
+bounded after the child is gone by ``DRAIN_SECONDS`` and ``DRAIN_BYTES`` per stream (a
+grandchild that inherited the pipe may keep it open).
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +27,9 @@ import httpx2
 import structlog
 import trio
 
+from gateway.sessions.child_process import ChildProcess, start_child_process
+from gateway.sessions.process_tree import stop_process_tree
+
 log = structlog.get_logger(__name__)
 
 _LISTENING = re.compile(r"listening on:\s*(ws://\S+)")
@@ -28,6 +37,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # The banner comes within a few lines; a child that prints a flood first is not a codex.
 _MAX_LINE = 64 * 1024
 _READYZ_POLL_SECONDS = 0.02
+# How much of the child's output is still relayed once it is gone (see the module docstring).
+DRAIN_SECONDS = 2.0
+DRAIN_BYTES = 1 << 20
 
 
 class ChildStartError(Exception):
@@ -38,7 +50,7 @@ class ChildStartError(Exception):
 class CodexChild:
     """A running, ready ``codex app-server`` child."""
 
-    process: trio.Process
+    process: ChildProcess
     ws_url: str
     capability_token: str = attrs.field(repr=False)
 
@@ -115,19 +127,50 @@ class _LineReader:
             self._buffer += chunk
 
 
-async def _relay_lines(reader: _LineReader, stream_name: str, pid: int) -> None:
-    while (line := await reader.next_line()) is not None:
-        text = _clean(line)
-        if text:
-            log.info("child.output", stream=stream_name, pid=pid, line=text)
+class _Drain:
+    """Keeps the output relays running past the child's end, within bounds."""
+
+    def __init__(self) -> None:
+        self.child_gone = False
+        self._scopes: list[trio.CancelScope] = []
+
+    def scope(self) -> trio.CancelScope:
+        """A shielded scope for one relay: the session's cancellation does not cut it off."""
+        scope = trio.CancelScope(shield=True)
+        if self.child_gone:
+            scope.deadline = trio.current_time() + DRAIN_SECONDS
+        self._scopes.append(scope)
+        return scope
+
+    def finish(self) -> None:
+        """The child's tree is gone: what is left in the pipes is read for a bounded time."""
+        self.child_gone = True
+        for scope in self._scopes:
+            scope.deadline = min(scope.deadline, trio.current_time() + DRAIN_SECONDS)
 
 
-async def _wait_ready(http_url: str, deadline: float, process: trio.Process) -> None:
+async def _relay_lines(reader: _LineReader, stream_name: str, pid: int, drain: _Drain) -> None:
+    after_exit = 0
+    with drain.scope() as scope:
+        while (line := await reader.next_line()) is not None:
+            if drain.child_gone:
+                after_exit += len(line) + 1
+                if after_exit > DRAIN_BYTES:
+                    log.warning("child.output_truncated", stream=stream_name, pid=pid)
+                    return
+            text = _clean(line)
+            if text:
+                log.info("child.output", stream=stream_name, pid=pid, line=text)
+    if scope.cancelled_caught:
+        log.warning("child.output_not_closed", stream=stream_name, pid=pid)
+
+
+async def _wait_ready(http_url: str, deadline: float, process: ChildProcess) -> None:
     async with httpx2.AsyncClient(timeout=2.0) as http:
         last_error = "no answer"
         while trio.current_time() < deadline:
-            if process.returncode is not None:
-                raise ChildStartError(f"codex app-server exited with status {process.returncode}")
+            if process.exited:
+                raise ChildStartError("codex app-server exited before it became ready")
             try:
                 response = await http.get(f"{http_url}/readyz")
                 if response.status_code == 200:
@@ -139,23 +182,6 @@ async def _wait_ready(http_url: str, deadline: float, process: trio.Process) -> 
         raise ChildStartError(f"codex app-server never became ready (/readyz: {last_error})")
 
 
-async def stop_child(process: trio.Process, grace: float) -> None:
-    """SIGTERM (the app-server finishes running turns), then SIGKILL after ``grace`` seconds."""
-    if process.returncode is not None:
-        return
-    with trio.CancelScope(shield=True):
-        try:
-            process.send_signal(signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        with trio.move_on_after(grace):
-            await process.wait()
-            return
-        log.warning("child.kill_after_grace", pid=process.pid, grace_seconds=grace)
-        process.kill()
-        await process.wait()
-
-
 async def run_codex_child(
     spec: ChildSpec, *, task_status: trio.TaskStatus[CodexChild] = trio.TASK_STATUS_IGNORED
 ) -> int:
@@ -163,7 +189,7 @@ async def run_codex_child(
     token = secrets.token_urlsafe(32)
     argv = app_server_argv(spec.codex_bin, hashlib.sha256(token.encode()).hexdigest())
     try:
-        process = await trio.lowlevel.open_process(
+        process = start_child_process(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -172,32 +198,36 @@ async def run_codex_child(
             cwd=str(spec.cwd),
             start_new_session=True,
         )
-    except OSError as exc:
-        raise ChildStartError(f"cannot run {spec.codex_bin!r}: {exc.strerror or exc}") from None
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ChildStartError(f"cannot run {spec.codex_bin!r}: {detail}") from None
     assert process.stdout is not None and process.stderr is not None
     stderr = _LineReader(process.stderr)
     stdout = _LineReader(process.stdout)
-    try:
-        with trio.move_on_after(spec.ready_timeout) as banner_scope:
-            ws_url = await _read_banner(stderr, process.pid)
-        if banner_scope.cancelled_caught:
-            raise ChildStartError(
-                f"codex app-server printed no 'listening on' banner within {spec.ready_timeout:g}s"
-            )
-        http_url = "http://" + ws_url.removeprefix("ws://").split("/", 1)[0]
-        deadline = trio.current_time() + spec.ready_timeout
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_relay_lines, stdout, "stdout", process.pid)
-            nursery.start_soon(_relay_lines, stderr, "stderr", process.pid)
+    drain = _Drain()
+    async with trio.open_nursery() as relays:
+        try:
+            with trio.move_on_after(spec.ready_timeout) as banner_scope:
+                ws_url = await _read_banner(stderr, process.pid)
+            if banner_scope.cancelled_caught:
+                raise ChildStartError(
+                    "codex app-server printed no 'listening on' banner within "
+                    f"{spec.ready_timeout:g}s"
+                )
+            http_url = "http://" + ws_url.removeprefix("ws://").split("/", 1)[0]
+            deadline = trio.current_time() + spec.ready_timeout
+            relays.start_soon(_relay_lines, stdout, "stdout", process.pid, drain)
+            relays.start_soon(_relay_lines, stderr, "stderr", process.pid, drain)
             await _wait_ready(http_url, deadline, process)
             child = CodexChild(process=process, ws_url=ws_url, capability_token=token)
             log.info("child.ready", pid=process.pid, url=ws_url)
             task_status.started(child)
-            status = await process.wait()
-            nursery.cancel_scope.cancel()
-        return status
-    finally:
-        await stop_child(process, spec.stop_grace)
+            await process.wait_exited()
+        finally:
+            # The session's directory holds CODEX_HOME and the child's HOME (SessionDirectories).
+            status = await stop_process_tree(process, spec.stop_grace, spec.codex_home.parent)
+            drain.finish()
+    return status
 
 
 async def _read_banner(reader: _LineReader, pid: int) -> str:

@@ -17,6 +17,7 @@ import attrs
 import structlog
 import trio
 
+from gateway.sessions.process_tree import end_leftover_processes
 from gateway.sessions.session import (
     Session,
     SessionDirectories,
@@ -69,6 +70,15 @@ class SessionManager:
     async def run(self, *, task_status: trio.TaskStatus[SessionManager]) -> None:
         """Own the sessions' nursery until cancelled (after ``drain``)."""
         self._tmp_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Before any leftover directory is adopted or set aside, nothing may still run in it.
+        for leftover in await trio.to_thread.run_sync(end_leftover_processes, self._tmp_root):
+            log.warning(
+                "session.leftover_process_ended",
+                pid=leftover.pid,
+                name=leftover.name,
+                matched=leftover.reason,
+                path=leftover.path,
+            )
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started(self)

@@ -6,7 +6,7 @@
     ├── prepare: private 0700 directories, restore CODEX_HOME, model credentials, config.toml
     └── nursery (cancelling it stops the session)
         ├── run_codex_child        the child process and its stdout/stderr relay
-        ├── _watch_idle            stops the session after CXG_IDLE_SHUTDOWN without frames
+        ├── _watch_idle            stops it after CXG_IDLE_SHUTDOWN without clients or turns
         ├── _checkpoints           periodic consistent snapshots to the store
         ├── credentials.keep_fresh the model token, refreshed in place
         └── ClientRelay.run (N)    one per attached client (started by attach_client)
@@ -39,8 +39,12 @@ from gateway.codex_home.relocate import relocate_codex_home
 from gateway.config import Config
 from gateway.sessions.child import ChildSpec, CodexChild, build_child_env, run_codex_child
 from gateway.sessions.relay import AsgiReceive, AsgiSend, ClientRelay
+from gateway.sessions.turns import child_is_busy
 
 log = structlog.get_logger(__name__)
+
+# How long the idle watch waits for the child to say whether a turn is running.
+IDLE_CHECK_SECONDS = 10.0
 
 
 class StopReason(enum.Enum):
@@ -244,6 +248,8 @@ class Session:
             if relay in self._clients:
                 self._clients.discard(relay)
                 metrics.CLIENTS_ATTACHED.dec()
+            # The idle time of a session counts from its last client's leaving.
+            self.touch()
 
     def describe(self) -> dict[str, Any]:
         """The admin listing's view of this session."""
@@ -381,14 +387,32 @@ class Session:
         self.stop(StopReason.CHILD_EXITED)
 
     async def _watch_idle(self) -> None:
+        """Stop the session once it has been idle for ``CXG_IDLE_SHUTDOWN``.
+
+        Idle means no client attached and no turn running. An attached client keeps the
+        session however quiet it is; the time counts from the last activity (a frame, an
+        attach, the last detach). When it is up with no client attached, the child is asked
+        whether a turn runs (``turns.child_is_busy``: no frame parsing in the relay); a
+        running turn counts as activity and the wait starts again.
+        """
         idle = self._config.idle_shutdown
         while True:
             deadline = self.last_activity + idle
-            if trio.current_time() >= deadline:
-                log.info("session.idle", idle_seconds=idle)
-                self.stop(StopReason.IDLE)
-                return
-            await trio.sleep_until(max(deadline, trio.current_time() + 0.05))
+            if trio.current_time() < deadline:
+                await trio.sleep_until(deadline)
+                continue
+            if self.client_count:
+                # Its frames and its leaving move last_activity on; look again after that.
+                await trio.sleep(idle)
+                continue
+            assert self.child is not None
+            if await child_is_busy(self.child, within=IDLE_CHECK_SECONDS):
+                log.info("session.idle_but_turn_running", idle_seconds=idle)
+                self.touch()
+                continue
+            log.info("session.idle", idle_seconds=idle)
+            self.stop(StopReason.IDLE)
+            return
 
     async def _checkpoints(self) -> None:
         while True:

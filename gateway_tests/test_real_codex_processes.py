@@ -1,0 +1,77 @@
+"""With the REAL codex 0.169.0: what a client starts in the background ends with the session.
+
+``thread/shellCommand`` runs ``bash -lc`` under ``setsid`` (outside the child's process group)
+and a backgrounded ``sleep`` outlives that shell: it is exactly the process a stop that only
+signals the child, or its group, leaves running.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from gateway.sessions.process_tree import read_stat
+from gateway_tests.harness import (
+    RunningGateway,
+    closed_port,
+    connect,
+    eventually,
+    gateway_env,
+    start_gateway,
+)
+from gateway_tests.process_trees import is_running
+
+STEP_TIMEOUT = 30.0
+
+
+@pytest.fixture
+async def gateway(
+    nursery: trio.Nursery, tmp_path: Path, real_codex_bin: Path
+) -> AsyncIterator[RunningGateway]:
+    env = gateway_env(
+        tmp_path,
+        real_codex_bin,
+        CXG_MODEL_PROVIDER_BASE_URL=f"http://127.0.0.1:{await closed_port()}/v1",
+        CXG_CHILD_READY_TIMEOUT="60s",
+    )
+    running = await start_gateway(nursery, env)
+    yield running
+    await running.shutdown()
+
+
+async def test_a_background_process_of_a_shell_command_ends_with_the_session(
+    gateway: RunningGateway,
+) -> None:
+    with trio.fail_after(STEP_TIMEOUT * 2):
+        async with connect(gateway, "ws_real_bg") as rpc:
+            entry = await gateway.session("ws_real_bg")
+            assert entry is not None
+            child = entry["pid"]
+            thread_id = (await rpc.result("thread/start", {}))["thread"]["id"]
+            await rpc.result(
+                "thread/shellCommand",
+                {"threadId": thread_id, "command": "sleep 1000 >/dev/null 2>&1 & echo bg=$!"},
+            )
+            done = await rpc.wait_for(
+                "item/completed",
+                lambda m: "bg=" in str(m["params"]["item"].get("aggregatedOutput") or ""),
+            )
+            output = str(done["params"]["item"]["aggregatedOutput"])
+            match = re.search(r"bg=(\d+)", output)
+            assert match is not None, output
+            pid = int(match.group(1))
+            stat = read_stat(pid)
+            assert stat is not None and stat.alive
+            # The shell exited: the sleep was adopted by the child (a subreaper), and it is in
+            # a session of its own, not the child's.
+            await eventually(lambda: getattr(read_stat(pid), "ppid", None) == child)
+            assert stat.sid != child
+            start_time = stat.start_time
+
+            response = await gateway.restart("ws_real_bg")
+            assert response.status_code == 204
+        assert not is_running(pid, start_time)
