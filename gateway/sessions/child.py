@@ -21,6 +21,8 @@ import httpx2
 import structlog
 import trio
 
+from gateway.sessions.isolation import ChildIdentity
+
 log = structlog.get_logger(__name__)
 
 _LISTENING = re.compile(r"listening on:\s*(ws://\S+)")
@@ -62,6 +64,8 @@ class ChildSpec:
     cwd: Path
     ready_timeout: float
     stop_grace: float
+    #: The uid/gid to run under (gateway/sessions/isolation.py); None: the gateway's own.
+    identity: ChildIdentity | None = None
 
 
 def app_server_argv(codex_bin: str, token_sha256: str) -> list[str]:
@@ -171,6 +175,7 @@ async def run_codex_child(
             env=dict(spec.env),
             cwd=str(spec.cwd),
             start_new_session=True,
+            **(spec.identity.spawn_options() if spec.identity is not None else {}),
         )
     except OSError as exc:
         raise ChildStartError(f"cannot run {spec.codex_bin!r}: {exc.strerror or exc}") from None

@@ -38,6 +38,7 @@ from gateway.codex_home.persistence import (
 from gateway.codex_home.relocate import relocate_codex_home
 from gateway.config import Config
 from gateway.sessions.child import ChildSpec, CodexChild, build_child_env, run_codex_child
+from gateway.sessions.isolation import ChildIdentity, ChildIsolation, IsolationError, UidRange
 from gateway.sessions.relay import AsgiReceive, AsgiSend, ClientRelay
 
 log = structlog.get_logger(__name__)
@@ -113,6 +114,7 @@ class SessionServices:
     credentials: CredentialsFactory
     executors: ExecutorsFactory
     inherited_env: dict[str, str] = attrs.field(repr=False)
+    isolation: ChildIsolation = attrs.field(factory=lambda: ChildIsolation(False, UidRange(1, 1)))
 
 
 @attrs.define
@@ -185,6 +187,8 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self._save_lock = trio.Lock()
         self._final_save_scope = trio.CancelScope(shield=True)
+        #: The uid/gid this session's child runs under (None: the gateway's own).
+        self.identity: ChildIdentity | None = None
 
     # -- what the manager and the web layer call ------------------------------------------
 
@@ -265,12 +269,19 @@ class Session:
         structlog.contextvars.bind_contextvars(workspace_id=self.workspace_id)
         started = trio.current_time()
         try:
+            self.identity = self._services.isolation.allocate()
             credentials = await self._prepare()
         except SessionStartError as exc:
+            await self._release_identity()
             self._fail_start(exc)
+            return
+        except IsolationError as exc:
+            await self._release_identity()
+            self._fail_start(SessionStartError(str(exc)))
             return
         except Exception as exc:
             log.exception("session.prepare_failed")
+            await self._release_identity()
             self._fail_start(SessionStartError(f"session preparation failed: {exc}"))
             return
         try:
@@ -318,6 +329,13 @@ class Session:
         )
         config_path.write_text(rendered)
         config_path.chmod(0o600)
+        directories = self.directories
+        await trio.to_thread.run_sync(
+            services.isolation.hand_over,
+            self.identity,
+            directories.root,
+            [directories.codex_home, directories.home, directories.runtime],
+        )
         return credentials
 
     async def _run_nursery(self, credentials: ModelCredentials, started: float) -> None:
@@ -335,6 +353,7 @@ class Session:
             cwd=self.directories.home,
             ready_timeout=config.child_ready_timeout,
             stop_grace=config.child_stop_grace,
+            identity=self.identity,
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -471,9 +490,23 @@ class Session:
                 kept_at=str(self.directories.codex_home),
                 error=self.last_save_error,
             )
+        await self._release_identity()
         self.state = SessionState.STOPPED
         self.ready.set()
         self.finished.set()
+
+    async def _release_identity(self) -> None:
+        """Hand a kept directory back to the gateway, reap the uid's processes, free the uid.
+
+        Runs before ``finished`` is set, so a session adopting the kept home never races it.
+        """
+        identity, self.identity = self.identity, None
+        if identity is None:
+            return
+        isolation = self._services.isolation
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(isolation.take_back, self.directories.root)
+            await isolation.release(identity)
 
     @property
     def unsaved(self) -> bool:
