@@ -235,15 +235,17 @@ class ChildIsolation:
             for path in _walk(directory):
                 os.chown(path, identity.uid, identity.gid, follow_symlinks=False)
 
-    def take_back(self, root: Path) -> None:
-        """Give a kept session directory back to the gateway (``0700``), whole.
+    def take_back(self, root: Path, *, whole: bool = True) -> None:
+        """Give a session directory back to the gateway (root ``0700``).
 
         Called before the uid is released, so a later holder of the same uid or gid can
-        neither pass through the session root nor open what is under it.
+        neither pass through the session root nor open what is under it. ``whole`` also
+        re-owns everything under it (a home kept on disk, which a later session may adopt);
+        without it only the root is closed (enough for a home about to be deleted).
         """
         if not self.enabled or not root.exists():
             return
-        for path in _walk(root):
+        for path in _walk(root) if whole else iter((root,)):
             os.chown(path, self._gateway_uid, self._gateway_gid, follow_symlinks=False)
         os.chmod(root, 0o700)
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -475,6 +476,8 @@ class Session:
                     delay = min(delay * 2, 60.0)
                 self.saved = not self.superseded
         metrics.SESSION_STOP_SECONDS.observe(trio.current_time() - stop_started)
+        # A saved home is deleted next: closing its root is enough. A kept one is taken back whole.
+        await self._release_identity(whole=not self.saved)
         if self.saved:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.directories.remove)
@@ -490,22 +493,24 @@ class Session:
                 kept_at=str(self.directories.codex_home),
                 error=self.last_save_error,
             )
-        await self._release_identity()
         self.state = SessionState.STOPPED
         self.ready.set()
         self.finished.set()
 
-    async def _release_identity(self) -> None:
-        """Hand a kept directory back to the gateway, reap the uid's processes, free the uid.
+    async def _release_identity(self, *, whole: bool = True) -> None:
+        """Hand the directory back to the gateway, reap the uid's processes, free the uid.
 
         Runs before ``finished`` is set, so a session adopting the kept home never races it.
+        ``whole`` False closes only the session root (a home about to be deleted).
         """
         identity, self.identity = self.identity, None
         if identity is None:
             return
         isolation = self._services.isolation
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(isolation.take_back, self.directories.root)
+            await trio.to_thread.run_sync(
+                functools.partial(isolation.take_back, self.directories.root, whole=whole)
+            )
             await isolation.release(identity)
 
     @property
