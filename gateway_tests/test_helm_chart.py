@@ -462,6 +462,15 @@ def test_pod_runs_hardened(objects: list[dict[str, Any]]) -> None:
     assert container(objects)["resources"]["limits"]["memory"]
 
 
+def test_network_policy_closes_the_instance_metadata_port(objects: list[dict[str, Any]]) -> None:
+    # Children share the pod's network identity (docs/security.md): the metadata endpoint
+    # (169.254.169.254, port 80) stays closed because no rule allows port 80 or everything.
+    policy = by_kind(objects, "NetworkPolicy")["spec"]
+    assert all(rule.get("ports") for rule in policy["egress"]), "an egress rule allows every port"
+    egress_ports = {port["port"] for rule in policy["egress"] for port in rule["ports"]}
+    assert 80 not in egress_ports and "http" not in egress_ports
+
+
 def test_disruption_budget_and_network_policy(objects: list[dict[str, Any]]) -> None:
     pdb = by_kind(objects, "PodDisruptionBudget")
     assert pdb["spec"] == {
