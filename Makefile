@@ -41,12 +41,12 @@ $(RUN_DIR)/dev-hmac-secret: | $(PY_STAMP)
 
 # The daemon on the embedded defaults (HMAC development auth, local directory store)
 # with the fake codex as the child.
-run: $(PY_STAMP) $(RUN_DIR)/dev-hmac-secret
+run: $(PY_STAMP) $(CHILD_STAMP) $(RUN_DIR)/dev-hmac-secret
 	@CXG_INBOUND_HMAC_SECRET="$$(cat $(RUN_DIR)/dev-hmac-secret)" $(BIN)/python -m gateway_tests.devrun \
 		--listen-addr $(LISTEN) --workspace $(WORKSPACE) --run-dir $(RUN_DIR) --codex fake
 
 # The same with the real codex and the fake model server: a conversation in the real TUI.
-run-real: $(PY_STAMP) $(CODEX_STAMP) $(RUN_DIR)/dev-hmac-secret
+run-real: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP) $(RUN_DIR)/dev-hmac-secret
 	@CXG_INBOUND_HMAC_SECRET="$$(cat $(RUN_DIR)/dev-hmac-secret)" $(BIN)/python -m gateway_tests.devrun \
 		--listen-addr $(LISTEN) --workspace $(WORKSPACE) --run-dir $(RUN_DIR) --codex real
 
