@@ -6,6 +6,7 @@ The hostile end-to-end checks are in ``gateway_tests/security/test_os_isolation.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from gateway.sessions.isolation import (
     IsolationMode,
     UidRange,
     effective_capabilities,
+    filesystem_identity,
     missing_capabilities,
     untraversable_ancestor,
 )
@@ -115,7 +117,7 @@ async def test_reaping_refuses_anything_but_a_child_uid() -> None:
     pool = ChildIsolation(True, UidRange(500000, 500002))
     for uid in (0, os.geteuid(), 499999):
         with pytest.raises(IsolationError, match="refusing to reap"):
-            await pool.release(ChildIdentity(uid, uid))
+            await pool.release(ChildIdentity(uid, uid), Path("/nonexistent"))
 
 
 def test_an_unpassable_directory_above_the_root_is_named(tmp_path: Path) -> None:
@@ -177,3 +179,35 @@ async def test_mint_token_reads_the_hmac_secret_from_a_file(tmp_path: Path) -> N
     result = await run_cli(["mint-token", "--workspace", "ws1"], env)
     assert result.returncode == 2
     assert "CXG_INBOUND_HMAC_SECRET_FILE" in one_line(result.stderr)
+
+
+def test_reading_as_a_child_gets_only_what_the_child_could_read(tmp_path: Path) -> None:
+    """The snapshot's reading scope: the child's file ids in this thread, root elsewhere."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to take a child's file ids")
+    uid = 4_100_000 + os.getpid() % 1000
+    secret = tmp_path / "secret"
+    secret.write_text("root only")
+    secret.chmod(0o400)
+    own = tmp_path / "own"
+    own.write_text("the child's")
+    own.chmod(0o600)
+    os.chown(own, uid, uid)
+    seen_elsewhere: list[str] = []
+    go = threading.Event()
+
+    def read_when_told() -> None:
+        go.wait(30)
+        seen_elsewhere.append(secret.read_text())
+
+    # A thread that exists already (the event loop, trio's other workers) keeps its ids.
+    other = threading.Thread(target=read_when_told)
+    other.start()
+    with filesystem_identity(uid, uid):
+        with pytest.raises(PermissionError):
+            secret.read_text()
+        assert own.read_text() == "the child's"
+        go.set()
+        other.join(30)
+    assert seen_elsewhere == ["root only"]  # other threads kept the gateway's ids
+    assert secret.read_text() == "root only"  # and this one got them back

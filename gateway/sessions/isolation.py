@@ -13,8 +13,9 @@ of the same number and no supplementary groups. Its directories are laid out so 
 * ``codex-home``, ``home`` and ``run`` — and every file in them, config.toml and the
   model-token file included — are owned by the session's uid and gid, ``0700``/``0600``.
 
-The gateway keeps reading (snapshots) and writing (restores, config.toml, the model-token
-file) those files as root. Archives never carry a uid (``archive.py`` writes 0/0); restored
+The gateway keeps writing (restores, config.toml, the model-token file) those files as root;
+it reads a live home for snapshots with the child's own file ids (``reading_as``), so a link the
+child swaps in mid-walk gets it nothing the child could not read itself. Archives never carry a uid (``archive.py`` writes 0/0); restored
 files are handed to the new session's uid before its child starts.
 
 A uid goes back to the pool only after every process of it has been killed: a helper started
@@ -30,6 +31,7 @@ at start and children run as the gateway's own uid, as before; ``required`` refu
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import enum
@@ -47,7 +49,7 @@ log = structlog.get_logger(__name__)
 
 # Linux capability numbers (linux/capability.h) the isolated mode needs, and why:
 #   CHOWN         hand restored files, config.toml and the model-token file to the child's uid
-#   DAC_OVERRIDE  read a live child's files for snapshots, write its token file, delete its home
+#   DAC_OVERRIDE  write its token file, delete its home, take a kept home back
 #   KILL          SIGTERM/SIGKILL the child, which runs under another uid
 #   SETGID        start the child with its own gid and no supplementary groups
 #   SETUID        start the child (and the reaping helper) under the session's uid
@@ -182,6 +184,9 @@ class ChildIsolation:
                 f"CXG_CHILD_UID_RANGE {uid_range.first}-{uid_range.last} contains the gateway's "
                 "own uid or gid; choose a range of unused ids"
             )
+        # The gateway needs no supplementary group, and a reader running with a child's
+        # filesystem ids (reading_as) must not keep root's groups either.
+        os.setgroups([])
         log.info("isolation.on", uid_range=f"{uid_range.first}-{uid_range.last}")
         return cls(True, uid_range)
 
@@ -249,11 +254,27 @@ class ChildIsolation:
             os.chown(path, self._gateway_uid, self._gateway_gid, follow_symlinks=False)
         os.chmod(root, 0o700)
 
-    async def release(self, identity: ChildIdentity | None) -> None:
-        """Kill every process of ``identity``'s uid, then return the uid to the pool.
+    def reading_as(self, identity: ChildIdentity | None, scratch: Path) -> Any:
+        """A context manager for reading a live child's files (checkpoints) as the child would.
 
-        If the reap cannot be confirmed, the uid stays out of the pool for the daemon's life
-        (logged): handing it out again could give a new session a live process of an old one.
+        See :func:`filesystem_identity`; ``scratch`` (the snapshot's own directory, created by
+        the gateway) is handed to the child's uid first so that database copies can be made in
+        it. Without isolation, a no-op.
+        """
+        if identity is None:
+            return contextlib.nullcontext()
+        os.chown(scratch, identity.uid, identity.gid)
+        return filesystem_identity(identity.uid, identity.gid)
+
+    async def release(
+        self, identity: ChildIdentity | None, root: Path, *, whole: bool = True
+    ) -> None:
+        """Kill every process of ``identity``'s uid, take ``root`` back, free the uid.
+
+        The reap comes first, so nothing of the uid can rearrange the tree while it is taken
+        back (see :meth:`take_back` for ``whole``). If the reap cannot be confirmed, the uid
+        stays out of the pool for the daemon's life (logged): handing it out again could give
+        a new session a live process of an old one.
         """
         if identity is None:
             return
@@ -288,12 +309,47 @@ class ChildIsolation:
                 stderr=result.stderr.decode("utf-8", "replace")[-500:],
             )
             return
+        await trio.to_thread.run_sync(lambda: self.take_back(root, whole=whole))
         self._live.discard(identity.uid)
 
     @property
     def live_uids(self) -> frozenset[int]:
         """Uids currently held by sessions (for tests and the admin view)."""
         return frozenset(self._live)
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return _LIBC
+
+
+@contextlib.contextmanager
+def filesystem_identity(uid: int, gid: int) -> Iterator[None]:
+    """Run the block's file access, in this thread only, with ``uid``/``gid`` as fs ids.
+
+    The gateway reads a running child's home for checkpoints while the child may rearrange it
+    (swap a file or a directory for a link to another workspace's home or a secret file between
+    the walk and the read). Reading with the child's filesystem ids makes every such access get
+    exactly what the child itself could read. ``setfsuid`` is per thread, and moving the fs uid
+    away from 0 drops this thread's DAC capabilities until it is moved back (capabilities(7)).
+    """
+    libc = _libc()
+    old_uid = libc.setfsuid(-1)
+    old_gid = libc.setfsgid(-1)
+    try:
+        libc.setfsgid(gid)
+        libc.setfsuid(uid)
+        if libc.setfsuid(-1) != uid or libc.setfsgid(-1) != gid:
+            raise IsolationError(f"could not read as uid {uid}: setfsuid/setfsgid refused")
+        yield
+    finally:
+        libc.setfsuid(old_uid)
+        libc.setfsgid(old_gid)
 
 
 def _walk(directory: Path) -> Iterator[Path]:

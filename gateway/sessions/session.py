@@ -34,6 +34,7 @@ from gateway.codex_home.persistence import (
     Generation,
     HostileArchive,
     Persistence,
+    ReadAs,
     StaleSnapshot,
 )
 from gateway.codex_home.relocate import relocate_codex_home
@@ -425,7 +426,10 @@ class Session:
             previous = self.generation
             try:
                 self.generation = await self._services.persistence.save(
-                    self.workspace_id, self.directories.codex_home, self.generation
+                    self.workspace_id,
+                    self.directories.codex_home,
+                    self.generation,
+                    read_as=self._read_as(),
                 )
             except StaleSnapshot as exc:
                 # Another writer (a newer session elsewhere) owns the workspace now; writing
@@ -448,6 +452,12 @@ class Session:
             self.last_checkpoint = time.time()
             self.last_save_error = None
             return True
+
+    def _read_as(self) -> ReadAs | None:
+        """Read the home for a snapshot with the child's file ids (isolation.reading_as)."""
+        if self.identity is None:
+            return None
+        return functools.partial(self._services.isolation.reading_as, self.identity)
 
     async def _finish(self) -> None:
         """Make sure the child is gone and save; retried until it succeeds or is given up.
@@ -506,12 +516,8 @@ class Session:
         identity, self.identity = self.identity, None
         if identity is None:
             return
-        isolation = self._services.isolation
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(
-                functools.partial(isolation.take_back, self.directories.root, whole=whole)
-            )
-            await isolation.release(identity)
+            await self._services.isolation.release(identity, self.directories.root, whole=whole)
 
     @property
     def unsaved(self) -> bool:

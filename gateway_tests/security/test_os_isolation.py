@@ -99,6 +99,9 @@ async def pod(tmp_path: Path, real_codex_bin: Path) -> AsyncIterator[Pod]:
             CXG_MODEL_PROVIDER_BASE_URL=f"http://127.0.0.1:{await closed_port()}/v1",
             CXG_ADMIN_SECRET_FILE=str(write_secret(secrets_dir, "admin", ADMIN_SECRET)),
             CXG_CODEX_API_KEY_FILE=str(write_secret(secrets_dir, "model", MODEL_KEY)),
+            # Live checkpoints all along: every attack below runs while the gateway reads the
+            # attacker's home (with the child's own file ids).
+            CXG_CHECKPOINT_INTERVAL="1s",
         )
     )
     del env["CXG_ADMIN_SECRET"]
@@ -345,7 +348,12 @@ async def test_directories_and_files_belong_to_the_sessions_uid_and_no_one_else(
             for path in (root / "codex-home" / "config.toml", root / "run" / "model-token"):
                 info = path.stat()
                 assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (uid, uid, 0o600)
-            # Nothing in the child's trees belongs to anyone else (root included).
+            # A live checkpoint of the running real codex (SQLite in WAL mode) is taken ...
+            archive = pod.store_dir / "codex-app-gateway" / "ws_own.tar.gz"
+            await eventually(archive.exists, within=STEP)
+            with tarfile.open(archive) as tar:
+                assert any(name.startswith("state_") for name in tar.getnames())
+            # ... and nothing in the child's trees belongs to anyone else (root included).
             for name in ("codex-home", "home", "run"):
                 for path in (root / name).rglob("*"):
                     assert path.lstat().st_uid == uid, path
@@ -361,7 +369,15 @@ async def test_a_restored_home_is_handed_to_the_new_sessions_uid_and_the_archive
             written = await rpc.result(
                 "command/exec",
                 {
-                    "command": ["bash", "-c", "echo kept > $CODEX_HOME/kept.txt"],
+                    # A file of its own, and links to what it must never get back: the
+                    # gateway's secret file and another session root (skipped, never followed).
+                    "command": [
+                        "bash",
+                        "-c",
+                        "echo kept > $CODEX_HOME/kept.txt"
+                        f" && ln -s {pod.secrets_dir / 'admin'} $CODEX_HOME/stolen-secret"
+                        f" && ln -s {pod.tmp_root} $CODEX_HOME/stolen-root",
+                    ],
                     "sandboxPolicy": {"type": "dangerFullAccess"},
                 },
             )
@@ -377,7 +393,13 @@ async def test_a_restored_home_is_handed_to_the_new_sessions_uid_and_the_archive
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
         assert any(member.name == "kept.txt" for member in members)
+        assert not [member.name for member in members if member.name.startswith("stolen")]
         assert {(member.uid, member.gid) for member in members} == {(0, 0)}
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                extracted = tar.extractfile(member) if member.isfile() else None
+                if extracted is not None:
+                    assert ADMIN_SECRET.encode() not in extracted.read()
         async with client(pod.http_url, token_for("ws_cycle")) as rpc:
             second_uid = ids_of(await session_pid(pod, "ws_cycle"))["Uid"][0]
             assert second_uid != first_uid  # round-robin: the released uid is the last reused
