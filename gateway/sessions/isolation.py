@@ -19,12 +19,13 @@ child swaps in mid-walk gets it nothing the child could not read itself. Archive
 a uid (``archive.py`` writes 0/0); restored files are handed to the new session's uid before
 its child starts.
 
-A uid goes back to the pool only after every process of it has been killed (and only then is
-its directory taken back): a helper started as that uid sends ``kill(-1, SIGKILL)``, which reaches exactly the processes of that uid in the
-gateway's PID namespace (a daemonised tool that left the child's process group included) and
-nothing else. Allocation walks the range round-robin, so a released uid is the last to be
-handed out again. A directory that is kept on disk (an unsaved home) is given back to the
-gateway's uid before the uid is free, so a later holder of the same uid cannot open it.
+A uid goes back to the pool only after every process of it has been killed (and only then is its
+directory taken back): a helper started as that uid sends ``kill(-1, SIGKILL)``, which reaches
+exactly the processes of that uid in the gateway's PID namespace (a daemonised tool that left
+the child's process group included) and nothing else. Allocation walks the range round-robin, so
+a released uid is the last to be handed out again. A directory that is kept on disk (an unsaved
+home) is given back to the gateway's uid before the uid is free, so a later holder of the same
+uid cannot open it.
 
 Where the gateway cannot switch uids, ``CXG_CHILD_ISOLATION=auto`` (the default) says so once
 at start and children run as the gateway's own uid, as before; ``required`` refuses to start.
