@@ -285,6 +285,9 @@ async def test_a_hostile_workspace_reaches_nothing_of_the_gateway_or_of_another_
                 await attacker.try_read(
                     "other_token", str(pod.tmp_root / "ws_b" / "run" / "model-token")
                 )
+                # B's child and whatever it runs (env-mcp holds B's cap tokens in its env).
+                await attacker.try_read("other_child_environ", f"/proc/{pid_b}/environ")
+                await attacker.try_read("other_child_mem", f"/proc/{pid_b}/mem")
                 await attacker.try_list("other_home", str(codex_home_b))
                 await attacker.try_list("other_root", str(pod.tmp_root / "ws_b"))
                 # The session root's parent, the local store, the gateway's secret files.
