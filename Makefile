@@ -5,6 +5,12 @@ BIN := $(VENV)/bin
 PY_STAMP := $(VENV)/.installed
 CODEX_STAMP := tools/codex/node_modules/.installed
 RUN_DIR := .run
+# Run as root, the tests' children run under their own uids (gateway/sessions/isolation.py) and
+# cannot reach an interpreter under a private directory (a pyenv under /root, say). They get a
+# venv of the system python of the same minor version that reads the main venv's packages.
+CHILD_PYTHON ?= /usr/bin/python3
+CHILD_VENV := .venv-child
+CHILD_STAMP := $(CHILD_VENV)/.installed
 LISTEN ?= 127.0.0.1:8086
 WORKSPACE ?= dev
 
@@ -20,18 +26,27 @@ $(CODEX_STAMP): tools/codex/package.json tools/codex/package-lock.json
 	cd tools/codex && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+$(CHILD_STAMP): $(PY_STAMP)
+	rm -rf $(CHILD_VENV)
+	@if [ -x $(CHILD_PYTHON) ] && [ "$$($(CHILD_PYTHON) -c 'import sys; print(sys.version_info[:2])')" = "$$($(BIN)/python -c 'import sys; print(sys.version_info[:2])')" ]; then \
+		$(CHILD_PYTHON) -m venv --without-pip $(CHILD_VENV) \
+		&& printf '%s\n%s\n' "$$(cd $(VENV) && pwd)/lib/$$($(BIN)/python -c 'import sys; print(f"python{sys.version_info[0]}.{sys.version_info[1]}")')/site-packages" "$$(pwd)" \
+			> "$$($(CHILD_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/cxg-main-venv.pth"; \
+	else mkdir -p $(CHILD_VENV); echo "no $(CHILD_PYTHON) of the venv's version: children use the venv's python"; fi
+	touch $@
+
 $(RUN_DIR)/dev-hmac-secret: | $(PY_STAMP)
 	mkdir -p $(RUN_DIR)
 	umask 077 && $(BIN)/python -c 'import secrets; print(secrets.token_hex(32))' > $@
 
 # The daemon on the embedded defaults (HMAC development auth, local directory store)
 # with the fake codex as the child.
-run: $(PY_STAMP) $(RUN_DIR)/dev-hmac-secret
+run: $(PY_STAMP) $(CHILD_STAMP) $(RUN_DIR)/dev-hmac-secret
 	@CXG_INBOUND_HMAC_SECRET="$$(cat $(RUN_DIR)/dev-hmac-secret)" $(BIN)/python -m gateway_tests.devrun \
 		--listen-addr $(LISTEN) --workspace $(WORKSPACE) --run-dir $(RUN_DIR) --codex fake
 
 # The same with the real codex and the fake model server: a conversation in the real TUI.
-run-real: $(PY_STAMP) $(CODEX_STAMP) $(RUN_DIR)/dev-hmac-secret
+run-real: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP) $(RUN_DIR)/dev-hmac-secret
 	@CXG_INBOUND_HMAC_SECRET="$$(cat $(RUN_DIR)/dev-hmac-secret)" $(BIN)/python -m gateway_tests.devrun \
 		--listen-addr $(LISTEN) --workspace $(WORKSPACE) --run-dir $(RUN_DIR) --codex real
 
@@ -43,7 +58,7 @@ typecheck: $(PY_STAMP)
 	$(BIN)/mypy
 
 # The whole suite; pytest's "no tests collected" (exit 5) is a failure here, never a pass.
-test: $(PY_STAMP) $(CODEX_STAMP) lint typecheck
+test: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP) lint typecheck
 	$(BIN)/pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 bench: $(PY_STAMP) $(CODEX_STAMP)
@@ -53,4 +68,4 @@ soak: $(PY_STAMP) $(CODEX_STAMP)
 	CXG_SOAK=1 $(BIN)/pytest gateway_tests/reliability -m soak --timeout=0
 
 clean:
-	rm -rf $(VENV) tools/codex/node_modules $(RUN_DIR)
+	rm -rf $(VENV) $(CHILD_VENV) tools/codex/node_modules $(RUN_DIR)

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 import trio
 
 from gateway.auth.tokens import TokenError, mint_hmac_token
-from gateway.config import ConfigError, load_config, require_authenticator
+from gateway.config import ConfigError, load_config, require_authenticator, resolve_secret_files
 
 PROG = "codex-app-gateway"
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -43,12 +43,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.daemon import run_daemon
     from gateway.logs import configure_logging
+    from gateway.sessions.isolation import IsolationError
 
     configure_logging(config.log_level, config.log_format)
     try:
         trio.run(run_daemon, config)
     except KeyboardInterrupt:
         return EXIT_OK
+    except IsolationError as exc:
+        print(f"{PROG} serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         print(f"{PROG} serve: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -56,9 +60,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _mint_token(args: argparse.Namespace) -> int:
-    secret = os.environ.get("CXG_INBOUND_HMAC_SECRET", "")
+    try:
+        secret = resolve_secret_files(os.environ).get("CXG_INBOUND_HMAC_SECRET", "")
+    except ConfigError as exc:
+        print(f"{PROG} mint-token: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if not secret:
-        print(f"{PROG} mint-token: CXG_INBOUND_HMAC_SECRET is not set", file=sys.stderr)
+        print(
+            f"{PROG} mint-token: neither CXG_INBOUND_HMAC_SECRET nor CXG_INBOUND_HMAC_SECRET_FILE "
+            "is set",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         print(mint_hmac_token(secret.encode(), args.workspace, args.thread))

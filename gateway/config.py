@@ -23,6 +23,7 @@ from gateway.durations import parse_byte_size, parse_go_duration
 Seconds = NewType("Seconds", float)
 ByteSize = NewType("ByteSize", int)
 CsvList = NewType("CsvList", tuple[str, ...])
+UidRangeText = NewType("UidRangeText", tuple[int, int])
 
 
 class ConfigError(ValueError):
@@ -133,6 +134,8 @@ class Config:
     allowed_origins: tuple[str, ...]
     restore_limits: RestoreLimits
     metrics_listen_addr: str | None
+    child_isolation: str = "auto"
+    child_uid_range: tuple[int, int] = (100000, 165535)
 
 
 @attrs.frozen
@@ -190,7 +193,14 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("CXG_RESTORE_MAX_ENTRIES", "200000", int),
     _Var("CXG_RESTORE_MAX_RATIO", "100", int),
     _Var("CXG_METRICS_LISTEN_ADDR", None, str),
+    _Var("CXG_CHILD_ISOLATION", "auto", str),
+    _Var("CXG_CHILD_UID_RANGE", "100000-165535", UidRangeText),
 )
+SECRET_NAMES = tuple(var.name for var in VARIABLES if var.secret)
+# Each secret may instead be given as the path of a file (``CXG_<NAME>_FILE``), so that it is in
+# no environment block at all; the file must be readable by the gateway's user alone.
+VARIABLES = VARIABLES + tuple(_Var(f"{name}_FILE", None, str) for name in SECRET_NAMES)
+_ISOLATION_MODES = ("auto", "required", "off")
 
 _LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 _LOG_FORMATS = ("json", "text")
@@ -225,6 +235,58 @@ def _structure_csv(value: str, _: object) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
+def parse_uid_range(value: str) -> tuple[int, int]:
+    """``FIRST-LAST`` (inclusive, e.g. ``100000-165535``) as a pair; ``ValueError`` if malformed."""
+    parts = value.strip().split("-")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        raise ValueError(f"invalid uid range {value!r} (expected FIRST-LAST, e.g. 100000-165535)")
+    first, last = (int(part) for part in parts)
+    if first < 1 or last > 2**32 - 2 or first > last:
+        raise ValueError(f"invalid uid range {value!r} (need 1 <= FIRST <= LAST <= 4294967294)")
+    return first, last
+
+
+def read_secret_file(name: str, path: str) -> str:
+    """The secret in the file ``path`` named by variable ``name`` (one trailing newline dropped).
+
+    The file must not be readable by group or others: a secret the children's uids could read
+    is no secret. Errors name the variable and the path, never the content.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"{name} names {path!r}, which cannot be read: {exc.strerror}") from None
+    if info.st_mode & 0o077:
+        raise ConfigError(
+            f"{name} names {path!r} with mode {info.st_mode & 0o777:04o}: it must be readable by "
+            "the gateway's user alone (chmod 0400 or 0600)"
+        )
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = handle.read(1 << 16)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{name} names {path!r}, which cannot be read: {exc}") from None
+    return content.removesuffix("\n").removesuffix("\r")
+
+
+def resolve_secret_files(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with every ``CXG_<NAME>_FILE`` replaced by the secret it names.
+
+    Setting both ``CXG_<NAME>`` and ``CXG_<NAME>_FILE`` is an error: which one wins would be
+    a guess.
+    """
+    resolved = dict(environ)
+    for name in SECRET_NAMES:
+        file_name = f"{name}_FILE"
+        path = resolved.pop(file_name, "").strip()
+        if not path:
+            continue
+        if resolved.get(name, ""):
+            raise ConfigError(f"both {name} and {file_name} are set; set only one of them")
+        resolved[name] = read_secret_file(file_name, path)
+    return resolved
+
+
 def _make_converter() -> cattrs.Converter:
     converter = cattrs.Converter()
     converter.register_structure_hook(Seconds, _structure_seconds)
@@ -232,6 +294,7 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(bool, _structure_bool)
     converter.register_structure_hook(int, _structure_int)
     converter.register_structure_hook(CsvList, _structure_csv)
+    converter.register_structure_hook(UidRangeText, lambda v, _: parse_uid_range(v))
     converter.register_structure_hook(Secret, lambda v, _: Secret(v))
     converter.register_structure_hook(str, lambda v, _: v.strip())
     return converter
@@ -290,7 +353,7 @@ def split_listen_addr(value: str) -> tuple[str, int]:
 
 def load_config(environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate the configuration from ``environ`` (default: the process environment)."""
-    values = _read(os.environ if environ is None else environ)
+    values = _read(resolve_secret_files(os.environ if environ is None else environ))
 
     for name in ("CXG_LISTEN_ADDR", "CXG_METRICS_LISTEN_ADDR"):
         if values[name]:
@@ -330,6 +393,10 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(
             f"CXG_RESTORE_MAX_RATIO must be 0 (off) or more; got {values['CXG_RESTORE_MAX_RATIO']}"
         )
+
+    isolation = values["CXG_CHILD_ISOLATION"].lower()
+    if isolation not in _ISOLATION_MODES:
+        raise ConfigError(f"CXG_CHILD_ISOLATION must be auto, required or off; got {isolation!r}")
 
     agentserver = None
     if _group(
@@ -423,6 +490,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             max_ratio=values["CXG_RESTORE_MAX_RATIO"],
         ),
         metrics_listen_addr=values["CXG_METRICS_LISTEN_ADDR"],
+        child_isolation=isolation,
+        child_uid_range=values["CXG_CHILD_UID_RANGE"],
     )
 
 

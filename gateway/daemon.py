@@ -28,6 +28,7 @@ import trio
 
 from gateway.auth.authenticators import build_authenticator
 from gateway.config import Config
+from gateway.sessions.isolation import ChildIsolation, IsolationMode, UidRange, harden_process
 from gateway.sessions.manager import SessionManager
 from gateway.sessions.session import SessionServices
 from gateway.sessions.wiring import credentials_factory, executors_factory, open_persistence
@@ -94,7 +95,14 @@ async def run_daemon(
 ) -> None:
     """Serve until ``stop`` is set (or, without one, until SIGTERM/SIGINT); then drain."""
     install_hypercorn_fixes()
+    harden_process()
     _warn_about_placement(config)
+    isolation = ChildIsolation.from_settings(
+        IsolationMode(config.child_isolation), UidRange(*config.child_uid_range)
+    )
+    isolation.prepare_roots(
+        Path(config.tmp_root), Path(config.local_store_dir) if config.s3 is None else None
+    )
     readiness = Readiness()
     async with httpx2.AsyncClient() as http:
         persistence = open_persistence(config)
@@ -106,6 +114,7 @@ async def run_daemon(
                 credentials=credentials_factory(config, http),
                 executors=executors_factory(config, http, self_command()),
                 inherited_env=dict(os.environ),
+                isolation=isolation,
             )
             async with trio.open_nursery() as root:
                 manager: SessionManager = await root.start(SessionManager(services).run)

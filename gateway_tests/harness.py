@@ -7,7 +7,9 @@ of a signal. Tests that need signals and exit codes run ``python -m gateway serv
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,9 +31,24 @@ MAX_MESSAGE = 128 << 20
 POLL_INTERVAL = 0.02
 
 
+_daemon_counter = itertools.count()
+
+
+def child_uid_range() -> str:
+    """A uid range no other test daemon of this machine is likely to hold at the same time.
+
+    Each daemon reaps its uids with ``kill(-1)`` as that uid when a session ends, so two
+    daemons sharing a range would kill each other's children: every daemon of this test
+    process gets its own 64 uids, and test processes are spread by their pid.
+    """
+    first = 200_000 + (os.getpid() % 2000) * 2048 + (next(_daemon_counter) % 32) * 64
+    return f"{first}-{first + 63}"
+
+
 def gateway_env(tmp_path: Path, codex_bin: Path | str, **overrides: str) -> dict[str, str]:
     """A complete environment for a test daemon: dev auth, local store, loopback port 0."""
     env = {
+        "CXG_CHILD_UID_RANGE": child_uid_range(),
         "CXG_INBOUND_HMAC_SECRET": HMAC_SECRET,
         "CXG_ADMIN_SECRET": ADMIN_SECRET,
         "CXG_TMP_ROOT": str(tmp_path / "sessions"),

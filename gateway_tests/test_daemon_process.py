@@ -53,18 +53,21 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def gateway_command(*args: str) -> list[str]:
-    """``python -m gateway ARGS…`` with this interpreter (the repository's virtualenv)."""
-    return [sys.executable, "-m", "gateway", *args]
+def gateway_command(*args: str, prefix: Sequence[str] = ()) -> list[str]:
+    """``python -m gateway ARGS…`` with this interpreter (the repository's virtualenv).
+
+    ``prefix`` runs it through a wrapper (``setpriv …``, to bound its capabilities).
+    """
+    return [*prefix, sys.executable, "-m", "gateway", *args]
 
 
 async def run_cli(
-    args: Sequence[str], env: Mapping[str, str]
+    args: Sequence[str], env: Mapping[str, str], *, prefix: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a one-shot command (``mint-token``, ``--help``, a failing ``serve``) to its end."""
     with trio.fail_after(CLI_TIMEOUT):
         return await trio.run_process(
-            gateway_command(*args),
+            gateway_command(*args, prefix=prefix),
             env=dict(env),
             cwd=REPO,
             capture_stdout=True,
@@ -143,7 +146,7 @@ class DaemonProcess:
 
 @asynccontextmanager
 async def serve_process(
-    env: Mapping[str, str], *args: str
+    env: Mapping[str, str], *args: str, prefix: Sequence[str] = ()
 ) -> AsyncIterator[tuple[DaemonProcess, str]]:
     """Run ``python -m gateway serve ARGS…`` and yield it with its base HTTP URL.
 
@@ -151,7 +154,7 @@ async def serve_process(
     way out a still-running daemon is killed, so a failing test never leaves one behind.
     """
     process = await trio.lowlevel.open_process(
-        gateway_command("serve", *args),
+        gateway_command("serve", *args, prefix=prefix),
         env=dict(env),
         cwd=REPO,
         stdin=subprocess.DEVNULL,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from gateway_tests.fakes.fake_model_server import (
     function_call_outputs,
     output_text,
 )
+from gateway_tests.fakes.launchers import fake_codex_python
 from gateway_tests.real_app_server import run_app_server
 
 CAP_SECRET = b"cap-s3cret"
@@ -42,7 +42,7 @@ WORKSPACE = "ws_e2e"
 API_KEY = "sk-e2e"
 # How the daemon tells codex to run this gateway (``gateway.daemon.self_command``); the entries
 # append ``env-mcp`` and its flags, so this goes through the real command line.
-SELF_COMMAND = (sys.executable, "-m", "gateway")
+SELF_COMMAND = (str(fake_codex_python()), "-m", "gateway")
 TURN_TIMEOUT = 90
 _BANNER = re.compile(rb"listening on:\s*(ws://[0-9.]+:\d+)")
 

@@ -41,7 +41,9 @@ KNOWN_VARIABLES = {var.name: var for var in VARIABLES}
 SECRET_VARIABLES = {var.name for var in VARIABLES if var.secret} | {"CXG_S3_ACCESS_KEY_ID"}
 # Variables whose chart default deliberately differs from the daemon's: the daemon keeps the Go
 # service's /tmp paths for local runs; in the pod they must be on the session emptyDir.
-CHART_OWN_DEFAULTS = {"CXG_TMP_ROOT", "CXG_LOCAL_STORE_DIR"}
+# CXG_CHILD_ISOLATION: the pod is built for the isolated mode, so it refuses to run without it.
+CHART_OWN_DEFAULTS = {"CXG_TMP_ROOT", "CXG_LOCAL_STORE_DIR", "CXG_CHILD_ISOLATION"}
+SECRET_DIR = "/etc/codex-app-gateway/secrets"
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -86,10 +88,16 @@ def env_of(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def fake_environ(env: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """The process environment the pod would get, with a stand-in for each secret's value."""
+    """The process environment the pod would get, with a stand-in for each secret's value.
+
+    A secret given as a file (``CXG_<NAME>_FILE``) stands in as ``CXG_<NAME>``, as the daemon
+    reads it.
+    """
     environ: dict[str, str] = {}
     for name, entry in env.items():
-        if "valueFrom" in entry:
+        if name.endswith("_FILE") and entry["value"].startswith(SECRET_DIR + "/"):
+            environ[name.removesuffix("_FILE")] = f"stand-in-file-{entry['value']}"
+        elif "valueFrom" in entry:
             ref = entry["valueFrom"]["secretKeyRef"]
             environ[name] = f"stand-in-{ref['name']}-{ref['key']}"
         else:
@@ -214,28 +222,66 @@ def test_crd_objects_point_at_the_service(production_objects: list[dict[str, Any
 # --- secrets -------------------------------------------------------------------------------
 
 
-def test_every_secret_is_a_secret_key_ref(objects: list[dict[str, Any]]) -> None:
-    assert not [obj for obj in objects if obj["kind"] == "Secret"]
-    assert not [obj for obj in objects if "data" in obj or "stringData" in obj]
-    for name, entry in env_of(objects).items():
-        if name in SECRET_VARIABLES:
-            assert "value" not in entry, name
-            ref = entry["valueFrom"]["secretKeyRef"]
-            assert set(ref) == {"name", "key"} and ref["name"] and ref["key"], name
-
-
-def test_production_secrets_come_from_the_configured_keys(
-    production_objects: list[dict[str, Any]],
-) -> None:
-    env = env_of(production_objects)
+def secret_sources(objects: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """Each secret variable and the (Secret, key) it comes from, as a file or a secretKeyRef."""
     refs = {
         name: (
             entry["valueFrom"]["secretKeyRef"]["name"],
             entry["valueFrom"]["secretKeyRef"]["key"],
         )
-        for name, entry in env.items()
+        for name, entry in env_of(objects).items()
         if "valueFrom" in entry
     }
+    pod = by_kind(objects, "Deployment")["spec"]["template"]["spec"]
+    for volume in pod["volumes"]:
+        for source in volume.get("projected", {}).get("sources", []):
+            for item in source["secret"]["items"]:
+                refs[item["path"]] = (source["secret"]["name"], item["key"])
+    return refs
+
+
+def test_every_secret_is_a_file_or_a_secret_key_ref(objects: list[dict[str, Any]]) -> None:
+    assert not [obj for obj in objects if obj["kind"] == "Secret"]
+    assert not [obj for obj in objects if "data" in obj or "stringData" in obj]
+    env = env_of(objects)
+    for name, entry in env.items():
+        if name in SECRET_VARIABLES:
+            assert "value" not in entry, name
+            ref = entry["valueFrom"]["secretKeyRef"]
+            assert set(ref) == {"name", "key"} and ref["name"] and ref["key"], name
+    # By default every secret but the S3 key id (an identifier) is a file, not a variable.
+    assert not {name for name in env if name in SECRET_VARIABLES} - {"CXG_S3_ACCESS_KEY_ID"}
+    for name, entry in env.items():
+        if name.endswith("_FILE"):
+            assert entry["value"] == f"{SECRET_DIR}/{name.removesuffix('_FILE')}", name
+
+
+def test_secret_files_are_0400_and_mounted_read_only(
+    production_objects: list[dict[str, Any]],
+) -> None:
+    pod = by_kind(production_objects, "Deployment")["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "secrets"]
+    assert volume["projected"]["defaultMode"] == 0o400
+    [mount] = [m for m in container(production_objects)["volumeMounts"] if m["name"] == "secrets"]
+    assert mount == {"name": "secrets", "mountPath": SECRET_DIR, "readOnly": True}
+    assert "fsGroup" not in pod["securityContext"]
+
+
+def test_secrets_as_variables_when_files_are_switched_off() -> None:
+    values = production_values()
+    values["secrets"]["asFiles"] = False
+    rendered = manifests(render(values))
+    env = env_of(rendered)
+    assert not [name for name in env if name.endswith("_FILE")]
+    assert set(env) >= SECRET_VARIABLES
+    pod = by_kind(rendered, "Deployment")["spec"]["template"]["spec"]
+    assert "secrets" not in {v["name"] for v in pod["volumes"]}
+
+
+def test_production_secrets_come_from_the_configured_keys(
+    production_objects: list[dict[str, Any]],
+) -> None:
+    refs = secret_sources(production_objects)
     assert refs == {
         "CXG_AGENTSERVER_INTERNAL_SECRET": ("agentserver-internal", "internal-api-secret"),
         "CXG_INBOUND_HMAC_SECRET": ("agentserver-codex-gateway", "inbound-hmac-secret"),
@@ -259,8 +305,13 @@ def test_env_names_are_all_known_to_the_daemon(objects: list[dict[str, Any]]) ->
 
 def test_production_values_set_every_variable(production_objects: list[dict[str, Any]]) -> None:
     # Every CXG_* variable has a values entry; a new variable needs one (and a line here).
+    # A secret counts as set whether it comes as CXG_<NAME> or as CXG_<NAME>_FILE.
     cxg = {name for name in env_of(production_objects) if name.startswith("CXG_")}
-    assert cxg == set(KNOWN_VARIABLES)
+    secrets = {var.name for var in VARIABLES if var.secret}
+    assert all(name.removesuffix("_FILE") in secrets for name in cxg if name.endswith("_FILE"))
+    normalized = {name.removesuffix("_FILE") if name.endswith("_FILE") else name for name in cxg}
+    files = {f"{name}_FILE" for name in secrets}
+    assert normalized == set(KNOWN_VARIABLES) - files
 
 
 def test_default_env_equals_the_daemon_defaults(default_objects: list[dict[str, Any]]) -> None:
@@ -282,7 +333,8 @@ def test_session_directories_are_on_the_emptydir_and_not_under_tmp(
     pod = by_kind(objects, "Deployment")["spec"]["template"]["spec"]
     mounts = {m["name"]: m["mountPath"] for m in container(objects)["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert set(mounts) == set(volumes) == {"sessions", "tmp"}
+    assert set(mounts) == set(volumes)
+    assert set(mounts) - {"secrets"} == {"sessions", "tmp"}
     assert mounts["tmp"] == "/tmp"
     assert volumes["sessions"]["emptyDir"]["sizeLimit"]
     assert volumes["tmp"]["emptyDir"]["sizeLimit"]
@@ -394,15 +446,29 @@ def test_pod_runs_hardened(objects: list[dict[str, Any]]) -> None:
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["privileged"] is False
-    assert security["capabilities"] == {"drop": ["ALL"]}
+    # Root with exactly the capabilities the isolated mode needs (proven sufficient and
+    # DAC_OVERRIDE necessary by gateway_tests/security/test_os_isolation.py).
+    assert security["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["CHOWN", "DAC_OVERRIDE", "KILL", "SETGID", "SETUID"],
+    }
     assert security["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["runAsUser"] == 0
+    assert env_of(objects)["CXG_CHILD_ISOLATION"]["value"] == "required"
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
     assert pod["enableServiceLinks"] is False
     assert pod["serviceAccountName"] == by_kind(objects, "ServiceAccount")["metadata"]["name"]
     assert container(objects)["resources"]["limits"]["memory"]
+
+
+def test_network_policy_closes_the_instance_metadata_port(objects: list[dict[str, Any]]) -> None:
+    # Children share the pod's network identity (docs/security.md): the metadata endpoint
+    # (169.254.169.254, port 80) stays closed because no rule allows port 80 or everything.
+    policy = by_kind(objects, "NetworkPolicy")["spec"]
+    assert all(rule.get("ports") for rule in policy["egress"]), "an egress rule allows every port"
+    egress_ports = {port["port"] for rule in policy["egress"] for port in rule["ports"]}
+    assert 80 not in egress_ports and "http" not in egress_ports
 
 
 def test_disruption_budget_and_network_policy(objects: list[dict[str, Any]]) -> None:
@@ -579,9 +645,11 @@ def test_dockerfile_runtime_is_non_root_and_runs_the_gateway() -> None:
     assert "bubblewrap" in runs and " tini" in runs
     build = " ".join(args for keyword, args in instructions[:runtime_start] if keyword == "RUN")
     assert "pip install -c constraints.txt ." in build
-    # The uid in the image is the one the chart runs as.
+    # A plain `docker run` is non-root (children then share its uid, with one warning); the
+    # chart runs the image as uid 0 with five capabilities, so children get their own uids.
     chart_values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert users[0] == "{0}:{0}".format(chart_values["podSecurityContext"]["runAsUser"])
+    assert chart_values["podSecurityContext"]["runAsUser"] == 0
+    assert users[0] != "0:0"
 
 
 def test_dockerignore_keeps_local_state_out() -> None:

@@ -34,6 +34,7 @@ import sqlite3
 import tempfile
 from collections import OrderedDict
 from collections.abc import AsyncIterable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import attrs
@@ -57,6 +58,10 @@ log = structlog.get_logger(__name__)
 # Refused archives remembered per daemon; beyond this many the least recently refused is
 # forgotten (and read once more if asked for again).
 REFUSAL_MEMO_SIZE = 1024
+
+#: Given the snapshot's scratch directory, a scope in which the live home is read (the session
+#: passes one that reads with the child's own file ids; gateway/sessions/isolation.py).
+ReadAs = Callable[[Path], AbstractContextManager[object]]
 
 
 class PersistenceError(Exception):
@@ -237,8 +242,17 @@ class Persistence:
 
     # --- save ---------------------------------------------------------------------------------
 
-    async def save(self, workspace_id: str, codex_home: Path, expected: Generation) -> Generation:
+    async def save(
+        self,
+        workspace_id: str,
+        codex_home: Path,
+        expected: Generation,
+        *,
+        read_as: ReadAs | None = None,
+    ) -> Generation:
         """Snapshot ``codex_home`` and write it, conditional on ``expected``; may run live.
+
+        ``read_as`` scopes the reading of the home's files (in the packing thread only).
 
         Returns ``expected`` itself when the home is unchanged since that generation (nothing
         is uploaded), else the new generation. The local directory is never modified or
@@ -256,7 +270,10 @@ class Persistence:
             return expected
 
         def pack(emit: Callable[[bytes], None]) -> int:
-            with snapshot.scratch_directory(codex_home.parent) as scratch:
+            with (
+                snapshot.scratch_directory(codex_home.parent) as scratch,
+                read_as(scratch) if read_as is not None else nullcontext(),
+            ):
                 entries = snapshot.snapshot_entries(codex_home, self.policy, scratch)
                 return archive.write_archive(entries, emit, level=self.compresslevel)
 

@@ -11,8 +11,9 @@ respawn.
 
 Where the token is, and is not:
 
-* in this process and in the 0600 file inside the session's private 0700 runtime directory,
-  which lives outside CODEX_HOME (so it never reaches a CODEX_HOME archive);
+* in this process and in the 0600 file inside the session's private 0700 runtime directory
+  (owned, like the file, by the session's own uid when children are isolated), which lives
+  outside CODEX_HOME (so it never reaches a CODEX_HOME archive);
 * never in argv (the command's only argument is the file's path), never in any process
   environment (the provider block has no ``env_key``; :meth:`child_env` is empty), never in a
   log line (tokens are :class:`~gateway.config.Secret` and logs name only the source).
@@ -297,6 +298,11 @@ class SessionModelCredentials:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                # In the isolated mode the runtime directory belongs to the child's uid, which
+                # must be the only one able to read the token (gateway/sessions/isolation.py).
+                owner = os.stat(self.token_file.parent)
+                if owner.st_uid != os.geteuid():
+                    os.fchown(handle.fileno(), owner.st_uid, owner.st_gid)
                 handle.write(value.reveal() if value is not None else "")
             os.replace(temporary, self.token_file)
         except BaseException:

@@ -29,6 +29,7 @@ import trio
 
 from gateway.sessions.child_process import ChildProcess, start_child_process
 from gateway.sessions.process_tree import stop_process_tree
+from gateway.sessions.isolation import ChildIdentity
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +75,8 @@ class ChildSpec:
     cwd: Path
     ready_timeout: float
     stop_grace: float
+    #: The uid/gid to run under (gateway/sessions/isolation.py); None: the gateway's own.
+    identity: ChildIdentity | None = None
 
 
 def app_server_argv(codex_bin: str, token_sha256: str) -> list[str]:
@@ -197,6 +200,7 @@ async def run_codex_child(
             env=dict(spec.env),
             cwd=str(spec.cwd),
             start_new_session=True,
+            **(spec.identity.spawn_options() if spec.identity is not None else {}),
         )
     except (OSError, subprocess.SubprocessError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc

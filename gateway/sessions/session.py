@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -33,11 +34,13 @@ from gateway.codex_home.persistence import (
     Generation,
     HostileArchive,
     Persistence,
+    ReadAs,
     StaleSnapshot,
 )
 from gateway.codex_home.relocate import relocate_codex_home
 from gateway.config import Config
 from gateway.sessions.child import ChildSpec, CodexChild, build_child_env, run_codex_child
+from gateway.sessions.isolation import ChildIdentity, ChildIsolation, IsolationError, UidRange
 from gateway.sessions.relay import AsgiReceive, AsgiSend, ClientRelay
 from gateway.sessions.turns import child_is_busy
 
@@ -117,6 +120,7 @@ class SessionServices:
     credentials: CredentialsFactory
     executors: ExecutorsFactory
     inherited_env: dict[str, str] = attrs.field(repr=False)
+    isolation: ChildIsolation = attrs.field(factory=lambda: ChildIsolation(False, UidRange(1, 1)))
 
 
 @attrs.define
@@ -189,6 +193,8 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self._save_lock = trio.Lock()
         self._final_save_scope = trio.CancelScope(shield=True)
+        #: The uid/gid this session's child runs under (None: the gateway's own).
+        self.identity: ChildIdentity | None = None
 
     # -- what the manager and the web layer call ------------------------------------------
 
@@ -271,12 +277,19 @@ class Session:
         structlog.contextvars.bind_contextvars(workspace_id=self.workspace_id)
         started = trio.current_time()
         try:
+            self.identity = self._services.isolation.allocate()
             credentials = await self._prepare()
         except SessionStartError as exc:
+            await self._release_identity()
             self._fail_start(exc)
+            return
+        except IsolationError as exc:
+            await self._release_identity()
+            self._fail_start(SessionStartError(str(exc)))
             return
         except Exception as exc:
             log.exception("session.prepare_failed")
+            await self._release_identity()
             self._fail_start(SessionStartError(f"session preparation failed: {exc}"))
             return
         try:
@@ -324,6 +337,13 @@ class Session:
         )
         config_path.write_text(rendered)
         config_path.chmod(0o600)
+        directories = self.directories
+        await trio.to_thread.run_sync(
+            services.isolation.hand_over,
+            self.identity,
+            directories.root,
+            [directories.codex_home, directories.home, directories.runtime],
+        )
         return credentials
 
     async def _run_nursery(self, credentials: ModelCredentials, started: float) -> None:
@@ -341,6 +361,7 @@ class Session:
             cwd=self.directories.home,
             ready_timeout=config.child_ready_timeout,
             stop_grace=config.child_stop_grace,
+            identity=self.identity,
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -429,7 +450,10 @@ class Session:
             previous = self.generation
             try:
                 self.generation = await self._services.persistence.save(
-                    self.workspace_id, self.directories.codex_home, self.generation
+                    self.workspace_id,
+                    self.directories.codex_home,
+                    self.generation,
+                    read_as=self._read_as(),
                 )
             except StaleSnapshot as exc:
                 # Another writer (a newer session elsewhere) owns the workspace now; writing
@@ -452,6 +476,12 @@ class Session:
             self.last_checkpoint = time.time()
             self.last_save_error = None
             return True
+
+    def _read_as(self) -> ReadAs | None:
+        """Read the home for a snapshot with the child's file ids (isolation.reading_as)."""
+        if self.identity is None:
+            return None
+        return functools.partial(self._services.isolation.reading_as, self.identity)
 
     async def _finish(self) -> None:
         """Make sure the child is gone and save; retried until it succeeds or is given up.
@@ -480,6 +510,8 @@ class Session:
                     delay = min(delay * 2, 60.0)
                 self.saved = not self.superseded
         metrics.SESSION_STOP_SECONDS.observe(trio.current_time() - stop_started)
+        # A saved home is deleted next: closing its root is enough. A kept one is taken back whole.
+        await self._release_identity(whole=not self.saved)
         if self.saved:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.directories.remove)
@@ -498,6 +530,18 @@ class Session:
         self.state = SessionState.STOPPED
         self.ready.set()
         self.finished.set()
+
+    async def _release_identity(self, *, whole: bool = True) -> None:
+        """Hand the directory back to the gateway, reap the uid's processes, free the uid.
+
+        Runs before ``finished`` is set, so a session adopting the kept home never races it.
+        ``whole`` False closes only the session root (a home about to be deleted).
+        """
+        identity, self.identity = self.identity, None
+        if identity is None:
+            return
+        with trio.CancelScope(shield=True):
+            await self._services.isolation.release(identity, self.directories.root, whole=whole)
 
     @property
     def unsaved(self) -> bool:

@@ -24,12 +24,16 @@ from pathlib import Path
 FAKES_DIR = Path(__file__).resolve().parent
 FAKE_CODEX_SCRIPT = FAKES_DIR / "fake_codex.py"
 REPO_PYTHON = FAKES_DIR.parent.parent / ".venv" / "bin" / "python"
+# The system python reading the venv's packages (Makefile), for children run under their own uids.
+CHILD_PYTHON = FAKES_DIR.parent.parent / ".venv-child" / "bin" / "python"
 KNOB_PREFIX = "FAKE_CODEX_"
 _KNOB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 def fake_codex_python() -> Path:
-    """The interpreter that runs the fake: the repository's venv, else the current one."""
+    """The interpreter that runs the fake: one child uids can reach, else the venv's."""
+    if CHILD_PYTHON.exists():
+        return CHILD_PYTHON
     return REPO_PYTHON if REPO_PYTHON.exists() else Path(sys.executable)
 
 

@@ -99,6 +99,48 @@ Call with (dict "root" $ "env" "CXG_…" "ref" .Values.secrets.<name> "path" "se
       key: {{ .ref.key | quote }}
 {{- end }}
 
+{{/*
+The secrets the configured features use, as a YAML list of {env, name, key}: each is given to
+the daemon as a 0400 file (CXG_<NAME>_FILE, secrets.asFiles) or as a secretKeyRef variable.
+*/}}
+{{- define "cxg.secretRefs" -}}
+{{- $wanted := list }}
+{{- if .Values.auth.agentserver.internalUrl }}
+{{- $wanted = append $wanted (dict "env" "CXG_AGENTSERVER_INTERNAL_SECRET" "ref" .Values.secrets.agentserverInternal "path" "secrets.agentserverInternal") }}
+{{- end }}
+{{- if .Values.auth.inboundHmac.enabled }}
+{{- $wanted = append $wanted (dict "env" "CXG_INBOUND_HMAC_SECRET" "ref" .Values.secrets.inboundHmac "path" "secrets.inboundHmac") }}
+{{- end }}
+{{- if .Values.admin.enabled }}
+{{- $wanted = append $wanted (dict "env" "CXG_ADMIN_SECRET" "ref" .Values.secrets.admin "path" "secrets.admin") }}
+{{- end }}
+{{- if .Values.s3.bucket }}
+{{- $wanted = append $wanted (dict "env" "CXG_S3_SECRET_ACCESS_KEY" "ref" (dict "name" .Values.s3.existingSecret "key" .Values.s3.secretAccessKeyKey) "path" "s3.existingSecret") }}
+{{- end }}
+{{- if include "cxg.execGatewayEnabled" . }}
+{{- $wanted = append $wanted (dict "env" "CXG_EXEC_GATEWAY_INTERNAL_SECRET" "ref" .Values.secrets.execGatewayInternal "path" "secrets.execGatewayInternal") }}
+{{- $wanted = append $wanted (dict "env" "CXG_CAPTOKEN_HMAC_SECRET" "ref" .Values.secrets.capTokenHmac "path" "secrets.capTokenHmac") }}
+{{- end }}
+{{- if .Values.model.staticApiKey }}
+{{- $wanted = append $wanted (dict "env" "CXG_CODEX_API_KEY" "ref" .Values.secrets.codexApiKey "path" "secrets.codexApiKey") }}
+{{- end }}
+{{- $refs := list }}
+{{- range $wanted }}
+{{- $name := default $.Values.secrets.existingSecret .ref.name }}
+{{- if not $name }}
+{{- fail (printf "%s needs a Secret: set %s.name or secrets.existingSecret" .env .path) }}
+{{- end }}
+{{- if not .ref.key }}
+{{- fail (printf "%s needs %s.key" .env .path) }}
+{{- end }}
+{{- $refs = append $refs (dict "env" .env "name" $name "key" .ref.key) }}
+{{- end }}
+{{- toYaml $refs }}
+{{- end }}
+
+{{/* Where secret files are mounted (secrets.asFiles). */}}
+{{- define "cxg.secretDir" -}}/etc/codex-app-gateway/secrets{{- end }}
+
 {{/* Is the exec gateway configured? Any of its settings switches the whole group on. */}}
 {{- define "cxg.execGatewayEnabled" -}}
 {{- if or .Values.execGateway.url .Values.execGateway.internalUrl }}true{{- end }}
