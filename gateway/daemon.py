@@ -112,13 +112,18 @@ async def run_daemon(
                 )
                 http_stopped = trio.Event()
                 urls: list[str] = await root.start(
-                    serve_http, app, hypercorn_config(config, config.listen_addr), http_stopped
+                    serve_http,
+                    app,
+                    hypercorn_config(config, config.listen_addr),
+                    config.listen_addr,
+                    http_stopped,
                 )
                 if config.metrics_listen_addr:
                     await root.start(
                         serve_http,
                         build_metrics_app(),
                         hypercorn_config(config, config.metrics_listen_addr),
+                        config.metrics_listen_addr,
                         http_stopped,
                     )
                 readiness.serving = True

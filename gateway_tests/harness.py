@@ -33,6 +33,8 @@ def gateway_env(tmp_path: Path, codex_bin: Path | str, **overrides: str) -> dict
     """A complete environment for a test daemon: dev auth, local store, loopback port 0."""
     env = {
         "CXG_INBOUND_HMAC_SECRET": HMAC_SECRET,
+        # Tests that add the agentserver verifier still connect with development tokens.
+        "CXG_ALLOW_HMAC_TOKENS": "true",
         "CXG_ADMIN_SECRET": ADMIN_SECRET,
         "CXG_TMP_ROOT": str(tmp_path / "sessions"),
         "CXG_LOCAL_STORE_DIR": str(tmp_path / "store"),
