@@ -43,13 +43,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.daemon import run_daemon
     from gateway.logs import configure_logging
+    from gateway.store.base import StoreNotFenced
 
     configure_logging(config.log_level, config.log_format)
     try:
         trio.run(run_daemon, config)
     except KeyboardInterrupt:
         return EXIT_OK
-    except OSError as exc:
+    except (OSError, StoreNotFenced) as exc:
         print(f"{PROG} serve: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     return EXIT_OK

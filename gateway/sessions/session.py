@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -123,13 +124,20 @@ class SessionDirectories:
     codex_home: Path
     runtime: Path
     home: Path
+    # Where the Go service kept this workspace's CODEX_HOME (<CXG_TMP_ROOT>/<workspace>): the
+    # archive records rollout paths there, so a Go gateway restoring it resumes threads.
+    go_codex_home: Path | None = None
 
     @classmethod
     def for_workspace(cls, tmp_root: Path, workspace_id: str) -> SessionDirectories:
         """The layout for ``workspace_id``."""
         root = tmp_root / workspace_id
         return cls(
-            root=root, codex_home=root / "codex-home", runtime=root / "run", home=root / "home"
+            root=root,
+            codex_home=root / "codex-home",
+            runtime=root / "run",
+            home=root / "home",
+            go_codex_home=Path(os.path.join(tmp_root, workspace_id)),
         )
 
     def create(self) -> None:
@@ -405,7 +413,10 @@ class Session:
             previous = self.generation
             try:
                 self.generation = await self._services.persistence.save(
-                    self.workspace_id, self.directories.codex_home, self.generation
+                    self.workspace_id,
+                    self.directories.codex_home,
+                    self.generation,
+                    recorded_home=self.directories.go_codex_home,
                 )
             except StaleSnapshot as exc:
                 # Another writer (a newer session elsewhere) owns the workspace now; writing
