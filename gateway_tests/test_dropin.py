@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import trio
 from structlog.testing import capture_logs
 
+from gateway.auth.tokens import workspace_id_of_dir
+from gateway.config import S3Settings
+from gateway_tests import s3_server
 from gateway_tests.harness import connect, gateway_env, start_gateway
+from gateway_tests.s3_control import archive_files, s3_env
+from gateway_tests.s3_server import MotoServer
 from gateway_tests.test_config import EXEC_GATEWAY
+
+moto_server = s3_server.moto_server
+s3_settings = s3_server.s3_settings
 
 
 async def test_no_exec_gateway_is_said_once_at_start(
@@ -34,3 +43,46 @@ async def test_a_configured_exec_gateway_is_not_reported_missing(
         await running.shutdown()
     assert not [entry for entry in logs if entry["event"] == "config.no_executors"]
     assert [entry for entry in logs if entry["event"] == "daemon.serving"]
+
+
+# -- workspace ids as wide as the Go service's -------------------------------------------------
+
+GO_TYPICAL_ID = "team a@corp:ws 日本 #1"
+
+
+async def test_a_go_typical_id_keeps_the_go_object_key_and_gets_a_safe_directory(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    fake_codex_bin: Path,
+    s3_settings: S3Settings,
+    moto_server: MotoServer,
+) -> None:
+    env = {**gateway_env(tmp_path, fake_codex_bin), **s3_env(s3_settings)}
+    running = await start_gateway(nursery, env)
+    root = Path(env["CXG_TMP_ROOT"])
+    try:
+        with trio.fail_after(30):
+            async with connect(running, GO_TYPICAL_ID) as rpc:
+                thread_id = (await rpc.result("thread/start", {}))["thread"]["id"]
+                [directory] = [p for p in root.iterdir() if not p.name.startswith(".")]
+                assert re.fullmatch(r"_[a-z2-7]+", directory.name)
+                assert workspace_id_of_dir(directory.name) == GO_TYPICAL_ID
+                entry = await running.session(GO_TYPICAL_ID)
+                assert entry is not None and entry["state"] == "running"
+                assert (await running.restart(GO_TYPICAL_ID)).status_code == 204
+            listed = moto_server.boto_client().list_objects_v2(Bucket=s3_settings.bucket)
+            keys = [item["Key"] for item in listed.get("Contents", [])]
+            # Exactly the Go service's key, byte for byte.
+            assert keys == [f"codex-app-gateway/{GO_TYPICAL_ID}.tar.gz"]
+            members = archive_files(
+                moto_server.boto_client()
+                .get_object(Bucket=s3_settings.bucket, Key=keys[0])["Body"]
+                .read()
+            )
+            assert any(thread_id in name for name in members)
+            assert not directory.exists()
+            async with connect(running, GO_TYPICAL_ID) as rpc:
+                listed_threads = (await rpc.result("thread/list", {}))["data"]
+                assert thread_id in {thread["id"] for thread in listed_threads}
+    finally:
+        await running.shutdown()

@@ -66,6 +66,19 @@ def _checked(identity: Identity) -> Identity:
     return identity
 
 
+def _header_bytes_as_utf8(token: str) -> str:
+    """The token as the Go service saw it: header bytes read as UTF-8.
+
+    HTTP header values reach us decoded as latin-1; the Go service signed and read the raw
+    bytes, which are UTF-8 when a workspace id is not ASCII. Tokens that are not such bytes
+    (ASCII ones, or text handed over directly) are returned unchanged.
+    """
+    try:
+        return token.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return token
+
+
 class HmacAuthenticator:
     """Development and break-glass tokens in the Go service's ``ws.thread.hmac`` format."""
 
@@ -74,7 +87,7 @@ class HmacAuthenticator:
 
     async def verify(self, token: str) -> Identity:
         try:
-            workspace_id = verify_hmac_token(self._secret, token)
+            workspace_id = verify_hmac_token(self._secret, _header_bytes_as_utf8(token))
         except TokenError as exc:
             raise Unauthorized(str(exc)) from None
         return _checked(Identity(workspace_id=workspace_id))

@@ -29,6 +29,7 @@ import structlog
 import trio
 
 from gateway import metrics
+from gateway.auth.tokens import workspace_dir_name
 from gateway.codex_home.config_toml import CodexConfig, McpServer, ModelProvider, render_config_toml
 from gateway.codex_home.persistence import (
     Generation,
@@ -131,7 +132,7 @@ class SessionDirectories:
     @classmethod
     def for_workspace(cls, tmp_root: Path, workspace_id: str) -> SessionDirectories:
         """The layout for ``workspace_id``."""
-        root = tmp_root / workspace_id
+        root = tmp_root / workspace_dir_name(workspace_id)
         return cls(
             root=root,
             codex_home=root / "codex-home",
