@@ -20,7 +20,7 @@ from gateway.store.base import KEY_PREFIX
 from gateway.store.s3 import S3ObjectStore
 from gateway_tests import s3_server
 from gateway_tests.fakes.serving import serve_on_loopback
-from gateway_tests.harness import gateway_env, start_gateway
+from gateway_tests.harness import closed_port, gateway_env, start_gateway
 from gateway_tests.s3_control import s3_env
 from gateway_tests.s3_server import MotoServer, settings_for
 from gateway_tests.test_daemon_process import run_cli
@@ -170,3 +170,17 @@ async def test_a_fenced_store_starts_and_reports_fenced(
     await running.shutdown()
     assert [entry for entry in logs if entry["event"] == "store.fenced"]
     assert metrics.STORE_UNFENCED._value.get() == 0
+
+
+async def test_a_store_unreachable_at_start_is_logged_and_the_gateway_still_starts(
+    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+) -> None:
+    settings = settings_for(f"http://127.0.0.1:{await closed_port()}")
+    with capture_logs() as logs:
+        running = await start_gateway(
+            nursery, {**gateway_env(tmp_path, fake_codex_bin), **s3_env(settings)}
+        )
+    await running.shutdown()
+    [line] = [entry for entry in logs if entry["event"] == "store.probe_failed"]
+    assert "unreachable" in line["error"]
+    assert not [entry for entry in logs if entry["event"] in ("store.fenced", "store.unfenced")]
