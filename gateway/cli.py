@@ -44,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.daemon import run_daemon
     from gateway.logs import configure_logging
     from gateway.sessions.isolation import IsolationError
+    from gateway.store.base import StoreNotFenced
 
     configure_logging(config.log_level, config.log_format)
     try:
@@ -53,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
     except IsolationError as exc:
         print(f"{PROG} serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as exc:
+    except (OSError, StoreNotFenced) as exc:
         print(f"{PROG} serve: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     return EXIT_OK

@@ -24,6 +24,9 @@ Seconds = NewType("Seconds", float)
 ByteSize = NewType("ByteSize", int)
 CsvList = NewType("CsvList", tuple[str, ...])
 UidRangeText = NewType("UidRangeText", tuple[int, int])
+# CXG_S3_PATH_STYLE: the Go service's own rule (only "true", any case, is true).
+GoTrueOnly = NewType("GoTrueOnly", bool)
+LogLevel = NewType("LogLevel", str)
 
 
 class ConfigError(ValueError):
@@ -69,6 +72,8 @@ class S3Settings:
     path_style: bool
     # The time bound of one S3 request (see ``gateway.store.s3``), in seconds.
     timeout: float = 5.0
+    # Run even when the store ignores conditional writes (no fencing): an explicit opt-in.
+    allow_unfenced: bool = False
 
 
 @attrs.frozen
@@ -117,6 +122,8 @@ class Config:
     log_format: str
     inbound_hmac_secret: Secret | None
     agentserver: AgentserverSettings | None
+    # HMAC tokens next to the agentserver verifier only with CXG_ALLOW_HMAC_TOKENS=true.
+    allow_hmac_tokens: bool
     s3: S3Settings | None
     local_store_dir: str
     exec_gateway: ExecGatewaySettings | None
@@ -155,17 +162,19 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("CXG_TMP_ROOT", "/tmp/codex-app-gateway", str),
     _Var("CXG_IDLE_SHUTDOWN", "30m", Seconds),
     _Var("CXG_CAPTOKEN_TTL", "24h", Seconds),
-    _Var("CXG_LOG_LEVEL", "info", str),
+    _Var("CXG_LOG_LEVEL", "info", LogLevel),
     _Var("CXG_LOG_FORMAT", "json", str),
     _Var("CXG_S3_ENDPOINT", None, str),
     _Var("CXG_S3_REGION", "us-east-1", str),
     _Var("CXG_S3_BUCKET", None, str),
     _Var("CXG_S3_ACCESS_KEY_ID", "", str),
     _Var("CXG_S3_SECRET_ACCESS_KEY", "", Secret, secret=True),
-    _Var("CXG_S3_PATH_STYLE", "false", bool),
+    _Var("CXG_S3_PATH_STYLE", "false", GoTrueOnly),
     _Var("CXG_S3_TIMEOUT", "5s", Seconds),
+    _Var("CXG_S3_ALLOW_UNFENCED", "false", bool),
     _Var("CXG_LOCAL_STORE_DIR", "/tmp/codex-app-gateway-store", str),
     _Var("CXG_INBOUND_HMAC_SECRET", None, Secret, secret=True),
+    _Var("CXG_ALLOW_HMAC_TOKENS", "false", bool),
     _Var("CXG_EXEC_GATEWAY_URL", None, str),
     _Var("CXG_EXEC_GATEWAY_INTERNAL_URL", None, str),
     _Var("CXG_EXEC_GATEWAY_INTERNAL_SECRET", None, Secret, secret=True),
@@ -202,8 +211,13 @@ SECRET_NAMES = tuple(var.name for var in VARIABLES if var.secret)
 VARIABLES = VARIABLES + tuple(_Var(f"{name}_FILE", None, str) for name in SECRET_NAMES)
 _ISOLATION_MODES = ("auto", "required", "off")
 
-_LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
+_LOG_LEVELS = ("debug", "info", "warn", "error")
 _LOG_FORMATS = ("json", "text")
+# strconv.ParseBool, the grammar Go programs use for booleans: exactly these spellings.
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+# strconv.Atoi: an optional sign and ASCII digits (Python's int() also takes "1_000", "١٢").
+_GO_INT = re.compile(r"[+-]?[0-9]+")
 
 
 def _structure_seconds(value: str, _: object) -> float:
@@ -214,17 +228,46 @@ def _structure_seconds(value: str, _: object) -> float:
 
 
 def _structure_bool(value: str, _: object) -> bool:
-    # Upstream: true only for a case-insensitive "true"; we also accept the usual spellings and
-    # reject anything else rather than silently reading a typo as false.
-    lowered = value.strip().lower()
-    if lowered in ("true", "1", "yes", "on"):
+    # New variables: strconv.ParseBool's spellings, and nothing else.
+    if value in _GO_TRUE:
         return True
-    if lowered in ("false", "0", "no", "off", ""):
+    if value in _GO_FALSE:
         return False
     raise ValueError(f"invalid boolean {value!r} (expected true or false)")
 
 
+def _structure_go_true_only(value: str, _: object) -> bool:
+    # The Go service read CXG_S3_PATH_STYLE as true only for "true" in any case, and as false
+    # for everything else. Spellings that clearly mean false keep meaning false; the ones that
+    # meant false in Go but read as "yes" ("1", "on", "t", …) are refused: silently taking them
+    # as true would change a Go deployment's addressing, and as false would hide the typo.
+    if value.lower() == "true":
+        return True
+    if value.lower() in ("false", "0", "f", "no", "off"):
+        return False
+    raise ValueError(
+        f"invalid boolean {value!r} (expected true or false; "
+        "the Go service read anything but 'true' as false)"
+    )
+
+
+def _structure_log_level(value: str, _: object) -> str:
+    # The Go service lower-cased the value and knew debug, warn and error; everything else
+    # (including "warning" and typos) silently meant info. Known levels mean what they meant
+    # there; anything else is refused rather than read as info or as something new.
+    level = value.lower()
+    if level not in _LOG_LEVELS:
+        hint = " (use warn)" if level == "warning" else ""
+        raise ValueError(
+            f"unknown level {value!r}{hint}; expected debug, info, warn or error "
+            "(the Go service read an unknown level as info)"
+        )
+    return level
+
+
 def _structure_int(value: str, _: object) -> int:
+    if not _GO_INT.fullmatch(value.strip()):
+        raise ValueError(f"not a whole number {value!r}")
     number = int(value.strip())
     if number < 0:
         raise ValueError(f"negative number {value!r}")
@@ -292,6 +335,8 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(Seconds, _structure_seconds)
     converter.register_structure_hook(ByteSize, lambda v, _: parse_byte_size(v))
     converter.register_structure_hook(bool, _structure_bool)
+    converter.register_structure_hook(GoTrueOnly, _structure_go_true_only)
+    converter.register_structure_hook(LogLevel, _structure_log_level)
     converter.register_structure_hook(int, _structure_int)
     converter.register_structure_hook(CsvList, _structure_csv)
     converter.register_structure_hook(UidRangeText, lambda v, _: parse_uid_range(v))
@@ -362,9 +407,6 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             except ValueError as exc:
                 raise ConfigError(f"{name}: {exc}") from None
 
-    level = values["CXG_LOG_LEVEL"].lower()
-    if level not in _LOG_LEVELS:
-        raise ConfigError(f"CXG_LOG_LEVEL must be one of debug, info, warn, error; got {level!r}")
     log_format = values["CXG_LOG_FORMAT"].lower()
     if log_format not in _LOG_FORMATS:
         raise ConfigError(f"CXG_LOG_FORMAT must be json or text; got {log_format!r}")
@@ -429,6 +471,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             secret_access_key=values["CXG_S3_SECRET_ACCESS_KEY"],
             path_style=values["CXG_S3_PATH_STYLE"],
             timeout=values["CXG_S3_TIMEOUT"],
+            allow_unfenced=values["CXG_S3_ALLOW_UNFENCED"],
         )
 
     exec_gateway = None
@@ -457,10 +500,11 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         codex_bin=values["CXG_CODEX_BIN"],
         tmp_root=values["CXG_TMP_ROOT"],
         idle_shutdown=values["CXG_IDLE_SHUTDOWN"],
-        log_level="warn" if level == "warning" else level,
+        log_level=values["CXG_LOG_LEVEL"],
         log_format=log_format,
         inbound_hmac_secret=values["CXG_INBOUND_HMAC_SECRET"],
         agentserver=agentserver,
+        allow_hmac_tokens=values["CXG_ALLOW_HMAC_TOKENS"],
         s3=s3,
         local_store_dir=values["CXG_LOCAL_STORE_DIR"],
         exec_gateway=exec_gateway,

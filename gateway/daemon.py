@@ -26,12 +26,14 @@ import httpx2
 import structlog
 import trio
 
+from gateway import metrics
 from gateway.auth.authenticators import build_authenticator
 from gateway.config import Config
 from gateway.sessions.isolation import ChildIsolation, IsolationMode, UidRange, harden_process
 from gateway.sessions.manager import SessionManager
 from gateway.sessions.session import SessionServices
 from gateway.sessions.wiring import credentials_factory, executors_factory, open_persistence
+from gateway.store.base import ObjectStore, StoreNotFenced, StoreUnavailable
 from gateway.web.admin import AdminRoutes
 from gateway.web.app import Readiness, build_app, build_metrics_app
 from gateway.web.hypercorn_fixes import install_hypercorn_fixes
@@ -72,12 +74,54 @@ def _warn_about_placement(config: Config) -> None:
             hint="codex refuses helper aliases under /tmp; mount an emptyDir elsewhere "
             "(e.g. /var/lib/codex-app-gateway) and point CXG_TMP_ROOT at it",
         )
+    if config.exec_gateway is None:
+        log.warning(
+            "config.no_executors",
+            hint="the CXG_EXEC_GATEWAY_* variables and CXG_CAPTOKEN_HMAC_SECRET are unset: every "
+            "session starts without executors (no remote shell tools)",
+        )
     if config.s3 is None:
         log.warning(
             "config.local_store",
             directory=config.local_store_dir,
             hint="CODEX_HOME archives are kept on this pod's disk only; set CXG_S3_BUCKET",
         )
+
+
+async def check_store_fencing(store: ObjectStore, config: Config) -> None:
+    """Refuse to serve on a store that ignores conditional writes, unless opted in.
+
+    Fencing (a stale session never overwrites a newer snapshot) rests on the store applying
+    ``If-None-Match``/``If-Match``; some S3-compatible servers silently ignore them.
+    """
+    probe = getattr(store, "probe_conditional_writes", None)
+    if probe is None or config.s3 is None:
+        return  # the local store fences under its own lock
+    try:
+        ignored: list[str] = await probe()
+    except StoreUnavailable as exc:
+        # Sessions answer 503 until the store is back; refusing to start would only add a
+        # crash loop. The probe runs again at the next start.
+        log.warning("store.probe_failed", store=store.describe(), error=str(exc))
+        return
+    if not ignored:
+        metrics.STORE_UNFENCED.set(0)
+        log.info("store.fenced", store=store.describe())
+        return
+    what = "; ".join(ignored)
+    if not config.s3.allow_unfenced:
+        raise StoreNotFenced(
+            f"the object store {store.describe()} ignores conditional writes ({what}), so a "
+            "stale session could overwrite newer history; use a store that honours them, or "
+            "set CXG_S3_ALLOW_UNFENCED=true to run without fencing"
+        )
+    metrics.STORE_UNFENCED.set(1)
+    log.warning(
+        "store.unfenced",
+        store=store.describe(),
+        ignored=ignored,
+        hint="CXG_S3_ALLOW_UNFENCED=true: saves are not fenced; run one replica only",
+    )
 
 
 async def _in_scope(
@@ -108,6 +152,7 @@ async def run_daemon(
         persistence = open_persistence(config)
         store = persistence.store
         try:
+            await check_store_fencing(store, config)
             services = SessionServices(
                 config=config,
                 persistence=persistence,
@@ -127,13 +172,18 @@ async def run_daemon(
                 )
                 http_stopped = trio.Event()
                 urls: list[str] = await root.start(
-                    serve_http, app, hypercorn_config(config, config.listen_addr), http_stopped
+                    serve_http,
+                    app,
+                    hypercorn_config(config, config.listen_addr),
+                    config.listen_addr,
+                    http_stopped,
                 )
                 if config.metrics_listen_addr:
                     await root.start(
                         serve_http,
                         build_metrics_app(),
                         hypercorn_config(config, config.metrics_listen_addr),
+                        config.metrics_listen_addr,
                         http_stopped,
                     )
                 readiness.serving = True

@@ -42,3 +42,8 @@ WS_CLOSES = Counter(
     "cxg_ws_closes_total", "WebSocket closes by side that closed and code.", ["side", "code"]
 )
 AUTH_RESULTS = Counter("cxg_auth_results_total", "Authentication outcomes.", ["result"])
+STORE_UNFENCED = Gauge(
+    "cxg_store_unfenced",
+    "1 when the object store ignores conditional writes and the gateway runs unfenced "
+    "(CXG_S3_ALLOW_UNFENCED=true).",
+)

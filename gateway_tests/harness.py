@@ -50,6 +50,8 @@ def gateway_env(tmp_path: Path, codex_bin: Path | str, **overrides: str) -> dict
     env = {
         "CXG_CHILD_UID_RANGE": child_uid_range(),
         "CXG_INBOUND_HMAC_SECRET": HMAC_SECRET,
+        # Tests that add the agentserver verifier still connect with development tokens.
+        "CXG_ALLOW_HMAC_TOKENS": "true",
         "CXG_ADMIN_SECRET": ADMIN_SECRET,
         "CXG_TMP_ROOT": str(tmp_path / "sessions"),
         "CXG_LOCAL_STORE_DIR": str(tmp_path / "store"),

@@ -13,6 +13,7 @@ import pytest
 import trio
 from starlette.requests import Request
 from starlette.responses import Response
+from structlog.testing import capture_logs
 
 from gateway.auth import authenticators
 from gateway.auth.authenticators import (
@@ -197,13 +198,22 @@ async def test_a_missing_user_id_is_tolerated(
     assert identity == Identity(workspace_id="ws_test", user_id="")
 
 
-@pytest.mark.parametrize("workspace_id", ["../etc", "ws/a", "ws.a", "ws\n", "." * 3, "a" * 200])
+@pytest.mark.parametrize("workspace_id", ["../etc", "ws/a", "..", ".", "ws\n", "a" * 200])
 async def test_an_unsafe_workspace_id_from_the_verifier_is_unauthorized(
     agentserver: ScriptedAgentserver, http: httpx2.AsyncClient, workspace_id: str
 ) -> None:
     agentserver.scripted = raw(json.dumps({"user_id": "u", "workspace_id": workspace_id}))
     with pytest.raises(Unauthorized):
         await verifier_for(agentserver.base_url, http).verify(AST_TOKEN)
+
+
+@pytest.mark.parametrize("workspace_id", ["ws.a", "...", "team a@corp:ws", "wś-ünïcode"])
+async def test_workspace_ids_the_go_service_took_from_agentserver_are_accepted(
+    agentserver: ScriptedAgentserver, http: httpx2.AsyncClient, workspace_id: str
+) -> None:
+    agentserver.scripted = raw(json.dumps({"user_id": "u", "workspace_id": workspace_id}))
+    identity = await verifier_for(agentserver.base_url, http).verify(AST_TOKEN)
+    assert identity.workspace_id == workspace_id
 
 
 async def test_a_wrong_internal_secret_is_rejected_by_agentserver(
@@ -317,13 +327,75 @@ async def test_build_authenticator_follows_the_configuration(
             "CXG_AGENTSERVER_INTERNAL_URL": agentserver.base_url + "/",
             "CXG_AGENTSERVER_INTERNAL_SECRET": INTERNAL_SECRET,
             "CXG_INBOUND_HMAC_SECRET": HMAC_SECRET,
+            "CXG_ALLOW_HMAC_TOKENS": "true",
         }
     )
-    chain = build_authenticator(config, http)
+    with capture_logs() as logs:
+        chain = build_authenticator(config, http)
     assert await chain.verify(AST_TOKEN) == Identity(workspace_id="ws_test", user_id="u_test")
     hmac_token = mint_hmac_token(HMAC_SECRET.encode(), "ws_dev", "t")
     assert await chain.verify(hmac_token) == Identity(workspace_id="ws_dev")
     assert [r.path for r in agentserver.requests] == [VERIFY_PATH]
+    [line] = [entry for entry in logs if entry["event"] == "auth.authenticators"]
+    assert line["live"] == ["agentserver", "hmac"]
+    assert line["hmac_tokens"] == "accepted"
+
+
+def _verifier_and_hmac_secret(base_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "CXG_AGENTSERVER_INTERNAL_URL": base_url,
+        "CXG_AGENTSERVER_INTERNAL_SECRET": INTERNAL_SECRET,
+        "CXG_INBOUND_HMAC_SECRET": HMAC_SECRET,
+        **extra,
+    }
+
+
+async def test_hmac_tokens_are_refused_when_the_verifier_is_enabled_without_the_opt_in(
+    agentserver: ScriptedAgentserver, http: httpx2.AsyncClient
+) -> None:
+    # The Go chart's deployment: the verifier plus an HMAC secret the Go service never used.
+    config = load_config(_verifier_and_hmac_secret(agentserver.base_url))
+    assert config.inbound_hmac_secret is not None  # loaded, as Go did
+    with capture_logs() as logs:
+        chain = build_authenticator(config, http)
+    hmac_token = mint_hmac_token(HMAC_SECRET.encode(), "ws_dev", "t")
+    with pytest.raises(Unauthorized, match="CXG_ALLOW_HMAC_TOKENS"):
+        await chain.verify(hmac_token)
+    # Refused here: agentserver is never asked about a token it did not issue.
+    assert agentserver.requests == []
+    assert await chain.verify(AST_TOKEN) == Identity(workspace_id="ws_test", user_id="u_test")
+    [line] = [entry for entry in logs if entry["event"] == "auth.authenticators"]
+    assert line["live"] == ["agentserver"]
+    assert line["hmac_secret_loaded"] is True
+    assert line["hmac_tokens"] == "refused"
+    assert "CXG_ALLOW_HMAC_TOKENS=true" in line["hint"]
+    assert HMAC_SECRET not in repr(logs)
+
+
+@pytest.mark.parametrize("opt_in", ["false", "0", ""])
+async def test_hmac_tokens_stay_refused_unless_the_opt_in_is_true(
+    opt_in: str, agentserver: ScriptedAgentserver, http: httpx2.AsyncClient
+) -> None:
+    config = load_config(
+        _verifier_and_hmac_secret(agentserver.base_url, CXG_ALLOW_HMAC_TOKENS=opt_in)
+    )
+    chain = build_authenticator(config, http)
+    assert chain.live == ("agentserver",)
+    with pytest.raises(Unauthorized):
+        await chain.verify(mint_hmac_token(HMAC_SECRET.encode(), "ws_dev", "t"))
+
+
+async def test_without_a_verifier_hmac_tokens_work_as_in_development(
+    http: httpx2.AsyncClient,
+) -> None:
+    config = load_config({"CXG_INBOUND_HMAC_SECRET": HMAC_SECRET})
+    with capture_logs() as logs:
+        chain = build_authenticator(config, http)
+    token = mint_hmac_token(HMAC_SECRET.encode(), "ws_dev", "t")
+    assert await chain.verify(token) == Identity(workspace_id="ws_dev")
+    [line] = [entry for entry in logs if entry["event"] == "auth.authenticators"]
+    assert line["live"] == ["hmac"]
+    assert line["hint"] is None
 
 
 async def test_a_verifier_that_never_answers_means_unavailable(

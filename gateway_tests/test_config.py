@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -143,28 +145,180 @@ def test_captoken_ttl_is_a_go_duration() -> None:
     assert load_config({"CXG_CAPTOKEN_TTL": "90m"}).captoken_ttl == 5400
 
 
+# -- values the Go service read differently: its meaning, or exit 2 -----------------------------
+
+# Every spelling an operator may have in a Go deployment, including odd ones.
+PATH_STYLE_VALUES = [
+    "true",
+    "TRUE",
+    "True",
+    "tRuE",
+    "false",
+    "FALSE",
+    "False",
+    "0",
+    "1",
+    "t",
+    "T",
+    "f",
+    "F",
+    "yes",
+    "YES",
+    "no",
+    "NO",
+    "on",
+    "ON",
+    "off",
+    "OFF",
+    "y",
+    "n",
+    "2",
+    "-1",
+    "enable",
+    "enabled",
+    "truee",
+    " true",
+    "true ",
+    "\ttrue",
+    "true\n",
+    " false",
+    "\uff54\uff52\uff55\uff45",
+    "nil",
+    "",
+]
+LOG_LEVEL_VALUES = [
+    "debug",
+    "DEBUG",
+    "Debug",
+    "dEbUg",
+    "info",
+    "INFO",
+    "Info",
+    "warn",
+    "WARN",
+    "Warn",
+    "warning",
+    "WARNING",
+    "Warning",
+    "error",
+    "ERROR",
+    "Error",
+    "err",
+    "fatal",
+    "panic",
+    "trace",
+    "verbose",
+    "notice",
+    "critical",
+    "0",
+    "-4",
+    " debug",
+    "debug ",
+    "warn\n",
+    "\u0130nfo",
+    "\uff44\uff45\uff42\uff55\uff47",
+    "",
+]
+
+
+def go_path_style(value: str) -> bool:
+    """What the Go service made of CXG_S3_PATH_STYLE: true only for "true", any case."""
+    return value.lower() == "true"
+
+
+def go_log_level(value: str) -> str:
+    """What the Go service made of CXG_LOG_LEVEL: debug, warn, error; anything else info."""
+    level = value.lower()
+    return level if level in ("debug", "warn", "error") else "info"
+
+
+def serve_exit_status(monkeypatch: pytest.MonkeyPatch, environ: dict[str, str]) -> int:
+    """The exit status of ``serve`` for a configuration that ``load_config`` refuses."""
+    from gateway import cli
+
+    monkeypatch.setattr(os, "environ", {**FULL, **environ})
+    return cli.main(["serve"])
+
+
+@pytest.mark.parametrize("value", PATH_STYLE_VALUES)
+def test_every_go_path_style_value_means_what_it_meant_in_go_or_exits_2(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    environ = {"CXG_S3_BUCKET": "b", "CXG_S3_PATH_STYLE": value}
+    try:
+        config = load_config(environ)
+    except ConfigError:
+        assert serve_exit_status(monkeypatch, environ) == 2
+        assert "CXG_S3_PATH_STYLE" in capsys.readouterr().err
+        return
+    assert config.s3 is not None
+    assert config.s3.path_style is go_path_style(value)
+
+
+@pytest.mark.parametrize("value", LOG_LEVEL_VALUES)
+def test_every_go_log_level_means_what_it_meant_in_go_or_exits_2(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    environ = {"CXG_LOG_LEVEL": value}
+    try:
+        config = load_config(environ)
+    except ConfigError:
+        assert serve_exit_status(monkeypatch, environ) == 2
+        assert "CXG_LOG_LEVEL" in capsys.readouterr().err
+        return
+    assert config.log_level == go_log_level(value)
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("true", True), ("TRUE", True), ("True", True), ("1", True), ("false", False), ("0", False)],
+    [("true", True), ("TRUE", True), ("True", True), ("false", False), ("0", False), ("", False)],
 )
-def test_s3_path_style_reads_true_and_false(value: str, expected: bool) -> None:
+def test_the_plain_path_style_spellings_are_accepted(value: str, expected: bool) -> None:
     config = load_config({"CXG_S3_BUCKET": "b", "CXG_S3_PATH_STYLE": value})
     assert config.s3 is not None
     assert config.s3.path_style is expected
 
 
+@pytest.mark.parametrize("value", ["1", "yes", "on", "t", "T", " true"])
+def test_path_style_spellings_go_read_as_false_but_look_true_are_refused(value: str) -> None:
+    message = config_error({"CXG_S3_BUCKET": "b", "CXG_S3_PATH_STYLE": value})
+    assert "CXG_S3_PATH_STYLE" in message
+    assert "Go service" in message
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [
-        ("debug", "debug"),
-        ("INFO", "info"),
-        ("Warn", "warn"),
-        ("warning", "warn"),
-        ("error", "error"),
-    ],
+    [("debug", "debug"), ("INFO", "info"), ("Warn", "warn"), ("error", "error"), ("", "info")],
 )
 def test_log_levels_are_case_insensitive(value: str, expected: str) -> None:
     assert load_config({"CXG_LOG_LEVEL": value}).log_level == expected
+
+
+def test_warning_is_refused_with_a_hint_rather_than_read_as_warn_or_info() -> None:
+    message = config_error({"CXG_LOG_LEVEL": "warning"})
+    assert "use warn" in message
+
+
+@pytest.mark.parametrize(
+    "value", ["1", "t", "T", "TRUE", "true", "True", "0", "f", "F", "FALSE", "false", "False"]
+)
+def test_new_booleans_take_exactly_go_parsebool_spellings(value: str) -> None:
+    config = load_config({"CXG_ALLOW_HMAC_TOKENS": value})
+    assert config.allow_hmac_tokens is (value in ("1", "t", "T", "TRUE", "true", "True"))
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "tRuE", " true", "2", "y"])
+def test_new_booleans_refuse_what_go_parsebool_refuses(value: str) -> None:
+    assert "CXG_ALLOW_HMAC_TOKENS" in config_error({"CXG_ALLOW_HMAC_TOKENS": value})
+
+
+@pytest.mark.parametrize("value", ["1_000", "١٢", "0x10", "1e3", "10.0"])
+def test_whole_numbers_take_go_atoi_spellings_only(value: str) -> None:
+    assert "CXG_MAX_SESSIONS" in config_error({"CXG_MAX_SESSIONS": value})
+
+
+def test_a_signed_whole_number_is_accepted_as_go_atoi_does() -> None:
+    assert load_config({"CXG_MAX_SESSIONS": "+7"}).max_sessions == 7
 
 
 def test_surrounding_whitespace_is_ignored() -> None:
@@ -217,6 +371,7 @@ def test_split_listen_addr(value: str, split: tuple[str, int]) -> None:
         ("CXG_MODEL_TOKEN_REFRESH_INTERVAL", "5 minutes"),
         ("CXG_WS_PING_INTERVAL", "-30s"),
         ("CXG_S3_PATH_STYLE", "maybe"),
+        ("CXG_S3_ALLOW_UNFENCED", "yes"),
         ("CXG_WS_MAX_MESSAGE_SIZE", "lots"),
         ("CXG_RESTORE_MAX_BYTES", "1.5GiB"),
         ("CXG_MAX_SESSIONS", "ten"),

@@ -64,3 +64,23 @@ def test_unrelated_rows_and_unknown_schemas_are_left_alone(tmp_path: Path) -> No
 def test_a_corrupt_database_is_reported_not_fatal(tmp_path: Path) -> None:
     (tmp_path / "state_5.sqlite").write_bytes(b"not a database at all" * 100)
     assert relocate_codex_home(tmp_path) == 0
+
+
+def test_a_snapshot_records_the_go_home_in_its_copy_and_leaves_the_live_database(
+    tmp_path: Path,
+) -> None:
+    from gateway.codex_home.snapshot import ExcludePolicy, snapshot_entries
+
+    home = tmp_path / "ws_a" / "codex-home"
+    (home / "sessions").mkdir(parents=True)
+    live = _state_db(home, [f"{home}/sessions/2026/05/15/rollout-a.jsonl"])
+    go_home = tmp_path / "ws_a-go"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    archived: list[str] = []
+    for entry in snapshot_entries(home, ExcludePolicy(), scratch, recorded_home=go_home):
+        if entry.name == "state_5.sqlite":
+            assert entry.source is not None
+            archived = _paths(entry.source)
+    assert archived == [f"{go_home}/sessions/2026/05/15/rollout-a.jsonl"]
+    assert _paths(live) == [f"{home}/sessions/2026/05/15/rollout-a.jsonl"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import re
+import string
 
 import pytest
 from hypothesis import given
@@ -18,6 +20,8 @@ from gateway.auth.tokens import (
     looks_like_hmac_token,
     mint_hmac_token,
     verify_hmac_token,
+    workspace_dir_name,
+    workspace_id_of_dir,
 )
 
 SECRET = b"s3cret"
@@ -169,8 +173,29 @@ def test_shape_test_needs_64_lower_case_hex_digits() -> None:
 # -- workspace ids -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("workspace_id", ["ws_alpha", "a", "WS-1", "0abc", "a" * 128])
-def test_safe_workspace_ids(workspace_id: str) -> None:
+# Ids as the Go service took them: anything agentserver returned, anything without "." in HMAC.
+GO_TYPICAL_IDS = [
+    "ws_alpha",
+    "a",
+    "WS-1",
+    "0abc",
+    "a" * 128,
+    "ws.a",
+    "ws a",
+    "_ws",
+    "-ws",
+    "wś",
+    "team a@corp:ws#1",
+    "ws\\a",
+    "…",
+    "日本語のワークスペース",
+    "ws~1",
+    "~",
+]
+
+
+@pytest.mark.parametrize("workspace_id", GO_TYPICAL_IDS)
+def test_workspace_ids_the_go_service_took_are_accepted(workspace_id: str) -> None:
     assert is_safe_workspace_id(workspace_id)
 
 
@@ -182,25 +207,55 @@ def test_safe_workspace_ids(workspace_id: str) -> None:
         "..",
         "../etc",
         "ws/a",
-        "ws.a",
-        "ws a",
-        "_ws",
-        "-ws",
+        "/",
         "a" * 129,
-        "wś",
+        "é" * 65,
         "ws\n",
         "ws\x00",
-        "ws\\a",
+        "\x7f",
+        "ws\x85",
+        "\ud800",
     ],
 )
 def test_unsafe_workspace_ids(workspace_id: str) -> None:
     assert not is_safe_workspace_id(workspace_id)
 
 
+PLAIN_DIR = re.compile(r"[A-Za-z0-9_-]{1,255}")
+
+
 @given(ANY_TEXT)
-def test_a_safe_workspace_id_is_a_plain_path_component(workspace_id: str) -> None:
-    if is_safe_workspace_id(workspace_id):
-        assert workspace_id.isascii()
-        assert workspace_id not in (".", "..")
-        assert not set(workspace_id) & set("/\\.\x00\n\r ")
-        assert 1 <= len(workspace_id) <= 128
+def test_every_accepted_id_gets_a_plain_reversible_directory_name(workspace_id: str) -> None:
+    if not is_safe_workspace_id(workspace_id):
+        return
+    name = workspace_dir_name(workspace_id)
+    assert PLAIN_DIR.fullmatch(name)
+    assert name not in (".", "..")
+    assert workspace_id_of_dir(name) == workspace_id
+
+
+@given(ANY_TEXT, ANY_TEXT)
+def test_directory_names_are_injective(first: str, second: str) -> None:
+    if first != second and is_safe_workspace_id(first) and is_safe_workspace_id(second):
+        assert workspace_dir_name(first) != workspace_dir_name(second)
+
+
+@given(st.text(alphabet=string.ascii_letters + string.digits + "_-", min_size=1, max_size=255))
+def test_a_directory_name_maps_back_to_at_most_one_id(name: str) -> None:
+    # Injectivity from the other side: a name some id maps to is that id's name, canonically.
+    workspace_id = workspace_id_of_dir(name)
+    if workspace_id is not None:
+        assert workspace_dir_name(workspace_id) == name
+
+
+def test_ids_of_the_earlier_narrow_rule_keep_their_directory_names() -> None:
+    # Directories left by earlier versions (the adoption of unsaved homes) keep matching.
+    for workspace_id in ("ws_alpha", "WS-1", "0abc", "a" * 128):
+        assert workspace_dir_name(workspace_id) == workspace_id
+    assert workspace_dir_name("ws.a").startswith("_")
+
+
+def test_mint_refuses_a_dot_in_the_workspace_as_the_token_format_needs() -> None:
+    with pytest.raises(TokenError, match=r"no '\.'"):
+        mint_hmac_token(b"secret", "ws.a")
+    assert mint_hmac_token(b"secret", "team a@corp").startswith("team a@corp.dev.")

@@ -66,6 +66,19 @@ def _checked(identity: Identity) -> Identity:
     return identity
 
 
+def _header_bytes_as_utf8(token: str) -> str:
+    """The token as the Go service saw it: header bytes read as UTF-8.
+
+    HTTP header values reach us decoded as latin-1; the Go service signed and read the raw
+    bytes, which are UTF-8 when a workspace id is not ASCII. Tokens that are not such bytes
+    (ASCII ones, or text handed over directly) are returned unchanged.
+    """
+    try:
+        return token.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return token
+
+
 class HmacAuthenticator:
     """Development and break-glass tokens in the Go service's ``ws.thread.hmac`` format."""
 
@@ -74,7 +87,7 @@ class HmacAuthenticator:
 
     async def verify(self, token: str) -> Identity:
         try:
-            workspace_id = verify_hmac_token(self._secret, token)
+            workspace_id = verify_hmac_token(self._secret, _header_bytes_as_utf8(token))
         except TokenError as exc:
             raise Unauthorized(str(exc)) from None
         return _checked(Identity(workspace_id=workspace_id))
@@ -121,25 +134,65 @@ class ChainedAuthenticator:
     """HMAC-shaped tokens go to the HMAC authenticator when configured; the rest to agentserver.
 
     agentserver tokens (``ast_<id>_<secret>``) never have the HMAC shape, so routing by shape
-    sends each token to the one authenticator that can judge it.
+    sends each token to the one authenticator that can judge it. With ``refuse_hmac`` (an HMAC
+    secret loaded next to the verifier without the opt-in) HMAC-shaped tokens are refused here,
+    without asking agentserver about a token it never issued.
     """
 
-    def __init__(self, hmac: HmacAuthenticator | None, remote: AgentserverVerifier | None) -> None:
+    def __init__(
+        self,
+        hmac: HmacAuthenticator | None,
+        remote: AgentserverVerifier | None,
+        *,
+        refuse_hmac: bool = False,
+    ) -> None:
         self._hmac = hmac
         self._remote = remote
+        self._refuse_hmac = refuse_hmac
+
+    @property
+    def live(self) -> tuple[str, ...]:
+        """The authenticators that accept tokens: ``agentserver`` and/or ``hmac``."""
+        names = ("agentserver",) if self._remote is not None else ()
+        return (*names, "hmac") if self._hmac is not None else names
 
     async def verify(self, token: str) -> Identity:
         if self._hmac is not None and (self._remote is None or looks_like_hmac_token(token)):
             return await self._hmac.verify(token)
+        if self._refuse_hmac and looks_like_hmac_token(token):
+            raise Unauthorized("HMAC tokens are not accepted here (CXG_ALLOW_HMAC_TOKENS is off)")
         if self._remote is not None:
             return await self._remote.verify(token)
         raise Unauthorized("no authenticator accepts this token")
 
 
 def build_authenticator(config: Config, http: httpx2.AsyncClient) -> ChainedAuthenticator:
-    """The authenticator ``serve`` uses, from the configuration."""
-    hmac_auth = (
-        HmacAuthenticator(config.inbound_hmac_secret) if config.inbound_hmac_secret else None
-    )
+    """The authenticator ``serve`` uses, from the configuration.
+
+    HMAC tokens are a development and break-glass tool. Without the verifier they are the only
+    way in; next to it they are accepted only with ``CXG_ALLOW_HMAC_TOKENS=true``, because the
+    Go chart injects ``CXG_INBOUND_HMAC_SECRET`` into every deployment (the Go service loaded
+    it and never used it) and reusing that deployment must not open a second way in.
+    """
     remote = AgentserverVerifier(config.agentserver, http) if config.agentserver else None
-    return ChainedAuthenticator(hmac_auth, remote)
+    hmac_wanted = bool(config.inbound_hmac_secret) and (remote is None or config.allow_hmac_tokens)
+    hmac_auth = (
+        HmacAuthenticator(config.inbound_hmac_secret)
+        if hmac_wanted and config.inbound_hmac_secret
+        else None
+    )
+    refuse_hmac = remote is not None and hmac_auth is None
+    authenticator = ChainedAuthenticator(hmac_auth, remote, refuse_hmac=refuse_hmac)
+    log.info(
+        "auth.authenticators",
+        live=list(authenticator.live),
+        hmac_secret_loaded=bool(config.inbound_hmac_secret),
+        hmac_tokens="accepted" if hmac_auth is not None else "refused",
+        hint=(
+            "CXG_INBOUND_HMAC_SECRET is set but HMAC tokens are refused next to the agentserver "
+            "verifier; set CXG_ALLOW_HMAC_TOKENS=true to accept them"
+            if config.inbound_hmac_secret and hmac_auth is None
+            else None
+        ),
+    )
+    return authenticator

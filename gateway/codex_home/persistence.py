@@ -249,6 +249,7 @@ class Persistence:
         expected: Generation,
         *,
         read_as: ReadAs | None = None,
+        recorded_home: Path | None = None,
     ) -> Generation:
         """Snapshot ``codex_home`` and write it, conditional on ``expected``; may run live.
 
@@ -256,8 +257,10 @@ class Persistence:
 
         Returns ``expected`` itself when the home is unchanged since that generation (nothing
         is uploaded), else the new generation. The local directory is never modified or
-        deleted here. Raises ``StaleSnapshot``, ``PersistenceUnavailable`` or
-        ``PersistenceError``; on any failure the stored object is the previous one.
+        deleted here. ``recorded_home``: where the archived state databases say the home is
+        (the Go service's ``<CXG_TMP_ROOT>/<workspace>``, so a rollback resumes threads);
+        ``None`` keeps ``codex_home``. Raises ``StaleSnapshot``, ``PersistenceUnavailable``
+        or ``PersistenceError``; on any failure the stored object is the previous one.
         """
         key = archive_key(workspace_id)
         try:
@@ -274,7 +277,7 @@ class Persistence:
                 snapshot.scratch_directory(codex_home.parent) as scratch,
                 read_as(scratch) if read_as is not None else nullcontext(),
             ):
-                entries = snapshot.snapshot_entries(codex_home, self.policy, scratch)
+                entries = snapshot.snapshot_entries(codex_home, self.policy, scratch, recorded_home)
                 return archive.write_archive(entries, emit, level=self.compresslevel)
 
         async def upload(chunks: AsyncIterable[bytes]) -> str:

@@ -11,7 +11,10 @@ moments can be corrupt, so:
 * rollouts and other files are copied as they are; ``*.jsonl`` files are cut after their last
   complete line;
 * runtime files are never archived: sockets, fifos, devices, symlinks (codex's PATH aliases),
-  lock/pid files, the model-token file, and codex's runtime directories.
+  lock/pid files, the model-token file, and codex's runtime directories;
+* the rollout paths that codex's state databases record are rewritten, in the copy only, to
+  the home the archive is meant for (``recorded_home``): the Go service's layout, so that a
+  Go gateway restoring the archive (a rollback) can resume its threads.
 
 The fingerprint hashes names, sizes, mtimes and inodes (including database WALs, whose
 content the backup captures) — never file contents — so an unchanged home costs one directory
@@ -34,6 +37,7 @@ from urllib.parse import quote
 import attrs
 
 from gateway.codex_home.archive import EntryKind, PackEntry
+from gateway.codex_home.relocate import relocate_state_database
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 SQLITE_COMPANION_SUFFIXES = ("-wal", "-shm", "-journal")
@@ -175,11 +179,15 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
-def snapshot_entries(root: Path, policy: ExcludePolicy, scratch: Path) -> Iterator[PackEntry]:
+def snapshot_entries(
+    root: Path, policy: ExcludePolicy, scratch: Path, recorded_home: Path | None = None
+) -> Iterator[PackEntry]:
     """The entries of a consistent snapshot of ``root``, ready for ``write_archive``.
 
     Database copies are made one at a time in ``scratch`` just before they are archived and
-    removed right after, so extra disk use is bounded by the largest database.
+    removed right after, so extra disk use is bounded by the largest database. With
+    ``recorded_home``, the copies of the top-level ``state_*.sqlite`` databases record their
+    rollout paths under that directory instead of ``root``; the live databases are untouched.
     """
     for entry in iter_home(root, policy):
         name = entry.relative.as_posix()
@@ -192,6 +200,8 @@ def snapshot_entries(root: Path, policy: ExcludePolicy, scratch: Path) -> Iterat
             continue
         if is_sqlite_database(entry.path):
             copy = _backup_copy(entry.path, scratch)
+            if copy is not None and recorded_home is not None and _is_state_database(name):
+                relocate_state_database(copy, recorded_home)
             if copy is not None:
                 try:
                     yield PackEntry(
@@ -208,6 +218,10 @@ def snapshot_entries(root: Path, policy: ExcludePolicy, scratch: Path) -> Iterat
             source=entry.path,
             trim_partial_line=name.endswith(".jsonl"),
         )
+
+
+def _is_state_database(name: str) -> bool:
+    return "/" not in name and fnmatch.fnmatchcase(name, "state_*.sqlite")
 
 
 def _backup_copy(source: Path, scratch: Path) -> Path | None:

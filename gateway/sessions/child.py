@@ -28,8 +28,8 @@ import structlog
 import trio
 
 from gateway.sessions.child_process import ChildProcess, start_child_process
-from gateway.sessions.process_tree import stop_process_tree
 from gateway.sessions.isolation import ChildIdentity
+from gateway.sessions.process_tree import stop_process_tree
 
 log = structlog.get_logger(__name__)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,7 @@ import structlog
 import trio
 
 from gateway import metrics
+from gateway.auth.tokens import workspace_dir_name
 from gateway.codex_home.config_toml import CodexConfig, McpServer, ModelProvider, render_config_toml
 from gateway.codex_home.persistence import (
     Generation,
@@ -131,13 +133,20 @@ class SessionDirectories:
     codex_home: Path
     runtime: Path
     home: Path
+    # Where the Go service kept this workspace's CODEX_HOME (<CXG_TMP_ROOT>/<workspace>): the
+    # archive records rollout paths there, so a Go gateway restoring it resumes threads.
+    go_codex_home: Path | None = None
 
     @classmethod
     def for_workspace(cls, tmp_root: Path, workspace_id: str) -> SessionDirectories:
         """The layout for ``workspace_id``."""
-        root = tmp_root / workspace_id
+        root = tmp_root / workspace_dir_name(workspace_id)
         return cls(
-            root=root, codex_home=root / "codex-home", runtime=root / "run", home=root / "home"
+            root=root,
+            codex_home=root / "codex-home",
+            runtime=root / "run",
+            home=root / "home",
+            go_codex_home=Path(os.path.join(tmp_root, workspace_id)),
         )
 
     def create(self) -> None:
@@ -454,6 +463,7 @@ class Session:
                     self.directories.codex_home,
                     self.generation,
                     read_as=self._read_as(),
+                    recorded_home=self.directories.go_codex_home,
                 )
             except StaleSnapshot as exc:
                 # Another writer (a newer session elsewhere) owns the workspace now; writing

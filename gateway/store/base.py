@@ -42,6 +42,10 @@ class PreconditionFailed(StoreError):
     """A conditional write lost: the object changed since the writer last saw it."""
 
 
+class StoreNotFenced(StoreError):
+    """The store ignores conditional writes, so a stale writer could overwrite newer history."""
+
+
 class StoredObject(Protocol):
     """An object being read: its generation and its body as a stream of chunks."""
 

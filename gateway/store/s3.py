@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -43,7 +44,13 @@ import trio
 from aiobotocore.config import AioConfig
 
 from gateway.config import S3Settings
-from gateway.store.base import ObjectNotFound, PreconditionFailed, StoreError, StoreUnavailable
+from gateway.store.base import (
+    KEY_PREFIX,
+    ObjectNotFound,
+    PreconditionFailed,
+    StoreError,
+    StoreUnavailable,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -456,6 +463,53 @@ class S3ObjectStore:
                 await client.abort_multipart_upload(
                     Bucket=self.settings.bucket, Key=key, UploadId=upload_id
                 )
+
+    async def probe_conditional_writes(self) -> list[str]:
+        """Check that the bucket honours conditional writes; return what it ignored.
+
+        Writes a small object under ``codex-app-gateway/.probe/`` (a key no workspace can
+        have: ids never contain ``/``) with ``If-None-Match: *`` twice and then with
+        ``If-Match`` on a wrong ETag, expecting the second and third to be refused with 412;
+        the object is deleted afterwards. An empty list means fencing works. Raises
+        ``StoreUnavailable`` when the store cannot be asked.
+        """
+        client = await self._get_client()
+        key = f"{KEY_PREFIX}.probe/{uuid.uuid4().hex}"
+        ignored: list[str] = []
+
+        async def put(conditions: dict[str, str]) -> bool:
+            """Whether the store accepted the write (False: it answered 412)."""
+            try:
+                with self._mapped("PutObject", key):
+                    await client.put_object(
+                        Bucket=self.settings.bucket,
+                        Key=key,
+                        Body=b"conditional write probe",
+                        **conditions,  # type: ignore[arg-type]
+                    )
+            except PreconditionFailed:
+                return False
+            return True
+
+        try:
+            if not await put({"IfNoneMatch": "*"}):
+                raise StoreUnavailable(
+                    f"probing {self._where(key)}: a fresh key refused If-None-Match: *"
+                )
+            if await put({"IfNoneMatch": "*"}):
+                ignored.append("If-None-Match: * on an existing object")
+            if await put({"IfMatch": '"00000000000000000000000000000000"'}):
+                ignored.append("If-Match with a wrong ETag")
+        finally:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(self.timeout),
+                suppress(
+                    botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError
+                ),
+            ):
+                await client.delete_object(Bucket=self.settings.bucket, Key=key)
+        return ignored
 
     async def aclose(self) -> None:
         """Close the HTTP client, if one was opened."""
