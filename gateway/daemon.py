@@ -17,9 +17,11 @@ with 1001, stops its child and saves within CXG_DRAIN_BUDGET; then Hypercorn sto
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import httpx2
@@ -28,13 +30,13 @@ import trio
 
 from gateway.auth.authenticators import build_authenticator
 from gateway.config import Config
+from gateway.sessions.budget import InflightBudget
 from gateway.sessions.manager import SessionManager
 from gateway.sessions.session import SessionServices
 from gateway.sessions.wiring import credentials_factory, executors_factory, open_persistence
 from gateway.web.admin import AdminRoutes
 from gateway.web.app import Readiness, build_app, build_metrics_app
-from gateway.web.hypercorn_fixes import install_hypercorn_fixes
-from gateway.web.server import hypercorn_config, serve_http
+from gateway.web.server import check_hypercorn_version, hypercorn_config, serve_http
 from gateway.web.websocket import WebSocketEndpoint
 
 log = structlog.get_logger(__name__)
@@ -55,6 +57,26 @@ async def watch_stop_signals(stop: trio.Event) -> None:
             else:
                 log.info("daemon.stop_signal", signal=name)
                 stop.set()
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one; returns (before, after).
+
+    Every client holds two descriptors (its own and its connection to the child) and every
+    session a child's pipes: the common soft default of 1024 (or 256) is reached by one tenant's
+    connections long before memory or CPU are, and then other workspaces' starts fail.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("daemon.open_files_limit_unchanged", soft=soft, hard=hard, error=str(exc))
+            return soft, soft
+        log.info("daemon.open_files_limit", soft_before=soft, soft=target)
+        return soft, target
+    return soft, soft
 
 
 def _warn_about_placement(config: Config) -> None:
@@ -87,7 +109,8 @@ async def run_daemon(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``stop`` is set (or, without one, until SIGTERM/SIGINT); then drain."""
-    install_hypercorn_fixes()
+    check_hypercorn_version()
+    raise_open_files_limit()
     _warn_about_placement(config)
     readiness = Readiness()
     async with httpx2.AsyncClient() as http:
@@ -105,14 +128,19 @@ async def run_daemon(
                 manager: SessionManager = await root.start(SessionManager(services).run)
                 authenticator = build_authenticator(config, http)
                 app = build_app(
-                    WebSocketEndpoint(manager, authenticator, config.allowed_origins),
                     AdminRoutes(manager, authenticator, config.admin_secret),
                     readiness,
                     metrics=config.metrics_listen_addr is None,
                 )
+                endpoint = WebSocketEndpoint(
+                    manager, authenticator, config, budget=InflightBudget(config.ws_inflight_budget)
+                )
                 http_stopped = trio.Event()
                 urls: list[str] = await root.start(
-                    serve_http, app, hypercorn_config(config, config.listen_addr), http_stopped
+                    partial(serve_http, upgrades=endpoint.serve),
+                    app,
+                    hypercorn_config(config, config.listen_addr),
+                    http_stopped,
                 )
                 if config.metrics_listen_addr:
                     await root.start(
