@@ -30,6 +30,7 @@ import trio
 
 from gateway.auth.authenticators import build_authenticator
 from gateway.config import Config
+from gateway.policy import ClientPolicy
 from gateway.sessions.budget import InflightBudget
 from gateway.sessions.manager import SessionManager
 from gateway.sessions.session import SessionServices
@@ -37,7 +38,7 @@ from gateway.sessions.wiring import credentials_factory, executors_factory, open
 from gateway.web.admin import AdminRoutes
 from gateway.web.app import Readiness, build_app, build_metrics_app
 from gateway.web.server import check_hypercorn_version, hypercorn_config, serve_http
-from gateway.web.websocket import WebSocketEndpoint
+from gateway.web.websocket import PolicyFactory, WebSocketEndpoint
 
 log = structlog.get_logger(__name__)
 
@@ -106,9 +107,14 @@ async def run_daemon(
     config: Config,
     *,
     stop: trio.Event | None = None,
+    policy_for: PolicyFactory | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``stop`` is set (or, without one, until SIGTERM/SIGINT); then drain."""
+    """Serve until ``stop`` is set (or, without one, until SIGTERM/SIGINT); then drain.
+
+    ``policy_for`` builds each client's access policy from its workspace id (default: the
+    policy package's own ``ClientPolicy``).
+    """
     check_hypercorn_version()
     raise_open_files_limit()
     _warn_about_placement(config)
@@ -133,7 +139,11 @@ async def run_daemon(
                     metrics=config.metrics_listen_addr is None,
                 )
                 endpoint = WebSocketEndpoint(
-                    manager, authenticator, config, budget=InflightBudget(config.ws_inflight_budget)
+                    manager,
+                    authenticator,
+                    config,
+                    budget=InflightBudget(config.ws_inflight_budget),
+                    policy_for=policy_for or (lambda _workspace: ClientPolicy()),
                 )
                 http_stopped = trio.Event()
                 urls: list[str] = await root.start(

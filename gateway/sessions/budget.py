@@ -14,6 +14,8 @@ from collections import deque
 
 import trio
 
+from gateway import metrics
+
 
 class InflightBudget:
     """A counting semaphore over bytes, FIFO."""
@@ -29,6 +31,7 @@ class InflightBudget:
             raise ValueError(f"{amount} bytes exceed the whole in-flight budget ({self.total})")
         if not self._waiters and self.used + amount <= self.total:
             self.used += amount
+            metrics.INFLIGHT_BYTES.set(self.used)
             return
         ticket = (amount, trio.Event())
         self._waiters.append(ticket)
@@ -47,9 +50,11 @@ class InflightBudget:
         """Give ``amount`` bytes back and wake whoever they are enough for."""
         self.used -= amount
         self._grant()
+        metrics.INFLIGHT_BYTES.set(self.used)
 
     def _grant(self) -> None:
         while self._waiters and self.used + self._waiters[0][0] <= self.total:
             amount, event = self._waiters.popleft()
             self.used += amount
             event.set()
+        metrics.INFLIGHT_BYTES.set(self.used)
