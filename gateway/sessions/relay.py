@@ -225,11 +225,18 @@ class ClientRelay:
         data = self._early
         self._early = b""
         holding = False
+        # Every pass through the loop must reach a scheduling point; a wait for the socket is
+        # one, so an explicit checkpoint is only needed when neither read nor write waited.
+        yielded = False
         try:
             while True:
                 if not data:
                     try:
-                        data = await recv(child, RECEIVE_BUFFER)
+                        data = child.recv(RECEIVE_BUFFER)
+                    except BlockingIOError:
+                        await wait_readable(child)
+                        yielded = True
+                        continue
                     except OSError:
                         data = b""
                     if not data:
@@ -244,11 +251,13 @@ class ClientRelay:
                 if not holding:
                     if lock.locked():
                         await lock.acquire()
+                        yielded = True
                     else:
                         lock.acquire_nowait()
                     holding = True
                 try:
-                    waited = await send_all(client, data)
+                    if await send_all(client, data):
+                        yielded = True
                 except OSError:
                     self._client_gone = True
                     self._pumps.cancel()
@@ -258,8 +267,9 @@ class ClientRelay:
                     holding = False
                 data = b""
                 self._touch()
-                if not waited:
+                if not yielded:
                     await checkpoint()
+                yielded = False
         finally:
             if holding:
                 lock.release()
@@ -271,10 +281,15 @@ class ClientRelay:
         message: list[bytes | bytearray] = []  # raw frames of a fragmented message
         parts: list[bytes] = []  # their unmasked payloads
         state = _Message()
+        yielded = False  # as in _child_to_client
         try:
             while True:
                 try:
-                    data = await recv(client, RECEIVE_BUFFER)
+                    data = client.recv(RECEIVE_BUFFER)
+                except BlockingIOError:
+                    await wait_readable(client)
+                    yielded = True
+                    continue
                 except OSError:
                     data = b""
                 self._client_reads += 1
@@ -287,7 +302,7 @@ class ClientRelay:
                     self._c2s_rest += data
                     buffer, self._c2s_rest = self._c2s_rest, None
                 position, size = 0, len(buffer)
-                waited = False
+                waited = yielded
                 while position < size:
                     header = frames.parse_header(buffer, position)
                     if header is None:
@@ -315,6 +330,7 @@ class ClientRelay:
                 self._touch()
                 if not waited:
                     await checkpoint()
+                yielded = False
         except FrameError as error:
             self._end(error.code, str(error))
         except _PeerGone as gone:
