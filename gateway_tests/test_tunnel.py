@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -35,6 +34,7 @@ from gateway_tests.harness import (
     start_gateway,
     token_for,
 )
+from gateway_tests.rawws import RawClient, raw_connect, read_head, upgrade_request
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TIMEOUT = 20.0
@@ -109,74 +109,11 @@ def _address(gateway: RunningGateway) -> tuple[str, int]:
 
 
 def _upgrade(gateway: RunningGateway, workspace: str, key: str, extra: str = "") -> bytes:
-    host, port = _address(gateway)
-    return (
-        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
-        f"Authorization: Bearer {token_for(workspace)}\r\n{extra}\r\n"
-    ).encode()
-
-
-async def _read_head(stream: trio.SocketStream) -> tuple[bytes, bytes]:
-    received = b""
-    while b"\r\n\r\n" not in received:
-        chunk = await stream.receive_some(65536)
-        assert chunk, f"closed after {received!r}"
-        received += chunk
-    head, _, rest = received.partition(b"\r\n\r\n")
-    return head, rest
-
-
-class RawClient:
-    """A WebSocket client by hand: masked frames out, whole frames in."""
-
-    def __init__(self, stream: trio.SocketStream, rest: bytes) -> None:
-        self.stream = stream
-        self.buffer = rest
-
-    async def send(self, opcode: int, payload: bytes) -> None:
-        """One masked frame."""
-        key = os.urandom(4)
-        length = len(payload)
-        if length < 126:
-            head = bytes([0x80 | opcode, 0x80 | length])
-        elif length < 1 << 16:
-            head = bytes([0x80 | opcode, 0x80 | 126]) + struct.pack("!H", length)
-        else:
-            head = bytes([0x80 | opcode, 0x80 | 127]) + struct.pack("!Q", length)
-        await self.stream.send_all(head + key + frames.apply_mask(payload, key))
-
-    async def _need(self, size: int) -> None:
-        while len(self.buffer) < size:
-            chunk = await self.stream.receive_some(1 << 20)
-            if not chunk:
-                raise EOFError
-            self.buffer += chunk
-
-    async def receive(self) -> tuple[int, bytes]:
-        """The next frame from the server (opcode, payload); pings are skipped."""
-        while True:
-            await self._need(2)
-            opcode, length = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F
-            start = 2
-            if length == 126:
-                await self._need(4)
-                length, start = struct.unpack_from("!H", self.buffer, 2)[0], 4
-            elif length == 127:
-                await self._need(10)
-                length, start = struct.unpack_from("!Q", self.buffer, 2)[0], 10
-            await self._need(start + length)
-            payload = bytes(self.buffer[start : start + length])
-            self.buffer = self.buffer[start + length :]
-            if opcode != frames.PING:
-                return opcode, payload
+    return upgrade_request(*_address(gateway), token_for(workspace), key, extra)
 
 
 async def _raw_connect(gateway: RunningGateway, workspace: str) -> tuple[bytes, RawClient]:
-    stream = await trio.open_tcp_stream(*_address(gateway))
-    await stream.send_all(_upgrade(gateway, workspace, base64.b64encode(os.urandom(16)).decode()))
-    head, rest = await _read_head(stream)
-    return head, RawClient(stream, rest)
+    return await raw_connect(*_address(gateway), token_for(workspace))
 
 
 def _status(head: bytes) -> int:
@@ -201,7 +138,7 @@ async def test_the_childs_101_answers_the_clients_own_key(gateway: RunningGatewa
         stream = await trio.open_tcp_stream(*_address(gateway))
         offer = "Sec-WebSocket-Extensions: permessage-deflate\r\nOrigin-Ignored: x\r\n"
         await stream.send_all(_upgrade(gateway, "ws_handshake", key, offer))
-        head, rest = await _read_head(stream)
+        head, rest = await read_head(stream)
         lines = head.decode().lower().split("\r\n")
         assert lines[0].startswith("http/1.1 101")
         accept = base64.b64encode(hashlib.sha1(key.encode() + GUID).digest()).decode().lower()
@@ -229,7 +166,7 @@ async def test_an_upgrade_after_an_earlier_request_on_the_same_connection_gets_4
     with trio.fail_after(TIMEOUT):
         stream = await trio.open_tcp_stream(host, port)
         await stream.send_all(f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-        head, _ = await _read_head(stream)
+        head, _ = await read_head(stream)
         assert _status(head) == 200
         key = base64.b64encode(os.urandom(16)).decode()
         await stream.send_all(_upgrade(gateway, "ws_reused", key))
