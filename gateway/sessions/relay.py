@@ -256,7 +256,12 @@ class ClientRelay:
                         lock.acquire_nowait()
                     holding = True
                 try:
-                    if await send_all(client, data):
+                    try:
+                        sent = client.send(data)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent != len(data):
+                        await send_all(client, memoryview(data)[sent:])
                         yielded = True
                 except OSError:
                     self._client_gone = True
@@ -445,6 +450,9 @@ class ClientRelay:
             except UnicodeDecodeError:
                 raise FrameError("text message is not valid UTF-8", 1007) from None
         refusal = self._policy.check(content)
+        # The unmasked copy is not what is forwarded: let it go before waiting on the child.
+        del content, payload
+        parts.clear()
         waited = False
         if refusal is not None:
             log.warning("relay.message_refused", **dict(refusal.log_fields))
@@ -456,9 +464,7 @@ class ClientRelay:
                 waited |= await self._to_child(frame)
         else:
             waited = await self._to_child(raw)
-        if message:
-            message.clear()
-            parts.clear()
+        message.clear()
         state.reset()
         if state.budgeted:
             self._budget.release(state.budgeted)
@@ -468,10 +474,19 @@ class ClientRelay:
     async def _to_child(self, data: bytes | bytearray) -> bool:
         child = self._child
         assert child is not None
+        try:
+            sent = child.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._child_gone = True
+            raise _PeerGone("child") from None
+        if sent == len(data):
+            return False  # the common case: the kernel took it all at once
         self._child_mid_frame = True
         self._client_read_stalled = True
         try:
-            waited = await send_all(child, data)
+            waited = await send_all(child, memoryview(data)[sent:])
         except OSError:
             self._child_gone = True
             raise _PeerGone("child") from None
