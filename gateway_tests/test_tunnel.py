@@ -426,3 +426,20 @@ async def test_five_hundred_clients_sending_1mib_frames_at_once_all_get_their_ec
                 await client.stream.aclose()
     finally:
         await gateway.shutdown()
+
+
+async def test_connections_cancelled_at_shutdown_are_not_logged_as_errors(
+    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway = await start_gateway(nursery, gateway_env(tmp_path, fake_codex_bin))
+    host, port = _address(gateway)
+    # Half a request head: its connection is still being read when the server stops, and is
+    # cancelled by the graceful-shutdown deadline.
+    stream = await trio.open_tcp_stream(host, port)
+    await stream.send_all(f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\n".encode())
+    with trio.fail_after(TIMEOUT):
+        await gateway.shutdown()
+    await stream.aclose()
+    logged = capsys.readouterr().out
+    assert "daemon.stopped" in logged
+    assert "http.connection_error" not in logged
