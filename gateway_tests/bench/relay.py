@@ -288,7 +288,11 @@ async def run(opts: Options, results: Results) -> None:
     work = opts.work_dir / SECTION
     workspace = "bench-relay"
     print("  relay, real codex child", flush=True)
-    async with running_gateway(work / "gateway-real", real_codex_bin()) as gateway:
+    # 100 connections of one workspace: above the default per-workspace cap, which is for
+    # tenants, not for this measurement.
+    async with running_gateway(
+        work / "gateway-real", real_codex_bin(), CXG_MAX_CLIENTS_PER_WORKSPACE="0"
+    ) as gateway:
         await _open_session(gateway, workspace)
         with running_nginx(work / "nginx-real", _child_port(gateway, workspace)) as nginx:
             endpoints = _endpoints(gateway, workspace, nginx.port)
