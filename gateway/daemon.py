@@ -16,6 +16,8 @@ with 1001, stops its child and saves within CXG_DRAIN_BUDGET; then Hypercorn sto
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import resource
 import signal
@@ -80,6 +82,30 @@ def raise_open_files_limit() -> tuple[int, int]:
     return soft, soft
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# Buffers at least this large get their own mapping, returned to the kernel when freed.
+_MMAP_THRESHOLD_BYTES = 256 * 1024
+
+
+def keep_large_buffers_out_of_the_heap() -> bool:
+    """Make glibc map every large allocation on its own, so freed frames leave RSS at once.
+
+    By default glibc raises its mmap threshold each time a mapped block is freed, after which
+    1 MiB frame buffers come from the heap, whose freed space is kept: a burst of large client
+    frames would leave the daemon hundreds of MiB larger for good. Returns whether it applied
+    (not on a libc without ``mallopt``).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    fixed = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
+    return fixed and mallopt(_M_TRIM_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
+
+
 def _warn_about_placement(config: Config) -> None:
     if Path(config.tmp_root).resolve().is_relative_to("/tmp"):
         log.warning(
@@ -117,6 +143,7 @@ async def run_daemon(
     """
     check_hypercorn_version()
     raise_open_files_limit()
+    keep_large_buffers_out_of_the_heap()
     _warn_about_placement(config)
     readiness = Readiness()
     async with httpx2.AsyncClient() as http:
