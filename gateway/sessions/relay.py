@@ -332,6 +332,9 @@ class ClientRelay:
                         return
                 if position < size:
                     self._c2s_rest = bytearray(buffer[position:])
+                # Nothing read stays referenced while the next read waits: a large frame is
+                # paid for by the budget only until it has been written to the child.
+                data = buffer = raw = b""
                 self._touch()
                 if not waited:
                     await checkpoint()
