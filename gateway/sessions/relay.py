@@ -129,7 +129,6 @@ class ClientRelay:
         self._client_close_seen = False  # the client's close frame went to the child
         self._child_close_seen = False  # the child's close frame went to the client
         self._closed_client = False  # the gateway's own close frame went to the client
-        self._closed_child = False  # the gateway's own close frame went to the child
         self._client_gone = False
         self._child_gone = False
         self._client_dead = False
@@ -572,7 +571,6 @@ class ClientRelay:
                     assert child is not None
                     try:
                         await send_all(child, frames.client_close(1000, ""))
-                        self._closed_child = True
                     except OSError:
                         self._child_gone = True
                 async with trio.open_nursery() as nursery:
