@@ -134,6 +134,8 @@ class Config:
     max_sessions: int
     ws_max_message_size: int
     ws_ping_interval: float
+    ws_inflight_budget: int
+    max_clients_per_workspace: int
     child_ready_timeout: float
     child_stop_grace: float
     drain_budget: float
@@ -193,6 +195,8 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("CXG_MAX_SESSIONS", "100", int),
     _Var("CXG_WS_MAX_MESSAGE_SIZE", "64MiB", ByteSize),
     _Var("CXG_WS_PING_INTERVAL", "30s", Seconds),
+    _Var("CXG_WS_INFLIGHT_BUDGET", "256MiB", ByteSize),
+    _Var("CXG_MAX_CLIENTS_PER_WORKSPACE", "64", int),
     _Var("CXG_CHILD_READY_TIMEOUT", "60s", Seconds),
     _Var("CXG_CHILD_STOP_GRACE", "10s", Seconds),
     _Var("CXG_DRAIN_BUDGET", "30s", Seconds),
@@ -423,6 +427,12 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             "CXG_WS_MAX_MESSAGE_SIZE must be at least 1KiB; "
             f"got {values['CXG_WS_MAX_MESSAGE_SIZE']}"
         )
+    if values["CXG_WS_INFLIGHT_BUDGET"] < values["CXG_WS_MAX_MESSAGE_SIZE"]:
+        raise ConfigError(
+            "CXG_WS_INFLIGHT_BUDGET must be at least CXG_WS_MAX_MESSAGE_SIZE "
+            f"({values['CXG_WS_MAX_MESSAGE_SIZE']} bytes), or no message of that size could pass; "
+            f"got {values['CXG_WS_INFLIGHT_BUDGET']}"
+        )
     for name in (
         "CXG_CHILD_READY_TIMEOUT",
         "CXG_DRAIN_BUDGET",
@@ -523,6 +533,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         max_sessions=values["CXG_MAX_SESSIONS"],
         ws_max_message_size=values["CXG_WS_MAX_MESSAGE_SIZE"],
         ws_ping_interval=values["CXG_WS_PING_INTERVAL"],
+        ws_inflight_budget=values["CXG_WS_INFLIGHT_BUDGET"],
+        max_clients_per_workspace=values["CXG_MAX_CLIENTS_PER_WORKSPACE"],
         child_ready_timeout=values["CXG_CHILD_READY_TIMEOUT"],
         child_stop_grace=values["CXG_CHILD_STOP_GRACE"],
         drain_budget=values["CXG_DRAIN_BUDGET"],

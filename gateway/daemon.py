@@ -16,10 +16,14 @@ with 1001, stops its child and saves within CXG_DRAIN_BUDGET; then Hypercorn sto
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import httpx2
@@ -29,6 +33,8 @@ import trio
 from gateway import metrics
 from gateway.auth.authenticators import build_authenticator
 from gateway.config import Config
+from gateway.policy import ClientPolicy
+from gateway.sessions.budget import InflightBudget
 from gateway.sessions.isolation import ChildIsolation, IsolationMode, UidRange, harden_process
 from gateway.sessions.manager import SessionManager
 from gateway.sessions.session import SessionServices
@@ -36,9 +42,8 @@ from gateway.sessions.wiring import credentials_factory, executors_factory, open
 from gateway.store.base import ObjectStore, StoreNotFenced, StoreUnavailable
 from gateway.web.admin import AdminRoutes
 from gateway.web.app import Readiness, build_app, build_metrics_app
-from gateway.web.hypercorn_fixes import install_hypercorn_fixes
-from gateway.web.server import hypercorn_config, serve_http
-from gateway.web.websocket import WebSocketEndpoint
+from gateway.web.server import check_hypercorn_version, hypercorn_config, serve_http
+from gateway.web.websocket import PolicyFactory, WebSocketEndpoint
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +63,50 @@ async def watch_stop_signals(stop: trio.Event) -> None:
             else:
                 log.info("daemon.stop_signal", signal=name)
                 stop.set()
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one; returns (before, after).
+
+    Every client holds two descriptors (its own and its connection to the child) and every
+    session a child's pipes: the common soft default of 1024 (or 256) is reached by one tenant's
+    connections long before memory or CPU are, and then other workspaces' starts fail.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("daemon.open_files_limit_unchanged", soft=soft, hard=hard, error=str(exc))
+            return soft, soft
+        log.info("daemon.open_files_limit", soft_before=soft, soft=target)
+        return soft, target
+    return soft, soft
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# Buffers at least this large get their own mapping, returned to the kernel when freed.
+_MMAP_THRESHOLD_BYTES = 256 * 1024
+
+
+def keep_large_buffers_out_of_the_heap() -> bool:
+    """Make glibc map every large allocation on its own, so freed frames leave RSS at once.
+
+    By default glibc raises its mmap threshold each time a mapped block is freed, after which
+    1 MiB frame buffers come from the heap, whose freed space is kept: a burst of large client
+    frames would leave the daemon hundreds of MiB larger for good. Returns whether it applied
+    (not on a libc without ``mallopt``).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    fixed = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
+    return fixed and mallopt(_M_TRIM_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
 
 
 def _warn_about_placement(config: Config) -> None:
@@ -135,10 +184,17 @@ async def run_daemon(
     config: Config,
     *,
     stop: trio.Event | None = None,
+    policy_for: PolicyFactory | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``stop`` is set (or, without one, until SIGTERM/SIGINT); then drain."""
-    install_hypercorn_fixes()
+    """Serve until ``stop`` is set (or, without one, until SIGTERM/SIGINT); then drain.
+
+    ``policy_for`` builds each client's access policy from its workspace id (default: the
+    policy package's own ``ClientPolicy``).
+    """
+    check_hypercorn_version()
+    raise_open_files_limit()
+    keep_large_buffers_out_of_the_heap()
     harden_process()
     _warn_about_placement(config)
     isolation = ChildIsolation.from_settings(
@@ -165,14 +221,20 @@ async def run_daemon(
                 manager: SessionManager = await root.start(SessionManager(services).run)
                 authenticator = build_authenticator(config, http)
                 app = build_app(
-                    WebSocketEndpoint(manager, authenticator, config.allowed_origins),
                     AdminRoutes(manager, authenticator, config.admin_secret),
                     readiness,
                     metrics=config.metrics_listen_addr is None,
                 )
+                endpoint = WebSocketEndpoint(
+                    manager,
+                    authenticator,
+                    config,
+                    budget=InflightBudget(config.ws_inflight_budget),
+                    policy_for=policy_for or (lambda _workspace: ClientPolicy()),
+                )
                 http_stopped = trio.Event()
                 urls: list[str] = await root.start(
-                    serve_http,
+                    partial(serve_http, upgrades=endpoint.serve),
                     app,
                     hypercorn_config(config, config.listen_addr),
                     config.listen_addr,

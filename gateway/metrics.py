@@ -28,11 +28,15 @@ SAVE_SECONDS = Histogram(
 UNSAVED_HOMES = Gauge(
     "cxg_unsaved_homes", "Stopped sessions whose CODEX_HOME is not yet saved (kept on disk)."
 )
-FRAMES = Counter("cxg_frames_relayed_total", "WebSocket messages relayed.", ["direction"])
+FRAMES = Counter("cxg_frames_relayed_total", "WebSocket frames relayed.", ["direction"])
 FRAME_BYTES = Counter(
     "cxg_frame_bytes_relayed_total",
-    "Payload bytes relayed (characters for text frames, bytes for binary).",
+    "Bytes relayed as on the wire (frame headers and payloads).",
     ["direction"],
+)
+INFLIGHT_BYTES = Gauge(
+    "cxg_ws_inflight_bytes",
+    "Client bytes held for checking and forwarding (bounded by CXG_WS_INFLIGHT_BUDGET).",
 )
 SAVE_BYTES = Counter("cxg_save_bytes_total", "Compressed archive bytes uploaded.", ["kind"])
 MODEL_TOKEN_REFRESHES = Counter(

@@ -23,6 +23,7 @@ from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, o
 from gateway.auth.tokens import mint_hmac_token
 from gateway.config import Config, load_config
 from gateway.daemon import run_daemon
+from gateway.web.websocket import PolicyFactory
 
 HMAC_SECRET = "test-inbound-hmac-secret"
 ADMIN_SECRET = "test-admin-secret"
@@ -126,14 +127,16 @@ class RunningGateway:
         await self.stopped.wait()
 
 
-async def start_gateway(nursery: trio.Nursery, env: Mapping[str, str]) -> RunningGateway:
+async def start_gateway(
+    nursery: trio.Nursery, env: Mapping[str, str], *, policy_for: PolicyFactory | None = None
+) -> RunningGateway:
     """Start ``run_daemon`` in ``nursery`` and return once it listens."""
     config = load_config(env)
     stop, stopped = trio.Event(), trio.Event()
 
     async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
         try:
-            await run_daemon(config, stop=stop, task_status=task_status)
+            await run_daemon(config, stop=stop, policy_for=policy_for, task_status=task_status)
         finally:
             stopped.set()
 

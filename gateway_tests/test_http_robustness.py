@@ -166,6 +166,20 @@ async def upgrade_with_trailing_byte(gateway: RunningGateway) -> None:
     await wait_for_client_count(gateway, 1)
 
 
+async def hypercorn_upgrade_with_trailing_byte(gateway: RunningGateway) -> None:
+    """hypercorn#225 inside Hypercorn: an upgrade it serves (not a relay path) plus a stray byte.
+
+    Hypercorn's h11 glue raises ``LocalProtocolError`` out of the connection's task here; the
+    front door's guard must keep that inside this one connection.
+    """
+    stream = await open_raw(gateway)
+    async with stream:
+        request = upgrade_request(gateway).replace(b"GET / ", b"GET /elsewhere ", 1)
+        await stream.send_all(request + b"x")
+        response = await read_to_eof(stream)
+    assert response == b"" or status_of(response) == 400, response[:200]
+
+
 async def upgrade_with_bad_key(gateway: RunningGateway) -> None:
     """``Sec-WebSocket-Key`` that is not 16 base64-encoded bytes: refused, never switched."""
     for key in ("not a key!", base64.b64encode(b"fifteen bytes!!").decode()):
@@ -205,6 +219,7 @@ HOSTILE: list[Callable[[RunningGateway], Awaitable[None]]] = [
     garbage_bytes,
     malformed_request,
     upgrade_with_trailing_byte,
+    hypercorn_upgrade_with_trailing_byte,
     upgrade_with_bad_key,
     silent_connection,
     half_frame_then_reset,

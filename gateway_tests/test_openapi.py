@@ -11,7 +11,6 @@ import yaml
 
 from gateway.web.admin import AdminRoutes
 from gateway.web.app import Readiness, build_app
-from gateway.web.websocket import WebSocketEndpoint
 from gateway_tests.conftest import REPO
 from gateway_tests.harness import ADMIN_SECRET, connect, gateway_env, start_gateway
 
@@ -24,7 +23,6 @@ def _documented() -> set[tuple[str, str]]:
 
 def test_every_served_route_is_documented_and_every_documented_route_is_served() -> None:
     app = build_app(
-        WebSocketEndpoint(None, None, ()),  # type: ignore[arg-type]
         AdminRoutes(None, None, None),  # type: ignore[arg-type]
         Readiness(),
         metrics=True,

@@ -1,31 +1,62 @@
-"""One attached client: its own connection to the child and a verbatim frame relay both ways.
+"""One attached client, tunnelled to its own connection to the session's child.
 
-``ClientRelay.run`` is started in the session's nursery (``nursery.start``): it connects to the
-child, accepts the client's WebSocket, reports started, then pumps frames until either side
-closes or the session stops it. Text stays text, binary stays binary, close codes and reasons
-cross over. Whatever happens to this one client, the session and its other clients go on:
-nothing raised here after start reaches the session's nursery.
+``ClientRelay.run`` is started in the session's nursery (``nursery.start``): it opens a TCP
+connection to the child, forwards the client's upgrade (with the session's capability token
+instead of the client's), returns the child's ``101`` to the client and reports started; from
+then on bytes flow both ways without being re-framed:
+
+* **child → client** is a byte copy. A frame-*header* tracker follows frame boundaries, so the
+  gateway's own frames (pings, a policy's refusal, its close) go in between two of the child's
+  frames, never inside one.
+* **client → child** reads whole messages — unmasked for the access policy, which checks every
+  complete message — and forwards the client's original frames unchanged. Only one read buffer
+  is held per direction; a frame larger than that is held whole until checked and written, its
+  bytes taken from the daemon-wide ``InflightBudget`` first. A child that does not read stops
+  the relay reading its client: backpressure reaches the sender.
+
+Close frames are end to end (the client's code and reason reach the child, the child's reach
+the client). The gateway closes with its own code only when it ends the connection itself:
+1009 for a message over ``CXG_WS_MAX_MESSAGE_SIZE``, 1002/1007 for a broken frame, 1011 when
+the child's connection drops, and whatever the session's stop reason says (1001, 1011, 1012).
+Whatever happens to this one client, the session and its other clients go on: nothing raised
+here after start reaches the session's nursery.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+import math
+import socket
+from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import structlog
 import trio
+from trio.lowlevel import checkpoint, wait_readable
 
 from gateway import metrics
-from gateway.sessions.child_socket import ChildClosed, ChildSocket, open_child_socket
+from gateway.policy import ClientPolicy
+from gateway.sessions import frames
+from gateway.sessions.budget import InflightBudget
+from gateway.sessions.frames import CLOSE, CONTINUATION, PING, PONG, TEXT, FrameError, Header
+from gateway.sessions.handshake import MAX_HEAD, RequestHead, child_upgrade_request, head_end
+from gateway.sessions.handshake import response_status as _response_status
+from gateway.sessions.sockets import close_socket, drain_to_eof, recv, send_all, take_socket
 
 log = structlog.get_logger(__name__)
 
-AsgiReceive = Callable[[], Awaitable[dict[str, Any]]]
-AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
-
 CHILD_CONNECT_TIMEOUT = 10.0
-CHILD_DISCONNECT_TIMEOUT = 2.0
-CLIENT_CLOSE_TIMEOUT = 2.0
+# How long a closing handshake (and the gateway's own close) may take before TCP is dropped.
+CLOSE_TIMEOUT = 2.0
+# One read of a socket; a client frame larger than this is read into a buffer of its own.
+RECEIVE_BUFFER = 64 * 1024
+# A client that holds part of a fragmented message and cannot get budget for the rest this long
+# is closed (1013): otherwise such clients could hold the whole budget waiting for each other.
+PARTIAL_MESSAGE_BUDGET_WAIT = 10.0
+# How often the session's idle clock and the frame metrics are brought up to date.
+TOUCH_INTERVAL = 0.5
+# A client silent for this many ping intervals (pings unanswered) is dead.
+DEAD_AFTER_SILENT_PINGS = 3
+KEEPALIVE_PAYLOAD = b"cxg-keepalive"
 # Codes a peer may put in a close frame (RFC 6455 §7.4); 1005/1006/1015 are reserved for
 # "no code"/"abnormal" and must never be sent.
 _UNSENDABLE = {1004, 1005, 1006, 1015}
@@ -40,36 +71,86 @@ def sendable_close(code: int | None, reason: str | None, *, fallback: int) -> tu
     return code, sendable_reason
 
 
-class ClientGone(Exception):
-    """The client disconnected before the relay started."""
+class ChildRejected(ConnectionError):
+    """The child refused the WebSocket upgrade (``status`` is its HTTP status, if any)."""
+
+    def __init__(self, status: int | None) -> None:
+        super().__init__(f"the child refused the upgrade with HTTP {status}")
+        self.status = status
+
+
+class _PeerGone(Exception):
+    """One side's TCP connection ended or failed (``side`` is "client" or "child")."""
+
+    def __init__(self, side: str) -> None:
+        super().__init__(side)
+        self.side = side
 
 
 class ClientRelay:
-    """Relays one client WebSocket (ASGI) to a fresh connection to the session's child."""
+    """Tunnels one client connection to a fresh connection to the session's child."""
 
     def __init__(
         self,
-        receive: AsgiReceive,
-        send: AsgiSend,
+        client: socket.socket,
+        request: RequestHead,
         *,
         on_activity: Callable[[], None],
         max_message_size: int,
+        ping_interval: float,
+        budget: InflightBudget,
+        policy: ClientPolicy,
     ) -> None:
-        self._receive = receive
-        self._send = send
+        self._client = client
+        self._request = request
         self._on_activity = on_activity
         self._max_message_size = max_message_size
-        self._client_closed = False
+        self._ping_interval = ping_interval
+        self._budget = budget
+        self._policy = policy
+        self._child: socket.socket | None = None
+        self._early = b""
+        self.started = False
         self.finished = trio.Event()
         self.cancel_scope = trio.CancelScope()
+        self._pumps = trio.CancelScope()
         # Set by the session before cancelling, so the client learns why it was dropped.
         self.close_code = 1001
         self.close_reason = "session stopped"
+        self._stopped = False
+        # Only one task writes the client socket at a time; child→client holds this while the
+        # client's stream is inside one of the child's frames.
+        self._client_lock = trio.StrictFIFOLock()
+        # Frame tracking and closing-handshake state.
+        self._s2c = FrameTracker()
+        self._c2s_skip = 0  # payload bytes of a large client frame not read yet
+        self._child_mid_frame = False
+        self._c2s_rest: bytearray | None = None
+        self._client_close_seen = False  # the client's close frame went to the child
+        self._child_close_seen = False  # the child's close frame went to the client
+        self._closed_client = False  # the gateway's own close frame went to the client
+        self._client_gone = False
+        self._child_gone = False
+        self._client_dead = False
+        self._client_reads = 0
+        self._client_read_stalled = False
+        self._last_touch = -math.inf
+        self._counts = [0, 0, 0, 0]  # frames c2s, bytes c2s, frames s2c, bytes s2c
 
     def stop(self, code: int, reason: str) -> None:
         """Close this client with ``code``/``reason`` and end the relay."""
         self.close_code, self.close_reason = code, reason
+        self._stopped = True
         self.cancel_scope.cancel()
+
+    def _end(self, code: int, reason: str) -> None:
+        """End the relay from inside with the gateway's own close code (the first reason wins:
+        a session that stops its clients has set theirs before cancelling)."""
+        if not self._stopped and trio.current_effective_deadline() != -math.inf:
+            self.close_code, self.close_reason = code, reason
+        self._pumps.cancel()
+
+    # -- life -----------------------------------------------------------------------------------
 
     async def run(
         self,
@@ -78,115 +159,529 @@ class ClientRelay:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Connect to the child, accept the client, relay until one side ends."""
+        """Open the child's side, hand its 101 to the client, tunnel until one side ends."""
         try:
             with self.cancel_scope:
-                await self._run(child_url, child_headers, task_status)
-        finally:
-            if not self._client_closed:
-                await self._close_client(self.close_code, self.close_reason)
-            self.finished.set()
-
-    async def _run(
-        self,
-        child_url: str,
-        child_headers: list[tuple[str, str]],
-        task_status: trio.TaskStatus[None],
-    ) -> None:
-        started = False
-        try:
-            async with open_child_socket(
-                child_url,
-                child_headers,
-                max_message_size=self._max_message_size,
-                connect_timeout=CHILD_CONNECT_TIMEOUT,
-            ) as child:
-                await self._send({"type": "websocket.accept"})
-                started = True
+                try:
+                    await self._open(child_url, dict(child_headers).get("authorization", ""))
+                except (OSError, trio.TooSlowError) as exc:
+                    # Before started(): the caller (the front door) turns this into a denial.
+                    raise ConnectionError(
+                        f"cannot connect to the session's codex: {exc!r}"
+                    ) from None
+                self.started = True
                 task_status.started()
-                await self._pump(child)
-        except (OSError, trio.TooSlowError) as exc:
-            if not started:
-                # Before started(): the caller (the ASGI handler) turns this into a denial.
-                self._client_closed = True
-                raise ConnectionError(f"cannot connect to the session's codex: {exc!r}") from None
-            log.warning("relay.error", error=repr(exc)[:300])
-            self.close_code, self.close_reason = 1011, "gateway relay error"
-        except Exception as exc:
-            if not started:
-                self._client_closed = True
-                raise
-            # One client's failure stays with that client.
-            log.warning("relay.error", error=repr(exc)[:300])
-            self.close_code, self.close_reason = 1011, "gateway relay error"
-
-    async def _pump(self, child: ChildSocket) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._client_to_child, child, nursery.cancel_scope)
-            nursery.start_soon(self._child_to_client, child, nursery.cancel_scope)
-
-    async def _client_to_child(self, child: ChildSocket, done: trio.CancelScope) -> None:
-        receive, on_activity = self._receive, self._on_activity
-        frames = metrics.FRAMES.labels(direction="client_to_child")
-        size = metrics.FRAME_BYTES.labels(direction="client_to_child")
-        try:
-            while True:
-                message = await receive()
-                kind = message["type"]
-                if kind == "websocket.receive":
-                    text = message.get("text")
-                    payload = text if text is not None else message["bytes"]
-                    await child.send_message(payload)
-                    frames.inc()
-                    size.inc(len(payload))
-                    on_activity()
-                elif kind == "websocket.disconnect":
-                    # The client has gone: no close frame is sent back to it.
-                    self._client_closed = True
-                    code, reason = sendable_close(
-                        message.get("code"), message.get("reason"), fallback=1000
-                    )
-                    metrics.WS_CLOSES.labels(side="client", code=str(message.get("code"))).inc()
-                    with trio.move_on_after(CHILD_DISCONNECT_TIMEOUT):
-                        await child.close(code, reason)
-                    done.cancel()
-                    return
-        except ChildClosed as closed:
-            self._take_child_close(closed)
-            done.cancel()
-
-    async def _child_to_client(self, child: ChildSocket, done: trio.CancelScope) -> None:
-        send, on_activity = self._send, self._on_activity
-        frames = metrics.FRAMES.labels(direction="child_to_client")
-        size = metrics.FRAME_BYTES.labels(direction="child_to_client")
-        try:
-            while True:
-                message = await child.receive_message()
-                if isinstance(message, str):
-                    await send({"type": "websocket.send", "text": message})
+                try:
+                    with self._pumps:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(self._child_to_client)
+                            nursery.start_soon(self._client_to_child)
+                            if self._ping_interval > 0:
+                                nursery.start_soon(self._keepalive)
+                except Exception as exc:
+                    # One client's failure stays with that client.
+                    log.warning("relay.error", error=repr(exc)[:300])
+                    self.close_code, self.close_reason = 1011, "gateway relay error"
+        finally:
+            try:
+                if self.started:
+                    await self._finish()
                 else:
-                    await send({"type": "websocket.send", "bytes": message})
-                frames.inc()
-                size.inc(len(message))
-                on_activity()
-        except ChildClosed as closed:
-            self._take_child_close(closed)
-            done.cancel()
+                    close_socket(self._child)
+            finally:
+                self._flush_counts()
+                self.finished.set()
 
-    def _take_child_close(self, closed: ChildClosed) -> None:
-        if closed.code == 1006:
-            # The child's connection dropped without a close frame: the child is gone or dying.
-            self.close_code, self.close_reason = 1011, "codex app-server connection lost"
-        else:
-            self.close_code, self.close_reason = sendable_close(
-                closed.code, closed.reason, fallback=1000
+    async def _open(self, url: str, authorization: str) -> None:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        with trio.fail_after(CHILD_CONNECT_TIMEOUT):
+            child = take_socket(await trio.open_tcp_stream(host, port))
+            self._child = child
+            request = child_upgrade_request(self._request, f"{host}:{port}", target, authorization)
+            await send_all(child, request)
+            received = b""
+            while (end := head_end(received)) < 0:
+                if len(received) > MAX_HEAD:
+                    raise ChildRejected(None)
+                chunk = await recv(child, RECEIVE_BUFFER)
+                if not chunk:
+                    raise ConnectionError("the child closed the connection during the upgrade")
+                received += chunk
+        if _response_status(received[:end]) != 101:
+            raise ChildRejected(_response_status(received[:end]))
+        # The child's 101 (its Sec-WebSocket-Accept answers the client's own key).
+        await send_all(self._client, received[:end])
+        self._early = received[end:]
+
+    # -- child → client: byte copy with a frame-header tracker ----------------------------------
+
+    async def _child_to_client(self) -> None:
+        child, client, lock = self._child, self._client, self._client_lock
+        assert child is not None
+        tracker, counts = self._s2c, self._counts
+        data = self._early
+        self._early = b""
+        holding = False
+        # Every pass through the loop must reach a scheduling point; a wait for the socket is
+        # one, so an explicit checkpoint is only needed when neither read nor write waited.
+        yielded = False
+        try:
+            while True:
+                if not data:
+                    try:
+                        data = child.recv(RECEIVE_BUFFER)
+                    except BlockingIOError:
+                        await wait_readable(child)
+                        yielded = True
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self._child_gone = True
+                        self._end(1011, "codex app-server connection lost")
+                        return
+                counts[2] += tracker.feed(data)
+                counts[3] += len(data)
+                if tracker.close_seen and not self._child_close_seen:
+                    self._child_close_seen = True
+                    self._closing_started()
+                if not holding:
+                    if lock.locked():
+                        await lock.acquire()
+                        yielded = True
+                    else:
+                        lock.acquire_nowait()
+                    holding = True
+                try:
+                    try:
+                        sent = client.send(data)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent != len(data):
+                        await send_all(client, memoryview(data)[sent:])
+                        yielded = True
+                except OSError:
+                    self._client_gone = True
+                    self._pumps.cancel()
+                    return
+                if tracker.at_boundary:
+                    lock.release()
+                    holding = False
+                data = b""
+                self._touch()
+                if not yielded:
+                    await checkpoint()
+                yielded = False
+        finally:
+            if holding:
+                lock.release()
+
+    # -- client → child: whole messages, checked, original frames forwarded ---------------------
+
+    async def _client_to_child(self) -> None:
+        client = self._client
+        message: list[bytes | bytearray] = []  # raw frames of a fragmented message
+        parts: list[bytes] = []  # their unmasked payloads
+        state = _Message()
+        yielded = False  # as in _child_to_client
+        try:
+            while True:
+                try:
+                    data = client.recv(RECEIVE_BUFFER)
+                except BlockingIOError:
+                    await wait_readable(client)
+                    yielded = True
+                    continue
+                except OSError:
+                    data = b""
+                self._client_reads += 1
+                if not data:
+                    self._client_gone = True
+                    self._pumps.cancel()
+                    return
+                buffer: bytes | bytearray = data
+                if self._c2s_rest is not None:
+                    self._c2s_rest += data
+                    buffer, self._c2s_rest = self._c2s_rest, None
+                position, size = 0, len(buffer)
+                waited = yielded
+                while position < size:
+                    header = frames.parse_header(buffer, position)
+                    if header is None:
+                        break
+                    total = header.header_size + header.length
+                    if header.mask is None:
+                        raise FrameError("client frames must be masked")
+                    self._check_size(header, state)
+                    if position + total > size:
+                        if total <= RECEIVE_BUFFER:
+                            break
+                        raw: bytes | bytearray = await self._read_large(
+                            buffer, position, header, state
+                        )
+                        position = size
+                    else:
+                        whole = position == 0 and total == size
+                        raw = buffer if whole else buffer[position : position + total]
+                        position += total
+                    waited |= await self._client_frame(header, raw, message, parts, state)
+                    if self._client_close_seen:
+                        return
+                if position < size:
+                    self._c2s_rest = bytearray(buffer[position:])
+                # Nothing read stays referenced while the next read waits: a large frame is
+                # paid for by the budget only until it has been written to the child.
+                data = buffer = raw = b""
+                self._touch()
+                if not waited:
+                    await checkpoint()
+                yielded = False
+        except FrameError as error:
+            self._end(error.code, str(error))
+        except _PeerGone as gone:
+            if gone.side == "client":
+                self._client_gone = True
+            self._pumps.cancel()
+        finally:
+            if state.budgeted:
+                self._budget.release(state.budgeted)
+                state.budgeted = 0
+
+    def _check_size(self, header: Header, state: _Message) -> None:
+        if header.opcode in (CLOSE, PING, PONG):
+            return
+        if header.opcode == CONTINUATION:
+            if not state.active:
+                raise FrameError("continuation frame without a message to continue")
+        elif state.active:
+            raise FrameError("new message before the previous one ended")
+        if state.size + header.length > self._max_message_size:
+            raise FrameError(
+                f"message larger than {self._max_message_size} bytes (CXG_WS_MAX_MESSAGE_SIZE)",
+                1009,
             )
 
-    async def _close_client(self, code: int, reason: str) -> None:
-        self._client_closed = True
-        metrics.WS_CLOSES.labels(side="gateway", code=str(code)).inc()
-        with trio.CancelScope(shield=True), trio.move_on_after(CLIENT_CLOSE_TIMEOUT):
+    async def _read_large(
+        self, buffer: bytes | bytearray, position: int, header: Header, state: _Message
+    ) -> bytearray:
+        """Read a frame larger than one read buffer into its own, budgeted, buffer."""
+        total = header.header_size + header.length
+        await self._take_budget(header.length, state)
+        frame = bytearray(total)
+        have = len(buffer) - position
+        frame[:have] = buffer[position:]
+        view = memoryview(frame)
+        client = self._client
+        while have < total:
+            self._c2s_skip = total - have
             try:
-                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+                received = client.recv_into(view[have:])
+            except BlockingIOError:
+                await wait_readable(client)
+                continue
+            except OSError:
+                received = 0
+            self._client_reads += 1
+            if not received:
+                raise _PeerGone("client")
+            have += received
+        self._c2s_skip = 0
+        return frame
+
+    async def _take_budget(self, amount: int, state: _Message) -> None:
+        self._client_read_stalled = True
+        try:
+            if state.budgeted:
+                with trio.move_on_after(PARTIAL_MESSAGE_BUDGET_WAIT) as waited:
+                    await self._budget.acquire(amount)
+                if waited.cancelled_caught:
+                    raise FrameError("gateway busy; retry the message later", 1013)
+            else:
+                await self._budget.acquire(amount)
+        finally:
+            self._client_read_stalled = False
+        state.budgeted += amount
+
+    async def _client_frame(
+        self,
+        header: Header,
+        raw: bytes | bytearray,
+        message: list[bytes | bytearray],
+        parts: list[bytes],
+        state: _Message,
+    ) -> bool:
+        """Handle one complete client frame; returns whether a write had to wait."""
+        opcode, mask = header.opcode, header.mask
+        assert mask is not None
+        counts = self._counts
+        counts[0] += 1
+        counts[1] += len(raw)
+        if opcode >= CLOSE:
+            payload = frames.apply_mask(memoryview(raw)[header.header_size :], mask)
+            if opcode == PONG and payload == KEEPALIVE_PAYLOAD:
+                return False  # the answer to the gateway's own ping
+            if opcode == CLOSE:
+                code, reason = frames.parse_close(payload)
+                metrics.WS_CLOSES.labels(side="client", code=str(code)).inc()
+                if not self._stopped:
+                    self.close_code, self.close_reason = sendable_close(code, reason, fallback=1000)
+                self._client_close_seen = True
+                self._closing_started()
+            return await self._to_child(raw)
+        payload = frames.apply_mask(memoryview(raw)[header.header_size :], mask)
+        if not header.fin or state.active:
+            if not state.active:
+                state.active, state.opcode = True, opcode
+            if len(raw) <= RECEIVE_BUFFER:
+                # Held past this read: it counts against the budget like a large frame.
+                await self._take_budget(header.length, state)
+                raw = bytes(raw)
+            message.append(raw)
+            parts.append(payload)
+            state.size += header.length
+            if not header.fin:
+                return False
+            payload = b"".join(parts)
+            opcode = state.opcode
+        content: str | bytes = payload
+        if opcode == TEXT:
+            try:
+                content = payload.decode()
+            except UnicodeDecodeError:
+                raise FrameError("text message is not valid UTF-8", 1007) from None
+        refusal = self._policy.check(content)
+        # The unmasked copy is not what is forwarded: let it go before waiting on the child.
+        del content, payload
+        parts.clear()
+        waited = False
+        if refusal is not None:
+            log.warning("relay.message_refused", **dict(refusal.log_fields))
+            if refusal.response is not None:
+                await self._to_client(frames.server_text(refusal.response))
+                waited = True
+        elif message:
+            for frame in message:
+                waited |= await self._to_child(frame)
+        else:
+            waited = await self._to_child(raw)
+        message.clear()
+        state.reset()
+        if state.budgeted:
+            self._budget.release(state.budgeted)
+            state.budgeted = 0
+        return waited
+
+    async def _to_child(self, data: bytes | bytearray) -> bool:
+        child = self._child
+        assert child is not None
+        try:
+            sent = child.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._child_gone = True
+            raise _PeerGone("child") from None
+        if sent == len(data):
+            return False  # the common case: the kernel took it all at once
+        self._child_mid_frame = True
+        self._client_read_stalled = True
+        try:
+            waited = await send_all(child, memoryview(data)[sent:])
+        except OSError:
+            self._child_gone = True
+            raise _PeerGone("child") from None
+        finally:
+            self._client_read_stalled = False
+        self._child_mid_frame = False
+        return waited
+
+    async def _to_client(self, frame: bytes) -> None:
+        async with self._client_lock:
+            try:
+                await send_all(self._client, frame)
+            except OSError:
+                self._client_gone = True
+                raise _PeerGone("client") from None
+
+    # -- keepalive, activity, metrics -----------------------------------------------------------
+
+    async def _keepalive(self) -> None:
+        """Ping a quiet client; drop one that stays silent for several intervals."""
+        interval = self._ping_interval
+        seen, silent = self._client_reads, 0
+        ping = frames.server_ping(KEEPALIVE_PAYLOAD)
+        while True:
+            await trio.sleep(interval)
+            if self._client_reads != seen or self._client_read_stalled:
+                seen, silent = self._client_reads, 0
+                continue
+            silent += 1
+            if silent >= DEAD_AFTER_SILENT_PINGS:
+                log.info("relay.client_dead", silent_seconds=silent * interval)
+                self._client_dead = True
+                self._end(1001, "client stopped answering pings")
+                return
+            lock = self._client_lock
+            if lock.locked():
+                continue  # the child's frame in progress keeps the connection busy anyway
+            lock.acquire_nowait()
+            try:
+                await send_all(self._client, ping)
+            except OSError:
+                self._client_gone = True
+                self._pumps.cancel()
+                return
+            finally:
+                lock.release()
+
+    def _touch(self) -> None:
+        now = trio.current_time()
+        if now - self._last_touch >= TOUCH_INTERVAL:
+            self._last_touch = now
+            self._on_activity()
+            self._flush_counts()
+
+    def _flush_counts(self) -> None:
+        counts = self._counts
+        if counts[0]:
+            metrics.FRAMES.labels(direction="client_to_child").inc(counts[0])
+            metrics.FRAME_BYTES.labels(direction="client_to_child").inc(counts[1])
+        if counts[2]:
+            metrics.FRAMES.labels(direction="child_to_client").inc(counts[2])
+            metrics.FRAME_BYTES.labels(direction="child_to_client").inc(counts[3])
+        counts[:] = [0, 0, 0, 0]
+
+    def _closing_started(self) -> None:
+        # A closing handshake under way must finish soon, whatever the peers do.
+        deadline = trio.current_time() + CLOSE_TIMEOUT
+        if deadline < self._pumps.deadline:
+            self._pumps.deadline = deadline
+
+    # -- the end --------------------------------------------------------------------------------
+
+    async def _finish(self) -> None:
+        """Send the close frames still owed (at frame boundaries), then close both sockets."""
+        client, child = self._client, self._child
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                await self._close_client_side()
+                if not (self._child_gone or self._client_close_seen or self._child_mid_frame):
+                    assert child is not None
+                    try:
+                        await send_all(child, frames.client_close(1000, ""))
+                    except OSError:
+                        self._child_gone = True
+                async with trio.open_nursery() as nursery:
+                    client_owes_close = not (
+                        self._client_gone or self._client_dead or self._client_close_seen
+                    )
+                    if client_owes_close and (self._closed_client or self._child_close_seen):
+                        # Wait for the client's answering close frame, then drop TCP.
+                        nursery.start_soon(self._drain_client)
+                    if not self._child_gone and child is not None:
+                        # The child, as the server, closes TCP once the handshake is done.
+                        nursery.start_soon(drain_to_eof, child)
             except Exception as exc:
-                log.debug("relay.client_close_error", error=repr(exc)[:200])
+                log.debug("relay.close_error", error=repr(exc)[:200])
+        close_socket(child)
+        close_socket(client)
+
+    async def _drain_client(self) -> None:
+        """Read the client until its close frame (or EOF); whatever else it sends is dropped."""
+        tracker = FrameTracker(self._c2s_skip)
+        rest = self._c2s_rest
+        try:
+            if rest:
+                tracker.feed(rest)
+            while not tracker.close_seen:
+                data = await recv(self._client, RECEIVE_BUFFER)
+                if not data:
+                    return
+                tracker.feed(data)
+        except OSError:
+            pass
+
+    async def _close_client_side(self) -> None:
+        if self._client_gone or self._client_dead or self._child_close_seen:
+            return
+        tracker, child, client = self._s2c, self._child, self._client
+        if tracker.partial or (tracker.remaining and self._child_gone):
+            return  # inside a frame that cannot be finished: only dropping TCP is left
+        async with self._client_lock:
+            # Finish the child's frame in progress, then close at its boundary.
+            while tracker.remaining and child is not None:
+                chunk = await recv(child, min(tracker.remaining, RECEIVE_BUFFER))
+                if not chunk:
+                    return
+                tracker.remaining -= len(chunk)
+                await send_all(client, chunk)
+            code, reason = sendable_close(self.close_code, self.close_reason, fallback=1011)
+            metrics.WS_CLOSES.labels(side="gateway", code=str(code)).inc()
+            await send_all(client, frames.server_close(code, reason))
+            self._closed_client = True
+
+
+class FrameTracker:
+    """Follows frame boundaries through a byte stream without touching payloads."""
+
+    __slots__ = ("close_seen", "partial", "remaining")
+
+    def __init__(self, remaining: int = 0) -> None:
+        self.remaining = remaining  # payload bytes of the current frame still to come
+        self.partial = b""  # the start of a header split across reads
+        self.close_seen = False
+
+    @property
+    def at_boundary(self) -> bool:
+        """Whether the stream so far ends exactly between two frames."""
+        return not self.remaining and not self.partial
+
+    def feed(self, data: bytes | bytearray) -> int:
+        """Account for ``data``; returns how many frames start in it."""
+        size = len(data)
+        remaining = self.remaining
+        if remaining >= size:
+            self.remaining = remaining - size
+            return 0
+        position = remaining
+        if self.partial:
+            # The header split across reads is parsed from its start.
+            data = self.partial + data
+            position = 0
+            size = len(data)
+            self.partial = b""
+        started = 0
+        while position < size:
+            try:
+                header = frames.parse_header(data, position)
+            except FrameError:
+                header = None
+            if header is None:
+                self.partial = bytes(data[position:])
+                self.remaining = 0
+                return started
+            started += 1
+            if header.opcode == CLOSE:
+                self.close_seen = True
+            position += header.header_size + header.length
+        self.remaining = position - size
+        return started
+
+
+class _Message:
+    """The client message being received (for fragmented messages)."""
+
+    __slots__ = ("active", "budgeted", "opcode", "size")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.opcode = 0
+        self.size = 0
+        self.budgeted = 0
+
+    def reset(self) -> None:
+        self.active = False
+        self.opcode = 0
+        self.size = 0

@@ -43,7 +43,7 @@ from gateway.codex_home.relocate import relocate_codex_home
 from gateway.config import Config
 from gateway.sessions.child import ChildSpec, CodexChild, build_child_env, run_codex_child
 from gateway.sessions.isolation import ChildIdentity, ChildIsolation, IsolationError, UidRange
-from gateway.sessions.relay import AsgiReceive, AsgiSend, ClientRelay
+from gateway.sessions.relay import ClientRelay
 from gateway.sessions.turns import child_is_busy
 
 log = structlog.get_logger(__name__)
@@ -227,13 +227,17 @@ class Session:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    async def attach_client(self, receive: AsgiReceive, send: AsgiSend) -> ClientRelay:
-        """Start relaying a client; returns once the client's WebSocket is accepted."""
+    async def attach_client(self, relay: ClientRelay) -> None:
+        """Start ``relay`` in this session's nursery; returns once the child's 101 is passed on."""
         if self._nursery is None or self.child is None or self.stop_reason is not None:
             raise SessionStartError("session is stopping; reconnect in a moment")
-        relay = ClientRelay(
-            receive, send, on_activity=self.touch, max_message_size=self._config.ws_max_message_size
-        )
+        cap = self._config.max_clients_per_workspace
+        if cap and len(self._clients) >= cap:
+            raise SessionStartError(
+                f"this workspace already has {cap} connections (CXG_MAX_CLIENTS_PER_WORKSPACE); "
+                "close one and retry",
+                status=429,
+            )
         self._clients.add(relay)
         metrics.CLIENTS_ATTACHED.inc()
         try:
@@ -247,7 +251,6 @@ class Session:
                 metrics.CLIENTS_ATTACHED.dec()
             raise
         self.touch()
-        return relay
 
     async def _run_client(
         self,

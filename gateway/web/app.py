@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -12,7 +13,18 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from gateway.web.admin import AdminRoutes
-from gateway.web.websocket import WEBSOCKET_PATHS, Receive, Scope, Send, WebSocketEndpoint
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+# A WebSocket reaches the ASGI app only when it is not the first request of a fresh HTTP/1.1
+# connection (after an earlier request on a kept-alive connection, or over HTTP/2): the relay
+# is the front door's tunnel alone, so these are refused.
+NOT_A_FRESH_CONNECTION = (
+    "open the WebSocket as the first request of a new HTTP/1.1 connection; "
+    "upgrades on a reused connection or over HTTP/2 are not relayed"
+)
 
 
 @attrs.define
@@ -28,9 +40,7 @@ class Readiness:
         return self.serving and not self.draining
 
 
-def build_app(
-    websocket: WebSocketEndpoint, admin: AdminRoutes, readiness: Readiness, *, metrics: bool
-) -> Any:
+def build_app(admin: AdminRoutes, readiness: Readiness, *, metrics: bool) -> Any:
     """The gateway's ASGI app: WebSockets at ``/`` and ``/codex-app/ws``, everything else HTTP."""
 
     async def healthz(_: Request) -> Response:
@@ -64,11 +74,11 @@ def build_app(
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            if scope["path"] in WEBSOCKET_PATHS:
-                await websocket(scope, receive, send)
-            else:
-                await receive()
-                await send({"type": "websocket.close", "code": 1008})
+            await receive()
+            body = (NOT_A_FRESH_CONNECTION + "\n").encode()
+            headers = [(b"content-type", b"text/plain; charset=utf-8")]
+            await send({"type": "websocket.http.response.start", "status": 400, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body})
             return
         if exporter is not None and scope["type"] == "http" and scope["path"] == "/metrics":
             await exporter(scope, receive, send)

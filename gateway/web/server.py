@@ -1,4 +1,22 @@
-"""Hypercorn (trio worker) run programmatically inside the daemon's own ``trio.run``.
+"""The HTTP front door: one port, the tunnel for relay upgrades, Hypercorn for everything else.
+
+::
+
+    serve_http
+    ├── accept loop (trio.serve_listeners)
+    └── connections nursery (the graceful-shutdown deadline is set on it)
+        └── per connection: read the first request head (bounded in size and time), then
+            ├── WebSocketEndpoint.serve       a WebSocket upgrade on / or /codex-app/ws
+            └── Hypercorn's TCPServer.run     anything else, replaying the bytes already read
+
+Hypercorn serves health, readiness, metrics and admin, and any later request on a kept-alive
+connection; its WebSocket support is not used (the ASGI app refuses a WebSocket that reaches it:
+an upgrade after an earlier request, or over HTTP/2). One connection's exception — Hypercorn's
+or the tunnel's — is logged and ends that connection only (pgjones/hypercorn#225); cancellation
+still propagates, so shutdown works as before.
+
+The front door builds Hypercorn's per-connection ``TCPServer`` itself, an internal API, so it
+refuses to run with any Hypercorn other than the version it was written against.
 
 Listen addresses mean what they meant to the Go service (``net.Listen("tcp", addr)``): a
 wildcard host (``:PORT``, ``0.0.0.0:PORT``, ``[::]:PORT``) is every interface of both families,
@@ -9,45 +27,75 @@ one log line. Any other host (``127.0.0.1``, ``[::1]``, a name) is bound as give
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
+from importlib import metadata
 from typing import Any
 
 import structlog
 import trio
+from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.utils import repr_socket_addr
 
 from gateway.config import Config, split_listen_addr
+from gateway.sessions.handshake import (
+    MAX_HEAD,
+    RequestHead,
+    head_end,
+    is_relay_upgrade,
+    parse_request_head,
+    plain_response,
+)
 
 log = structlog.get_logger(__name__)
 
+HYPERCORN_VERSION = "0.18.0"
 # How long Hypercorn lets in-flight HTTP requests finish after the shutdown trigger. WebSocket
 # clients are already closed by the drain by then.
 GRACEFUL_TIMEOUT_SECONDS = 3.0
+# The first request head must arrive within this (a slowloris upgrade holds nothing longer).
+HEAD_TIMEOUT_SECONDS = 10.0
+# A request that stalls mid-body on a Hypercorn route is dropped after this.
+READ_TIMEOUT_SECONDS = 60
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
 # What socket(AF_INET6) or bind("::") fail with on a kernel without IPv6.
 _NO_IPV6_ERRNOS = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL})
 
 SocketFactory = Callable[[int, int], socket.socket]
 
+UpgradeHandler = Callable[[trio.SocketStream, RequestHead, bytes], Awaitable[None]]
+
+
+class HypercornVersionError(RuntimeError):
+    """The installed Hypercorn is not the one the front door was written for."""
+
+
+def check_hypercorn_version() -> None:
+    """Refuse to serve with a Hypercorn whose internals may differ from the pinned one."""
+    installed = metadata.version("hypercorn")
+    if installed != HYPERCORN_VERSION:
+        raise HypercornVersionError(
+            f"hypercorn {installed} is installed but the gateway needs exactly "
+            f"{HYPERCORN_VERSION}; install the pinned version (constraints.txt)"
+        )
+
 
 def hypercorn_config(config: Config, listen_addr: str) -> HypercornConfig:
-    """Hypercorn settings derived from ours: message size, pings, dead-client detection."""
+    """Hypercorn settings for the plain HTTP routes."""
     settings = HypercornConfig()
     settings.bind = [_explicit_bind(listen_addr)]
-    settings.websocket_max_message_size = config.ws_max_message_size
     settings.graceful_timeout = GRACEFUL_TIMEOUT_SECONDS
+    settings.read_timeout = READ_TIMEOUT_SECONDS
     settings.accesslog = logging.getLogger("hypercorn.access")
     settings.errorlog = logging.getLogger("hypercorn.error")
-    if config.ws_ping_interval > 0:
-        settings.websocket_ping_interval = config.ws_ping_interval
-        # Hypercorn's pings have no pong timeout; a live client answers every ping, so a
-        # connection from which nothing arrives for two and a half intervals is dead.
-        settings.read_timeout = math.ceil(config.ws_ping_interval * 2.5)
     return settings
 
 
@@ -94,14 +142,154 @@ def _ipv4_only(listen_addr: str, port: int, exc: OSError) -> str:
     return f"0.0.0.0:{port}"
 
 
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A connection whose first bytes were already read: they are returned first, once."""
+
+    def __init__(self, stream: trio.SocketStream, replay: bytes) -> None:
+        self._stream = stream
+        self._replay = replay
+        self.socket = stream.socket  # Hypercorn reads the peer's address from it
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """The replayed bytes, then the connection's."""
+        if self._replay:
+            data, self._replay = self._replay, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return bytes(await self._stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Write to the connection."""
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """As the connection's."""
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        """As the connection's."""
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        await self._stream.aclose()
+
+
+async def read_first_head(stream: trio.SocketStream) -> tuple[bytes, RequestHead | None]:
+    """Read until the first request head is complete, or until it cannot be a relay upgrade.
+
+    Returns the bytes read and the parsed head (``None`` when it is not a complete, well-formed
+    ``GET``; Hypercorn then answers as HTTP says). Raises ``trio.TooSlowError`` when a ``GET``
+    head does not complete within ``HEAD_TIMEOUT_SECONDS`` and ``ValueError`` when it exceeds
+    ``MAX_HEAD`` bytes.
+    """
+    received = b""
+    with trio.fail_after(HEAD_TIMEOUT_SECONDS):
+        while True:
+            chunk = await stream.receive_some(MAX_HEAD)
+            if not chunk:
+                return received, None
+            received += chunk
+            if not received.startswith(b"GET "[: len(received)]):
+                return received, None
+            end = head_end(received)
+            if end >= 0:
+                return received, parse_request_head(received[:end])
+            if len(received) > MAX_HEAD:
+                raise ValueError("request head too large")
+
+
+class FrontDoor:
+    """Per-connection dispatch between the tunnel and Hypercorn."""
+
+    def __init__(
+        self, app: Any, settings: HypercornConfig, upgrades: UpgradeHandler | None
+    ) -> None:
+        self._app = ASGIWrapper(app)
+        self._settings = settings
+        self._upgrades = upgrades
+        self.context = WorkerContext(None)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """Serve one TCP connection; its errors end it and nothing else."""
+        try:
+            await self._dispatch(stream)
+        except* Exception as group:
+            # Cancellation (a BaseException) is not caught here and still propagates.
+            errors = [type(error).__name__ for error in group.exceptions]
+            log.warning("http.connection_error", errors=errors, detail=str(group)[:200])
+            await trio.aclose_forcefully(stream)
+
+    async def _dispatch(self, stream: trio.SocketStream) -> None:
+        upgrades = self._upgrades
+        if upgrades is None:
+            await self._hypercorn(stream, b"")
+            return
+        try:
+            received, request = await read_first_head(stream)
+        except trio.TooSlowError:
+            await _answer(stream, 408, "the request head did not arrive in time")
+            return
+        except ValueError:
+            await _answer(stream, 431, f"the request head is larger than {MAX_HEAD} bytes")
+            return
+        if request is not None and is_relay_upgrade(request):
+            rest = received[head_end(received) :]
+            await upgrades(stream, request, rest)
+            return
+        await self._hypercorn(stream, received)
+
+    async def _hypercorn(self, stream: trio.SocketStream, received: bytes) -> None:
+        replay: Any = ReplayStream(stream, received)  # Hypercorn types it as an SSLStream
+        server = TCPServer(self._app, self._settings, self.context, {}, replay)
+        await server.run()
+
+
+async def _answer(stream: trio.SocketStream, status: int, message: str) -> None:
+    with trio.move_on_after(1):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(plain_response(status, message))
+    await trio.aclose_forcefully(stream)
+
+
 async def serve_http(
     app: Any,
     settings: HypercornConfig,
     listen_addr: str,
     shutdown: trio.Event,
     *,
+    upgrades: UpgradeHandler | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``listen_addr`` until ``shutdown`` is set; reports the bound URLs."""
+    """Serve ``app`` on ``listen_addr`` (relay upgrades too, if given) until ``shutdown``.
+
+    Reports the bound URLs.
+    """
+    check_hypercorn_version()
     settings.bind = bind_addresses(listen_addr)
-    await serve(app, settings, shutdown_trigger=shutdown.wait, task_status=task_status)
+    door = FrontDoor(app, settings, upgrades)
+    sockets = settings.create_sockets()
+    listeners = []
+    binds = []
+    for sock in sockets.insecure_sockets:
+        sock.listen(settings.backlog)
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+    async with trio.open_nursery() as connections:
+        try:
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(
+                    partial(trio.serve_listeners, handler_nursery=connections),
+                    door.handle,
+                    listeners,
+                )
+                task_status.started(binds)
+                await shutdown.wait()
+                accepting.cancel_scope.cancel()
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            await door.context.terminated.set()
+            connections.cancel_scope.deadline = trio.current_time() + (
+                settings.graceful_timeout if math.isfinite(settings.graceful_timeout) else 0
+            )

@@ -1,109 +1,151 @@
-"""The client WebSocket endpoint (``/`` and ``/codex-app/ws``), as a raw ASGI handler.
+"""The client WebSocket endpoint (``/`` and ``/codex-app/ws``): the checks, then the tunnel.
 
-Raw ASGI rather than a framework wrapper: this is the relay's hot path, and every frame passes
-through the ``receive``/``send`` callables handed straight to the relay. Rejections before the
-upgrade are plain HTTP responses (the ASGI ``websocket.http.response`` extension): 401 for a
-missing or bad token, 503 when the verifier, the store or the child is unavailable or the
-gateway is draining or full, 403 for a browser ``Origin``.
+The front door hands over every connection whose first request is a WebSocket upgrade on one
+of these paths. Before anything reaches a child the gateway checks, in order: the handshake
+itself (400, 426), the browser ``Origin`` (403), the bearer token (401; 503 when the verifier
+is unreachable), the workspace's session (503 while draining, full or backing off) and the
+workspace's client cap (429). Each refusal is a plain HTTP response and the connection is
+closed. Then the session starts a ``ClientRelay`` in its own nursery; this handler waits for it
+and, if it is itself cancelled, stops the relay and waits until the relay has sent its close.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
-from typing import Any
+import socket
+from collections.abc import Callable
 
 import structlog
+import trio
 
 from gateway import metrics
 from gateway.auth.authenticators import Authenticator, Unauthorized, VerifierUnavailable
 from gateway.auth.tokens import extract_bearer
+from gateway.config import Config
+from gateway.policy import ClientPolicy
+from gateway.sessions.budget import InflightBudget
+from gateway.sessions.handshake import RequestHead, plain_response, upgrade_problem
 from gateway.sessions.manager import SessionManager, Unavailable
+from gateway.sessions.relay import CLOSE_TIMEOUT, ClientRelay
 from gateway.sessions.session import SessionStartError
+from gateway.sessions.sockets import close_socket, drain_to_eof, send_all, take_socket
 
 log = structlog.get_logger(__name__)
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+# A refusal is sent, then the client has this long to read it and hang up.
+REFUSAL_LINGER = 1.0
 
-WEBSOCKET_PATHS = frozenset({"/", "/codex-app/ws"})
-
-
-def header(scope: Scope, name: bytes) -> str | None:
-    """The first value of a request header, decoded as latin-1 like HTTP/1.1 does."""
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
+PolicyFactory = Callable[[str], ClientPolicy]
 
 
-async def deny(send: Send, status: int, message: str, retry_after: float | None = None) -> None:
-    """Refuse the upgrade with a plain-text HTTP response."""
-    headers = [(b"content-type", b"text/plain; charset=utf-8")]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(int(retry_after)).encode()))
-    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-    await send({"type": "websocket.http.response.body", "body": (message + "\n").encode()})
+class Refused(Exception):
+    """The connect is refused with ``status`` and a one-sentence ``message``."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
 
 
 class WebSocketEndpoint:
-    """Authenticate, find or start the workspace's session, relay until the client leaves."""
+    """Check a relay upgrade, attach it to its workspace's session, wait until it ends."""
 
     def __init__(
         self,
         manager: SessionManager,
         authenticator: Authenticator,
-        allowed_origins: tuple[str, ...],
+        config: Config,
+        *,
+        budget: InflightBudget,
+        policy_for: PolicyFactory = lambda _workspace: ClientPolicy(),
     ) -> None:
         self._manager = manager
         self._authenticator = authenticator
-        self._allowed_origins = allowed_origins
+        self._config = config
+        self._budget = budget
+        self._policy_for = policy_for
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        first = await receive()
-        if first["type"] != "websocket.connect":
-            return
-        origin = header(scope, b"origin")
+    async def serve(self, stream: trio.SocketStream, request: RequestHead, rest: bytes) -> None:
+        """Serve one connection whose first request is ``request`` (``rest``: bytes after it)."""
+        client = take_socket(stream)
+        relay: ClientRelay | None = None
+        try:
+            try:
+                relay = await self._attach(client, request, rest)
+            except Refused as refused:
+                await _refuse(client, refused)
+                return
+            try:
+                await relay.finished.wait()
+            finally:
+                # Cancelled (server shutdown): stop the relay and let it send its close first.
+                relay.cancel_scope.cancel()
+                with trio.CancelScope(shield=True), trio.move_on_after(3 * CLOSE_TIMEOUT):
+                    await relay.finished.wait()
+        finally:
+            if relay is None or not relay.started:
+                close_socket(client)
+
+    async def _attach(
+        self, client: socket.socket, request: RequestHead, rest: bytes
+    ) -> ClientRelay:
+        problem = upgrade_problem(request)
+        if problem is not None:
+            version_problem = problem.startswith("Sec-WebSocket-Version")
+            raise Refused(426 if version_problem else 400, problem)
+        if rest:
+            raise Refused(400, "the client sent data before the WebSocket upgrade was answered")
+        origin = request.header("origin")
         if origin is not None and not any(
-            hmac.compare_digest(origin, allowed) for allowed in self._allowed_origins
+            hmac.compare_digest(origin, allowed) for allowed in self._config.allowed_origins
         ):
             metrics.AUTH_RESULTS.labels(result="origin_refused").inc()
-            await deny(send, 403, "origin not allowed")
-            return
-        token = extract_bearer(header(scope, b"authorization"))
+            raise Refused(403, "origin not allowed")
+        token = extract_bearer(request.header("authorization"))
         if token is None:
             metrics.AUTH_RESULTS.labels(result="missing").inc()
-            await deny(send, 401, "missing Bearer")
-            return
+            raise Refused(401, "missing Bearer")
         try:
             identity = await self._authenticator.verify(token)
         except Unauthorized:
             metrics.AUTH_RESULTS.labels(result="unauthorized").inc()
-            await deny(send, 401, "unauthorized")
-            return
+            raise Refused(401, "unauthorized") from None
         except VerifierUnavailable as exc:
             metrics.AUTH_RESULTS.labels(result="verifier_unavailable").inc()
             log.warning("auth.verifier_unavailable", error=str(exc))
-            await deny(send, 503, "token verifier unavailable; retry shortly", retry_after=5)
-            return
+            raise Refused(503, "token verifier unavailable; retry shortly", 5) from None
         metrics.AUTH_RESULTS.labels(result="ok").inc()
         structlog.contextvars.bind_contextvars(workspace_id=identity.workspace_id)
+        config = self._config
         try:
             session = await self._manager.attach(identity.workspace_id)
-            relay = await session.attach_client(receive, send)
+            relay = ClientRelay(
+                client,
+                request,
+                on_activity=session.touch,
+                max_message_size=config.ws_max_message_size,
+                ping_interval=config.ws_ping_interval,
+                budget=self._budget,
+                policy=self._policy_for(identity.workspace_id),
+            )
+            await session.attach_client(relay)
         except Unavailable as exc:
-            await deny(send, 503, str(exc), retry_after=exc.retry_after)
-            return
+            raise Refused(503, str(exc), exc.retry_after) from None
         except SessionStartError as exc:
-            await deny(send, exc.status, str(exc))
-            return
+            raise Refused(exc.status, str(exc)) from None
         except ConnectionError as exc:
             log.warning("relay.child_connect_failed", error=str(exc))
-            await deny(send, 503, "session unavailable; retry shortly", retry_after=1)
-            return
+            raise Refused(503, "session unavailable; retry shortly", 1) from None
+        return relay
+
+
+async def _refuse(client: socket.socket, refused: Refused) -> None:
+    """Answer with the refusal, then close once the client has read it (bounded)."""
+    response = plain_response(refused.status, str(refused), retry_after=refused.retry_after)
+    with trio.move_on_after(REFUSAL_LINGER):
         try:
-            await relay.finished.wait()
-        finally:
-            # If Hypercorn cancels this handler, the relay must not outlive its client.
-            relay.cancel_scope.cancel()
+            await send_all(client, response)
+            client.shutdown(socket.SHUT_WR)
+            await drain_to_eof(client)
+        except OSError:
+            pass

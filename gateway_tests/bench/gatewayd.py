@@ -5,6 +5,10 @@ the environment, stop on SIGTERM, drain) plus two things the benchmarks need:
 
 * the listening URLs are printed to stdout as one JSON line once the daemon serves;
 * with ``CXG_BENCH_PROFILE=PATH`` the daemon runs under cProfile (stats written at exit);
+* every client→child message goes through ``MeasuredPolicy``: a stand-in for the access policy
+  with its real cost (each text message parsed with ``json.loads`` and its method looked up in
+  a table), so the figures include the policy's work; the policy package on this branch is
+  a placeholder that allows everything at no cost;
 * when ``CXG_BENCH_CHILDREN_FILE`` is set, every session's child (its ``ws://`` URL, capability
   token and pid) is recorded there as JSON, keyed by workspace, when it becomes ready. The
   direct and nginx paths of the relay benchmarks use it to reach the very child the gateway
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import trio
 from gateway.config import load_config
 from gateway.daemon import run_daemon
 from gateway.logs import configure_logging
+from gateway.policy import ClientPolicy, Refusal
 from gateway.sessions import session as session_module
 from gateway.sessions.child import ChildSpec, CodexChild
 
@@ -61,10 +67,40 @@ def _install_child_recorder(path: Path) -> None:
     session_module.run_codex_child = recording_run_codex_child
 
 
+# What a method-level access policy looks up per message (every method lets through here).
+_METHODS: dict[str, bool] = {
+    name: True
+    for name in (
+        "initialize",
+        "initialized",
+        "thread/read",
+        "thread/start",
+        "thread/list",
+        "turn/start",
+        "fake/echo",
+        "fake/pid",
+    )
+}
+
+
+class MeasuredPolicy(ClientPolicy):
+    """The access policy's cost without its rules: parse each text message, look up its method."""
+
+    def check(self, message: str | bytes) -> Refusal | None:
+        """Parse and look up; refuse nothing."""
+        if isinstance(message, str):
+            parsed = json.loads(message)
+            if isinstance(parsed, dict):
+                _METHODS.get(parsed.get("method", ""), False)
+        return None
+
+
 async def _main() -> None:
     config = load_config(dict(os.environ))
     async with trio.open_nursery() as nursery:
-        urls = await nursery.start(run_daemon, config)
+        urls = await nursery.start(
+            partial(run_daemon, config, policy_for=lambda _workspace: MeasuredPolicy())
+        )
         print(json.dumps({"urls": urls, "pid": os.getpid()}), flush=True)
 
 

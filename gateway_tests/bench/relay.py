@@ -15,12 +15,16 @@ throughput uses the fake codex with ``ECHO_BINARY=1`` as the child (binary frame
 
 from __future__ import annotations
 
+import os
+import signal
 import statistics
 import time
 from collections.abc import Sequence
 
 import trio
 
+from gateway.sessions import frames
+from gateway_tests import rawws
 from gateway_tests.bench import client
 from gateway_tests.bench.common import (
     KIB,
@@ -32,6 +36,7 @@ from gateway_tests.bench.common import (
     difference_values,
     percentile,
     ratio_values,
+    rss_bytes,
 )
 from gateway_tests.bench.procs import (
     Gateway,
@@ -283,7 +288,11 @@ async def run(opts: Options, results: Results) -> None:
     work = opts.work_dir / SECTION
     workspace = "bench-relay"
     print("  relay, real codex child", flush=True)
-    async with running_gateway(work / "gateway-real", real_codex_bin()) as gateway:
+    # 100 connections of one workspace: above the default per-workspace cap, which is for
+    # tenants, not for this measurement.
+    async with running_gateway(
+        work / "gateway-real", real_codex_bin(), CXG_MAX_CLIENTS_PER_WORKSPACE="0"
+    ) as gateway:
         await _open_session(gateway, workspace)
         with running_nginx(work / "nginx-real", _child_port(gateway, workspace)) as nginx:
             endpoints = _endpoints(gateway, workspace, nginx.port)
@@ -299,3 +308,100 @@ async def run(opts: Options, results: Results) -> None:
             endpoints = _endpoints(gateway, workspace, nginx.port)
             cpu_pids = {"gateway": gateway.pid, "nginx": _nginx_worker(nginx.process.pid)}
             await _throughput(endpoints, opts, results, cpu_pids)
+    print("  relay, memory under hostile loads (echo child)", flush=True)
+    await _burst_memory(opts, results)
+
+
+async def _burst_memory(opts: Options, results: Results) -> None:
+    """Daemon RSS under hostile memory loads (issue 14): a burst of large frames, a stalled child.
+
+    * 500 clients (100 with ``--quick``) each send one 1 MiB binary frame at once to the echo
+      child and wait for the echo; peak ``VmRSS`` of the daemon during the burst and ``VmRSS``
+      once the clients have left, against the start.
+    * one client writes 60 MiB frames (three) to a child stopped with SIGSTOP (it reads
+      nothing); peak RSS while it is held back.
+    """
+    work = opts.work_dir / SECTION / "memory"
+    clients_n = 100 if opts.quick else 500
+    echo_bin = fake_codex_bin(work / "bin", ECHO_BINARY="1")
+    budget = 256 * MIB
+    async with running_gateway(
+        work / "gateway",
+        echo_bin,
+        CXG_MAX_CLIENTS_PER_WORKSPACE="0",
+        CXG_WS_INFLIGHT_BUDGET=str(budget),
+    ) as gateway:
+        workspace = "bench-burst"
+        await _open_session(gateway, workspace)
+        host, port = gateway.host_port
+        token = gateway.headers(workspace)[0][1].removeprefix("Bearer ")
+        start = rss_bytes(gateway.pid)
+        peak = start
+        clients = []
+        with trio.fail_after(600):
+            for _ in range(clients_n):
+                head, raw = await rawws.raw_connect(host, port, token)
+                if not head.startswith(b"HTTP/1.1 101"):
+                    raise RuntimeError(f"upgrade refused: {head[:80]!r}")
+                clients.append(raw)
+            blob = bytes(range(256)) * (MIB // 256)
+            done = trio.Event()
+
+            async def one(raw: rawws.RawClient) -> None:
+                await raw.send(frames.BINARY, blob)
+                _opcode, payload = await raw.receive()
+                if len(payload) != len(blob):
+                    raise RuntimeError("short echo")
+
+            async def sample() -> None:
+                nonlocal peak
+                while not done.is_set():
+                    peak = max(peak, rss_bytes(gateway.pid))
+                    await trio.sleep(0.01)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sample)
+                async with trio.open_nursery() as senders:
+                    for raw in clients:
+                        senders.start_soon(one, raw)
+                done.set()
+            for raw in clients:
+                await raw.stream.aclose()
+            await trio.sleep(2)  # the relays close and free their buffers
+            after = rss_bytes(gateway.pid)
+        note = f"{clients_n} clients x one 1 MiB frame at once; CXG_WS_INFLIGHT_BUDGET=256MiB"
+        results.add(SECTION, "daemon RSS at start (burst)", "MiB", [start / MIB], note)
+        results.add(SECTION, "daemon peak RSS growth, 1 MiB burst", "MiB", [(peak - start) / MIB])
+        results.add(
+            SECTION, "daemon RSS after the burst - at start", "MiB", [(after - start) / MIB]
+        )
+        print(
+            f"    burst: start {start / MIB:.0f} MiB, peak +{(peak - start) / MIB:.0f} MiB, "
+            f"after +{(after - start) / MIB:.0f} MiB",
+            flush=True,
+        )
+        # One client, 60 MiB frames, a child that reads nothing.
+        pid = int(gateway.child(workspace)["pid"])
+        head, raw = await rawws.raw_connect(host, port, token)
+        start = rss_bytes(gateway.pid)
+        peak = start
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            big = bytes(60 * MIB)
+            with trio.move_on_after(10):
+                for _ in range(3):
+                    await raw.send(frames.BINARY, big)
+            for _ in range(20):
+                peak = max(peak, rss_bytes(gateway.pid))
+                await trio.sleep(0.05)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await raw.stream.aclose()
+        results.add(
+            SECTION,
+            "daemon peak RSS growth, 60 MiB frames to a stopped child",
+            "MiB",
+            [(peak - start) / MIB],
+            "one client; the child is SIGSTOPped and reads nothing",
+        )
+        print(f"    stalled child: peak +{(peak - start) / MIB:.0f} MiB", flush=True)

@@ -190,8 +190,9 @@ async def test_any_frame_is_relayed_or_closes_only_its_client_with_1009(
 
             async def probe(frame: str | bytes) -> None:
                 ws = holder["ws"]
-                # The limit counts characters for text and bytes for binary, on both legs.
-                oversized = len(frame) > LIMIT
+                # The limit counts bytes on the wire: UTF-8 bytes for text, as the child counts.
+                size = len(frame.encode()) if isinstance(frame, str) else len(frame)
+                oversized = size > LIMIT
                 await ws.send_message(frame)
                 if isinstance(frame, str) and not oversized:
                     # The raw text goes to the child (which drops what is not JSON-RPC); an

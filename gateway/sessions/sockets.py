@@ -1,0 +1,65 @@
+"""Non-blocking stdlib sockets driven straight from Trio's I/O waits: the tunnel's hot path.
+
+Trio's ``SocketStream`` adds a conflict detector, a checkpoint and a wrapper call to every
+read and write. The tunnel moves every byte of every client, so its two sockets are plain
+non-blocking ``socket.socket`` objects: a read or write is tried first and only waits
+(``wait_readable``/``wait_writable``) when the kernel says it would block.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+from trio.lowlevel import notify_closing, wait_readable, wait_writable
+
+
+def take_socket(stream: trio.SocketStream) -> socket.socket:
+    """The stream's connection as a non-blocking stdlib socket (the stream is unusable after)."""
+    sock = socket.socket(fileno=stream.socket.detach())
+    sock.setblocking(False)
+    return sock
+
+
+async def recv(sock: socket.socket, size: int) -> bytes:
+    """Up to ``size`` bytes; ``b""`` at end of stream."""
+    while True:
+        try:
+            return sock.recv(size)
+        except BlockingIOError:
+            await wait_readable(sock)
+
+
+async def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) -> bool:
+    """Write everything; returns whether the write had to wait (a scheduling point passed)."""
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        return False
+    view = memoryview(data)[sent:]
+    while view:
+        await wait_writable(sock)
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            continue
+        view = view[sent:]
+    return True
+
+
+async def drain_to_eof(sock: socket.socket) -> None:
+    """Read until the peer closes, so that nothing unread turns our close into a reset."""
+    try:
+        while await recv(sock, 65536):
+            pass
+    except OSError:
+        pass
+
+
+def close_socket(sock: socket.socket | None) -> None:
+    """Close ``sock`` (once), telling Trio first so no task waits on a closed descriptor."""
+    if sock is not None and sock.fileno() >= 0:
+        notify_closing(sock)
+        sock.close()

@@ -1,0 +1,445 @@
+"""The relay as a tunnel: the child's handshake, frames, the gateway's own closes, and its bounds.
+
+The frame tracker and the budget are pure and tested without sockets; everything else runs the
+real daemon with the fake codex as its child, on real sockets.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx2
+import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
+
+from gateway.policy import ClientPolicy, Refusal
+from gateway.sessions import frames
+from gateway.sessions.budget import InflightBudget
+from gateway.sessions.relay import FrameTracker
+from gateway.web import server as front_door
+from gateway_tests.fakes.launchers import make_fake_codex_launcher
+from gateway_tests.harness import (
+    RunningGateway,
+    connect,
+    gateway_env,
+    start_gateway,
+    token_for,
+)
+from gateway_tests.rawws import RawClient, raw_connect, read_head, upgrade_request
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+TIMEOUT = 20.0
+
+
+# -- pure parts ---------------------------------------------------------------------------------
+
+
+def test_the_tracker_follows_frames_split_anywhere_across_reads() -> None:
+    stream = (
+        frames.server_text("a" * 10)
+        + frames.server_text("b" * 300)
+        + frames.server_ping(b"p")
+        + frames.server_text("c" * 70_000)
+        + frames.server_close(1000, "bye")
+    )
+    for cut in (1, 2, 3, 7, 13, 1000):
+        tracker = FrameTracker()
+        starts = 0
+        for offset in range(0, len(stream), cut):
+            starts += tracker.feed(stream[offset : offset + cut])
+        assert starts == 5, cut
+        assert tracker.at_boundary and tracker.close_seen
+
+
+def test_frames_that_break_the_protocol_are_refused() -> None:
+    with pytest.raises(frames.FrameError):
+        frames.parse_header(bytes([0x81 | 0x40, 0]))  # RSV1 without an extension
+    with pytest.raises(frames.FrameError):
+        frames.parse_header(bytes([0x83, 0]))  # reserved opcode
+    with pytest.raises(frames.FrameError):
+        frames.parse_header(bytes([0x09, 0]))  # fragmented ping
+    with pytest.raises(frames.FrameError):
+        frames.parse_header(bytes([0x89, 126, 0, 200]))  # ping longer than 125 bytes
+
+
+async def test_the_budget_serves_waiters_in_order_and_a_cancelled_waiter_takes_nothing() -> None:
+    budget = InflightBudget(100)
+    await budget.acquire(60)
+    order: list[str] = []
+
+    async def take(name: str, amount: int) -> None:
+        await budget.acquire(amount)
+        order.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "big", 80)
+        await wait_all_tasks_blocked()
+        nursery.start_soon(take, "small", 10)
+        await wait_all_tasks_blocked()
+        # FIFO: the small request waits behind the big one although it would fit.
+        assert order == [] and budget.used == 60
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await budget.acquire(5)
+        assert budget.used == 60
+        budget.release(60)
+        await wait_all_tasks_blocked()
+        assert sorted(order) == ["big", "small"] and budget.used == 90
+    budget.release(90)
+    assert budget.used == 0
+    with pytest.raises(ValueError, match="whole in-flight budget"):
+        await budget.acquire(101)
+
+
+# -- raw WebSocket clients ------------------------------------------------------------------------
+
+
+def _address(gateway: RunningGateway) -> tuple[str, int]:
+    host, port = gateway.http_url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+def _upgrade(gateway: RunningGateway, workspace: str, key: str, extra: str = "") -> bytes:
+    return upgrade_request(*_address(gateway), token_for(workspace), key, extra)
+
+
+async def _raw_connect(gateway: RunningGateway, workspace: str) -> tuple[bytes, RawClient]:
+    return await raw_connect(*_address(gateway), token_for(workspace))
+
+
+def _status(head: bytes) -> int:
+    return int(head.split(b" ", 2)[1])
+
+
+@pytest.fixture
+async def gateway(
+    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+) -> AsyncIterator[RunningGateway]:
+    running = await start_gateway(nursery, gateway_env(tmp_path, fake_codex_bin))
+    yield running
+    await running.shutdown()
+
+
+# -- the handshake --------------------------------------------------------------------------------
+
+
+async def test_the_childs_101_answers_the_clients_own_key(gateway: RunningGateway) -> None:
+    key = base64.b64encode(os.urandom(16)).decode()
+    with trio.fail_after(TIMEOUT):
+        stream = await trio.open_tcp_stream(*_address(gateway))
+        offer = "Sec-WebSocket-Extensions: permessage-deflate\r\nOrigin-Ignored: x\r\n"
+        await stream.send_all(_upgrade(gateway, "ws_handshake", key, offer))
+        head, rest = await read_head(stream)
+        lines = head.decode().lower().split("\r\n")
+        assert lines[0].startswith("http/1.1 101")
+        accept = base64.b64encode(hashlib.sha1(key.encode() + GUID).digest()).decode().lower()
+        assert f"sec-websocket-accept: {accept}" in lines
+        # No extension is negotiated: the access policy reads every message as sent.
+        assert not any(line.startswith("sec-websocket-extensions") for line in lines)
+        client = RawClient(stream, rest)
+        initialize = {"id": 1, "method": "initialize", "params": {"clientInfo": {"name": "t"}}}
+        echo = {"id": 2, "method": "fake/echo", "params": {"payload": "verbatim"}}
+        for request in (initialize, echo):
+            await client.send(frames.TEXT, json.dumps(request).encode())
+            while True:
+                opcode, payload = await client.receive()
+                assert opcode == frames.TEXT
+                if json.loads(payload).get("id") == request["id"]:
+                    break
+        assert json.loads(payload)["result"]["payload"] == "verbatim", payload
+        await stream.aclose()
+
+
+async def test_an_upgrade_after_an_earlier_request_on_the_same_connection_gets_400(
+    gateway: RunningGateway,
+) -> None:
+    host, port = _address(gateway)
+    with trio.fail_after(TIMEOUT):
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        head, _ = await read_head(stream)
+        assert _status(head) == 200
+        key = base64.b64encode(os.urandom(16)).decode()
+        await stream.send_all(_upgrade(gateway, "ws_reused", key))
+        received = b""
+        while b"new HTTP/1.1 connection" not in received:
+            received += await stream.receive_some(65536)
+        assert b" 400 " in received.split(b"\r\n", 1)[0] or b"HTTP/1.1 400" in received
+        await stream.aclose()
+    assert await gateway.session("ws_reused") is None
+
+
+async def test_a_slowloris_upgrade_head_is_dropped_and_bothers_nobody(
+    gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(front_door, "HEAD_TIMEOUT_SECONDS", 1.0)
+    async with connect(gateway, "ws_bystander") as bystander:
+        stream = await trio.open_tcp_stream(*_address(gateway))
+        request = _upgrade(gateway, "ws_slow", base64.b64encode(os.urandom(16)).decode())
+        answered = b""
+        with trio.fail_after(TIMEOUT):
+            for byte in request[:-4]:
+                try:
+                    await stream.send_all(bytes([byte]))
+                except trio.BrokenResourceError:
+                    break
+                with trio.move_on_after(0.05):
+                    answered += await stream.receive_some(65536)
+                if answered:
+                    break
+            while chunk := await stream.receive_some(65536):
+                answered += chunk
+        assert answered.startswith(b"HTTP/1.1 408"), answered[:100]
+        assert (await bystander.result("fake/echo", {"payload": "ok"}))["payload"] == "ok"
+    oversized = b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * (front_door.MAX_HEAD + 10)
+    with trio.fail_after(TIMEOUT):
+        stream = await trio.open_tcp_stream(*_address(gateway))
+        await stream.send_all(oversized)
+        answered = await stream.receive_some(65536)
+        assert answered.startswith(b"HTTP/1.1 431"), answered[:100]
+        await stream.aclose()
+    assert await gateway.session("ws_slow") is None
+
+
+# -- the gateway's own closes ---------------------------------------------------------------------
+
+
+async def test_each_stop_reason_reaches_the_client_as_its_own_code_and_reason(
+    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+) -> None:
+    gateway = await start_gateway(nursery, gateway_env(tmp_path, fake_codex_bin))
+    async with connect(gateway, "ws_restart") as rpc:
+        assert (await gateway.restart("ws_restart")).status_code == 204
+        reason = await rpc.closed(within=5)
+        assert (reason.code, reason.reason) == (1012, "session restarted by request")
+    async with connect(gateway, "ws_crash") as rpc:
+        os.kill(int((await rpc.result("fake/pid"))["pid"]), signal.SIGKILL)
+        reason = await rpc.closed(within=1)
+        assert reason.code == 1011
+        assert reason.reason in ("codex app-server exited", "codex app-server connection lost")
+    async with connect(gateway, "ws_drain") as rpc:
+        gateway.stop.set()
+        reason = await rpc.closed(within=10)
+        assert (reason.code, reason.reason) == (1001, "gateway shutting down")
+    await gateway.stopped.wait()
+
+
+class _RefuseFakePid(ClientPolicy):
+    def check(self, message: str | bytes) -> Refusal | None:
+        if isinstance(message, str) and json.loads(message).get("method") == "fake/pid":
+            request_id = json.loads(message)["id"]
+            error = {"id": request_id, "error": {"code": -32600, "message": "not allowed"}}
+            return Refusal(json.dumps(error), {"method": "fake/pid"})
+        return None
+
+
+async def test_a_refused_message_gets_the_policys_answer_and_never_reaches_the_child(
+    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+) -> None:
+    gateway = await start_gateway(
+        nursery,
+        gateway_env(tmp_path, fake_codex_bin),
+        policy_for=lambda _workspace: _RefuseFakePid(),
+    )
+    try:
+        async with connect(gateway, "ws_policy") as rpc:
+            refused = await rpc.call("fake/pid")
+            assert refused["error"] == {"code": -32600, "message": "not allowed"}
+            assert (await rpc.result("fake/echo", {"payload": "after"}))["payload"] == "after"
+    finally:
+        await gateway.shutdown()
+
+
+# -- bounds ---------------------------------------------------------------------------------------
+
+
+async def test_one_tenants_connections_are_capped_and_other_tenants_still_start(
+    gateway: RunningGateway,
+) -> None:
+    cap = gateway.config.max_clients_per_workspace
+    statuses: list[int] = []
+    clients: list[RawClient] = []
+    with trio.fail_after(60):
+        for _ in range(cap + 60):
+            head, client = await _raw_connect(gateway, "ws_greedy")
+            statuses.append(_status(head))
+            if _status(head) == 101:
+                clients.append(client)
+            else:
+                await client.stream.aclose()
+        assert statuses.count(101) == cap
+        assert set(statuses[cap:]) == {429}
+        async with connect(gateway, "ws_other") as other:
+            assert (await other.result("fake/echo", {"payload": "hi"}))["payload"] == "hi"
+        for client in clients:
+            await client.stream.aclose()
+
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(256, hard)
+    script = (
+        "import resource; from gateway.daemon import raise_open_files_limit; "
+        "raise_open_files_limit(); print('limit', *resource.getrlimit(resource.RLIMIT_NOFILE))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard)),
+    )
+    line = next(line for line in result.stdout.splitlines() if line.startswith("limit "))
+    after_soft, after_hard = (int(v) for v in line.split()[1:])
+    assert after_hard == hard
+    if hard == resource.RLIM_INFINITY:
+        assert after_soft > low
+    else:
+        assert after_soft == hard
+    assert soft <= hard
+
+
+async def _inflight(gateway: RunningGateway) -> float:
+    async with httpx2.AsyncClient(timeout=10) as http:
+        text = (await http.get(f"{gateway.http_url}/metrics")).text
+    for line in text.splitlines():
+        if line.startswith("cxg_ws_inflight_bytes "):
+            return float(line.split()[1])
+    raise AssertionError("cxg_ws_inflight_bytes not exported")
+
+
+async def test_a_child_that_does_not_read_holds_its_clients_back_within_the_budget(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    launcher = make_fake_codex_launcher(tmp_path / "bin", ECHO_BINARY="1")
+    budget = 8 << 20
+    env = gateway_env(
+        tmp_path, launcher, CXG_WS_MAX_MESSAGE_SIZE="4MiB", CXG_WS_INFLIGHT_BUDGET="8MiB"
+    )
+    gateway = await start_gateway(nursery, env)
+    try:
+        async with connect(gateway, "ws_stalled") as rpc:
+            pid = int((await rpc.result("fake/pid"))["pid"])
+            blob = os.urandom(4 << 20)
+            writers: list[RawClient] = []
+            sent = [0]
+            for _ in range(6):
+                head, client = await _raw_connect(gateway, "ws_stalled")
+                assert _status(head) == 101
+                writers.append(client)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                async with trio.open_nursery() as senders:
+
+                    async def flood(client: RawClient) -> None:
+                        for _ in range(4):
+                            await client.send(frames.BINARY, blob)
+                            sent[0] += 1
+
+                    for client in writers:
+                        senders.start_soon(flood, client)
+                    # 6 clients x 4 frames of 4 MiB = 96 MiB offered; the child reads nothing.
+                    for _ in range(20):
+                        await trio.sleep(0.1)
+                        assert await _inflight(gateway) <= budget
+                    # Backpressure: most of what was offered is still with the senders.
+                    assert sent[0] < 6 * 4
+                    os.kill(pid, signal.SIGCONT)
+                    with trio.fail_after(60):
+                        for client in writers:
+                            for _ in range(4):
+                                opcode, payload = await client.receive()
+                                assert opcode == frames.BINARY and payload == blob
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert await _inflight(gateway) == 0
+            for client in writers:
+                await client.stream.aclose()
+    finally:
+        await gateway.shutdown()
+
+
+async def test_five_hundred_clients_sending_1mib_frames_at_once_all_get_their_echo(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    launcher = make_fake_codex_launcher(tmp_path / "bin", ECHO_BINARY="1")
+    env = gateway_env(
+        tmp_path,
+        launcher,
+        CXG_MAX_CLIENTS_PER_WORKSPACE="0",
+        CXG_WS_MAX_MESSAGE_SIZE="1MiB",
+        CXG_WS_INFLIGHT_BUDGET="32MiB",
+    )
+    gateway = await start_gateway(nursery, env)
+    peak = [0.0]
+    echoed = [0]
+    try:
+        async with connect(gateway, "ws_burst"):
+            clients = []
+            with trio.fail_after(120):
+                for _ in range(500):
+                    head, client = await _raw_connect(gateway, "ws_burst")
+                    assert _status(head) == 101
+                    clients.append(client)
+                go = trio.Event()
+
+                async def burst(client: RawClient, blob: bytes) -> None:
+                    await go.wait()
+                    await client.send(frames.BINARY, blob)
+                    opcode, payload = await client.receive()
+                    assert opcode == frames.BINARY and payload == blob
+                    echoed[0] += 1
+
+                async def watch() -> None:
+                    while True:
+                        peak[0] = max(peak[0], await _inflight(gateway))
+                        await trio.sleep(0.05)
+
+                async with trio.open_nursery() as burst_nursery:
+                    watcher = trio.CancelScope()
+
+                    async def watching() -> None:
+                        with watcher:
+                            await watch()
+
+                    burst_nursery.start_soon(watching)
+                    async with trio.open_nursery() as senders:
+                        for client in clients:
+                            senders.start_soon(burst, client, os.urandom(1 << 20))
+                        go.set()
+                    watcher.cancel()
+            assert echoed[0] == 500
+            assert 0 < peak[0] <= 32 << 20
+            for client in clients:
+                await client.stream.aclose()
+    finally:
+        await gateway.shutdown()
+
+
+async def test_connections_cancelled_at_shutdown_are_not_logged_as_errors(
+    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway = await start_gateway(nursery, gateway_env(tmp_path, fake_codex_bin))
+    host, port = _address(gateway)
+    # Half a request head: its connection is still being read when the server stops, and is
+    # cancelled by the graceful-shutdown deadline.
+    stream = await trio.open_tcp_stream(host, port)
+    await stream.send_all(f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\n".encode())
+    with trio.fail_after(TIMEOUT):
+        await gateway.shutdown()
+    await stream.aclose()
+    logged = capsys.readouterr().out
+    assert "daemon.stopped" in logged
+    assert "http.connection_error" not in logged
