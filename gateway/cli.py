@@ -15,6 +15,7 @@ import trio
 
 from gateway.auth.tokens import TokenError, mint_hmac_token
 from gateway.config import ConfigError, load_config, require_authenticator
+from gateway.preflight import package_version
 
 PROG = "codex-app-gateway"
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -43,12 +44,17 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.daemon import run_daemon
     from gateway.logs import configure_logging
+    from gateway.web.server import BindError
 
     configure_logging(config.log_level, config.log_format)
     try:
         trio.run(run_daemon, config)
     except KeyboardInterrupt:
         return EXIT_OK
+    except BindError as exc:
+        # Like a config error: the operator fixes the address (CXG_LISTEN_ADDR), no traceback.
+        print(f"{PROG} serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         print(f"{PROG} serve: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -71,6 +77,7 @@ def _mint_token(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line parser."""
     parser = _Parser(prog=PROG, description="Run `codex --remote` against per-workspace sessions.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = commands.add_parser("serve", help="run the gateway daemon")

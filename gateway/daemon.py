@@ -28,13 +28,14 @@ import trio
 
 from gateway.auth.authenticators import build_authenticator
 from gateway.config import Config
+from gateway.preflight import PreflightState, package_version, run_preflight
 from gateway.sessions.manager import SessionManager
 from gateway.sessions.session import SessionServices
 from gateway.sessions.wiring import credentials_factory, executors_factory, open_persistence
 from gateway.web.admin import AdminRoutes
 from gateway.web.app import Readiness, build_app, build_metrics_app
 from gateway.web.hypercorn_fixes import install_hypercorn_fixes
-from gateway.web.server import hypercorn_config, serve_http
+from gateway.web.server import BindError, hypercorn_config, serve_http
 from gateway.web.websocket import WebSocketEndpoint
 
 log = structlog.get_logger(__name__)
@@ -87,9 +88,28 @@ async def run_daemon(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``stop`` is set (or, without one, until SIGTERM/SIGINT); then drain."""
+    try:
+        await _run_daemon(config, stop, task_status)
+    except BaseExceptionGroup as group:
+        # A bind failure is the operator's to fix: one sentence, not a group of tracebacks.
+        bind_errors, _ = group.split(BindError)
+        if bind_errors is not None:
+            raise _first_leaf(bind_errors) from None
+        raise
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+async def _run_daemon(
+    config: Config, stop: trio.Event | None, task_status: trio.TaskStatus[list[str]]
+) -> None:
     install_hypercorn_fixes()
     _warn_about_placement(config)
-    readiness = Readiness()
+    preflight = PreflightState()
+    readiness = Readiness(preflight=preflight)
     async with httpx2.AsyncClient() as http:
         persistence = open_persistence(config)
         store = persistence.store
@@ -106,7 +126,15 @@ async def run_daemon(
                 authenticator = build_authenticator(config, http)
                 app = build_app(
                     WebSocketEndpoint(manager, authenticator, config.allowed_origins),
-                    AdminRoutes(manager, authenticator, config.admin_secret),
+                    AdminRoutes(
+                        manager,
+                        authenticator,
+                        config.admin_secret,
+                        versions=lambda: {
+                            "gateway": package_version(),
+                            "codex": preflight.codex_version,
+                        },
+                    ),
                     readiness,
                     metrics=config.metrics_listen_addr is None,
                 )
@@ -123,8 +151,13 @@ async def run_daemon(
                     )
                 readiness.serving = True
                 log.info(
-                    "daemon.serving", urls=urls, codex_bin=config.codex_bin, store=store.describe()
+                    "daemon.serving",
+                    urls=urls,
+                    version=package_version(),
+                    codex_bin=config.codex_bin,
+                    store=store.describe(),
                 )
+                await root.start(run_preflight, config.codex_bin, store, preflight)
                 task_status.started(urls)
                 signal_scope = trio.CancelScope()
                 if stop is None:

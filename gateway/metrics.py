@@ -42,3 +42,8 @@ WS_CLOSES = Counter(
     "cxg_ws_closes_total", "WebSocket closes by side that closed and code.", ["side", "code"]
 )
 AUTH_RESULTS = Counter("cxg_auth_results_total", "Authentication outcomes.", ["result"])
+BUILD_INFO = Gauge(
+    "cxg_build_info",
+    "Always 1: this gateway's version and the codex version its start-up check found.",
+    ["version", "codex_version"],
+)

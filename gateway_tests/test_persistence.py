@@ -61,6 +61,9 @@ class RecordingStore:
     def describe(self) -> str:
         return self.inner.describe()
 
+    async def check(self) -> None:
+        await self.inner.check()
+
     def open_read(self, key: str) -> AbstractAsyncContextManager[StoredObject]:
         return self.inner.open_read(key)
 

@@ -34,6 +34,22 @@ def hypercorn_config(config: Config, listen_addr: str) -> HypercornConfig:
     return settings
 
 
+class BindError(Exception):
+    """The listen address cannot be bound (in use, not local, not permitted)."""
+
+
+class _ReportStarted:
+    """Passes Hypercorn's ``started`` on and remembers that it came (the bind worked)."""
+
+    def __init__(self, task_status: trio.TaskStatus[list[str]]) -> None:
+        self._task_status = task_status
+        self.done = False
+
+    def started(self, value: list[str]) -> None:
+        self.done = True
+        self._task_status.started(value)
+
+
 async def serve_http(
     app: Any,
     settings: HypercornConfig,
@@ -41,5 +57,16 @@ async def serve_http(
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` until ``shutdown`` is set; reports the bound URLs when listening."""
-    await serve(app, settings, shutdown_trigger=shutdown.wait, task_status=task_status)
+    """Serve ``app`` until ``shutdown`` is set; reports the bound URLs when listening.
+
+    A failure to bind is a ``BindError`` with one sentence naming the address, so the command
+    line can say it in one line instead of a traceback.
+    """
+    reporter = _ReportStarted(task_status)
+    try:
+        await serve(app, settings, shutdown_trigger=shutdown.wait, task_status=reporter)  # type: ignore[arg-type]
+    except OSError as exc:
+        if reporter.done:
+            raise
+        address = ", ".join(settings.bind)
+        raise BindError(f"cannot listen on {address}: {exc.strerror or exc}") from None

@@ -802,7 +802,8 @@ class Server:
             raise invalid_request("Not initialized")
         handler = self.methods.get(method)
         if handler is None:
-            raise RpcError(-32601, f"method not found: {method}")
+            log(f"connection {conn.number}: {method} is not supported by the fake")
+            raise RpcError(-32601, f"{method} is not supported by the fake codex")
         return handler(self, conn, params)
 
     # ---- test-only extras -------------------------------------------------------------------
@@ -852,6 +853,7 @@ class Server:
             "gitInfo": None,
             "name": None,
             "forkedFromId": None,
+            "projectId": None,
             "turns": info.get("turns", []) if include_turns else [],
         }
 
@@ -1022,6 +1024,8 @@ class Server:
         return {
             "data": [self.thread_json(tid, info, False) for tid, info in page],
             "nextCursor": f"fake:{start + limit}" if more else None,
+            "backwardsCursor": None,
+            "readStates": {},
         }
 
     def m_thread_read(self, conn: Connection, params: dict[str, Any]) -> Any:
@@ -1056,7 +1060,12 @@ class Server:
             elif isinstance(data, dict) and data.get("OPENAI_API_KEY"):
                 account = {"type": "apiKey"}
         requires = bool(self.config.provider.get("requires_openai_auth", False))
-        return {"account": account, "requiresOpenaiAuth": requires}
+        return {
+            "account": account,
+            "userId": None,
+            "requiresOpenaiAuth": requires,
+            "workspaceRouting": None,
+        }
 
     def m_config_read(self, conn: Connection, params: dict[str, Any]) -> Any:
         # A small static view: the real answer carries the whole config, but config.toml may
@@ -1079,7 +1088,9 @@ class Server:
                     "model": self.config.model,
                     "displayName": "Fake model",
                     "description": "Answers with canned text; no network.",
-                    "supportedReasoningEfforts": [],
+                    "supportedReasoningEfforts": [
+                        {"reasoningEffort": "medium", "description": "The only effort it has"}
+                    ],
                     "defaultReasoningEffort": "medium",
                     "isDefault": True,
                     "hidden": False,
@@ -1087,6 +1098,103 @@ class Server:
             ],
             "nextCursor": None,
         }
+
+    # ---- what the real TUI asks for at start-up: empty but well-formed answers -------------
+    # Shapes follow `codex app-server generate-json-schema --experimental` of 0.169.0 (the
+    # contract tests validate each answer against it).
+
+    def m_config_requirements_read(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {"requirements": None, "supportsIndependentSpeedModes": False}
+
+    def m_bedrock_gov_cloud(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {"isGovCloud": False, "shouldWarn": False}
+
+    def m_hooks_list(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {
+            "data": [
+                {"cwd": cwd, "hooks": [], "warnings": [], "errors": []} for cwd in self.cwds(params)
+            ]
+        }
+
+    def m_skills_list(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {"data": [{"cwd": cwd, "skills": [], "errors": []} for cwd in self.cwds(params)]}
+
+    def cwds(self, params: dict[str, Any]) -> list[str]:
+        """The directories a per-cwd listing is asked about (the server's cwd by default)."""
+        given = params.get("cwds")
+        if isinstance(given, list) and given:
+            return [str(cwd) for cwd in given]
+        return [os.getcwd()]
+
+    def m_collaboration_mode_list(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {
+            "data": [
+                {"name": "Plan", "mode": "plan", "model": None, "reasoning_effort": "medium"},
+                {"name": "Default", "mode": "default", "model": None, "reasoning_effort": None},
+            ]
+        }
+
+    def m_plugin_installed(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {"marketplaces": [], "marketplaceLoadErrors": []}
+
+    def m_experimental_feature_list(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {"data": [], "nextCursor": None}
+
+    def m_permission_profile_list(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {
+            "data": [
+                {"id": profile, "description": None, "allowed": True}
+                for profile in (":read-only", ":workspace", ":danger-full-access")
+            ],
+            "nextCursor": None,
+        }
+
+    def m_thread_goal_get(self, conn: Connection, params: dict[str, Any]) -> Any:
+        self.parse_thread_id(params)
+        return {"goal": None}
+
+    def m_thread_background_terminals_list(self, conn: Connection, params: dict[str, Any]) -> Any:
+        self.parse_thread_id(params)
+        return {"data": [], "nextCursor": None}
+
+    def m_thread_settings_update(self, conn: Connection, params: dict[str, Any]) -> Any:
+        self.parse_thread_id(params)
+        return {}
+
+    def m_thread_turns_list(self, conn: Connection, params: dict[str, Any]) -> Any:
+        thread_id = self.parse_thread_id(params)
+        path = self.find_rollout(thread_id)
+        summary = read_rollout(path) if path else None
+        if summary is None:
+            raise invalid_request(f"thread not found: {thread_id}")
+        if not summary["turns"]:
+            # Like the real server: nothing to list before the first user message.
+            raise invalid_request(
+                f"thread {thread_id} is not materialized yet; thread/turns/list is unavailable "
+                "before first user message"
+            )
+        turns = summary["turns"]
+        if params.get("sortDirection") == "desc":
+            turns = list(reversed(turns))
+        return {"data": turns, "nextCursor": None, "backwardsCursor": None}
+
+    def m_thread_read_state_update(self, conn: Connection, params: dict[str, Any]) -> Any:
+        self.parse_thread_id(params)
+        operation = params.get("operation")
+        if not isinstance(operation, dict) or operation.get("type") not in ("read", "unread"):
+            raise invalid_request("Invalid request: missing field `operation`")
+        return {"readState": {"firstUnread": None, "revision": "fake-0"}}
+
+    def m_thread_search(self, conn: Connection, params: dict[str, Any]) -> Any:
+        term = params.get("searchTerm")
+        if not isinstance(term, str):
+            raise invalid_request("Invalid request: missing field `searchTerm`")
+        found = []
+        for path in self.rollout_files():
+            entry = self.disk_info(path)
+            if entry is not None and term.lower() in entry[1]["preview"].lower():
+                found.append(self.thread_json(entry[0], entry[1], False))
+        return {"data": found, "nextCursor": None, "backwardsCursor": None}
 
     # ---- turns ------------------------------------------------------------------------------
 
@@ -1346,6 +1454,20 @@ class Server:
         "account/read": m_account_read,
         "config/read": m_config_read,
         "model/list": m_model_list,
+        "configRequirements/read": m_config_requirements_read,
+        "account/bedrock/checkGovCloudRequirements": m_bedrock_gov_cloud,
+        "hooks/list": m_hooks_list,
+        "skills/list": m_skills_list,
+        "collaborationMode/list": m_collaboration_mode_list,
+        "plugin/installed": m_plugin_installed,
+        "experimentalFeature/list": m_experimental_feature_list,
+        "permissionProfile/list": m_permission_profile_list,
+        "thread/goal/get": m_thread_goal_get,
+        "thread/backgroundTerminals/list": m_thread_background_terminals_list,
+        "thread/settings/update": m_thread_settings_update,
+        "thread/search": m_thread_search,
+        "thread/turns/list": m_thread_turns_list,
+        "thread/readState/update": m_thread_read_state_update,
     }
 
     def forget(self, conn: Connection) -> None:
@@ -1460,10 +1582,16 @@ class WebSocketServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """One TCP connection: a plain HTTP request or a WebSocket session."""
+        gone = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
         try:
             await self._handle(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+        except gone:
             pass
+        except BaseExceptionGroup as group:
+            # A peer that resets the connection mid-frame surfaces from the reader's nursery.
+            _, rest = group.split(gone)
+            if rest is not None:
+                raise rest from None
         finally:
             await trio.aclose_forcefully(stream)
 
