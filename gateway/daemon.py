@@ -35,7 +35,7 @@ from gateway.sessions.wiring import credentials_factory, executors_factory, open
 from gateway.web.admin import AdminRoutes
 from gateway.web.app import Readiness, build_app, build_metrics_app
 from gateway.web.hypercorn_fixes import install_hypercorn_fixes
-from gateway.web.server import BindError, hypercorn_config, serve_http
+from gateway.web.server import BindError, first_leaf, hypercorn_config, serve_http
 from gateway.web.websocket import WebSocketEndpoint
 
 log = structlog.get_logger(__name__)
@@ -94,13 +94,8 @@ async def run_daemon(
         # A bind failure is the operator's to fix: one sentence, not a group of tracebacks.
         bind_errors, _ = group.split(BindError)
         if bind_errors is not None:
-            raise _first_leaf(bind_errors) from None
+            raise first_leaf(bind_errors) from None
         raise
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _run_daemon(

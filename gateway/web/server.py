@@ -65,8 +65,19 @@ async def serve_http(
     reporter = _ReportStarted(task_status)
     try:
         await serve(app, settings, shutdown_trigger=shutdown.wait, task_status=reporter)  # type: ignore[arg-type]
-    except OSError as exc:
-        if reporter.done:
+    except (OSError, BaseExceptionGroup) as exc:
+        # Hypercorn binds inside its own nurseries, so the OSError may arrive in a group.
+        error: BaseException = exc
+        if isinstance(exc, BaseExceptionGroup):
+            bind_errors, _ = exc.split(OSError)
+            error = first_leaf(bind_errors) if bind_errors is not None else exc
+        if reporter.done or not isinstance(error, OSError):
             raise
         address = ", ".join(settings.bind)
-        raise BindError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        raise BindError(f"cannot listen on {address}: {error.strerror or error}") from None
+
+
+def first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception of a (nested) group that is not itself a group."""
+    first = group.exceptions[0]
+    return first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
