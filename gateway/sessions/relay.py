@@ -60,6 +60,9 @@ class ClientRelay:
         self._on_activity = on_activity
         self._max_message_size = max_message_size
         self._client_closed = False
+        self._accepted = False
+        # Who ended the connection, for the detach log line: the client or the gateway.
+        self._closed_by = "gateway"
         self.finished = trio.Event()
         self.cancel_scope = trio.CancelScope()
         # Set by the session before cancelling, so the client learns why it was dropped.
@@ -85,6 +88,13 @@ class ClientRelay:
         finally:
             if not self._client_closed:
                 await self._close_client(self.close_code, self.close_reason)
+            if self._accepted:
+                log.info(
+                    "client.detached",
+                    closed_by=self._closed_by,
+                    code=self.close_code,
+                    reason=self.close_reason,
+                )
             self.finished.set()
 
     async def _run(
@@ -102,7 +112,7 @@ class ClientRelay:
                 connect_timeout=CHILD_CONNECT_TIMEOUT,
             ) as child:
                 await self._send({"type": "websocket.accept"})
-                started = True
+                self._accepted = started = True
                 task_status.started()
                 await self._pump(child)
         except (OSError, trio.TooSlowError) as exc:
@@ -146,6 +156,8 @@ class ClientRelay:
                     code, reason = sendable_close(
                         message.get("code"), message.get("reason"), fallback=1000
                     )
+                    self._closed_by = "client"
+                    self.close_code, self.close_reason = message.get("code") or 1005, reason
                     metrics.WS_CLOSES.labels(side="client", code=str(message.get("code"))).inc()
                     with trio.move_on_after(CHILD_DISCONNECT_TIMEOUT):
                         await child.close(code, reason)

@@ -10,6 +10,7 @@ gateway is draining or full, 403 for a browser ``Origin``.
 from __future__ import annotations
 
 import hmac
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from gateway.auth.authenticators import Authenticator, Unauthorized, VerifierUna
 from gateway.auth.tokens import extract_bearer
 from gateway.sessions.manager import SessionManager, Unavailable
 from gateway.sessions.session import SessionStartError
+from gateway.store.base import archive_key
 
 log = structlog.get_logger(__name__)
 
@@ -38,11 +40,37 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def deny(send: Send, status: int, message: str, retry_after: float | None = None) -> None:
-    """Refuse the upgrade with a plain-text HTTP response."""
+# What a client is told when its connect fails on our side. Fixed sentences: the detail (an
+# agentserver URL, an S3 endpoint and bucket, an exception's text) goes to the log only, under
+# the request id the client also gets.
+START_FAILED = "session could not start; retry shortly"
+RESTORE_REFUSED = (
+    "the saved state of this workspace ({key}) cannot be restored; it is left untouched in the "
+    "store for an operator to look at"
+)
+CHILD_UNREACHABLE = "session unavailable; retry shortly"
+VERIFIER_DOWN = "token verifier unavailable; retry shortly"
+
+
+def new_request_id() -> str:
+    """A short random id that ties a refused connect to its log line."""
+    return secrets.token_hex(8)
+
+
+async def deny(
+    send: Send,
+    status: int,
+    message: str,
+    retry_after: float | None = None,
+    request_id: str | None = None,
+) -> None:
+    """Refuse the upgrade with a plain-text HTTP response (server errors carry a request id)."""
     headers = [(b"content-type", b"text/plain; charset=utf-8")]
     if retry_after is not None:
         headers.append((b"retry-after", str(int(retry_after)).encode()))
+    if request_id is not None:
+        headers.append((b"x-request-id", request_id.encode()))
+        message = f"{message} (request id {request_id})"
     await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
     await send({"type": "websocket.http.response.body", "body": (message + "\n").encode()})
 
@@ -84,8 +112,14 @@ class WebSocketEndpoint:
             return
         except VerifierUnavailable as exc:
             metrics.AUTH_RESULTS.labels(result="verifier_unavailable").inc()
-            log.warning("auth.verifier_unavailable", error=str(exc))
-            await deny(send, 503, "token verifier unavailable; retry shortly", retry_after=5)
+            request_id = new_request_id()
+            log.warning(
+                "auth.verifier_unavailable",
+                error=str(exc),
+                verifier_url=exc.url,
+                request_id=request_id,
+            )
+            await deny(send, 503, VERIFIER_DOWN, retry_after=5, request_id=request_id)
             return
         metrics.AUTH_RESULTS.labels(result="ok").inc()
         structlog.contextvars.bind_contextvars(workspace_id=identity.workspace_id)
@@ -93,15 +127,32 @@ class WebSocketEndpoint:
             session = await self._manager.attach(identity.workspace_id)
             relay = await session.attach_client(receive, send)
         except Unavailable as exc:
-            await deny(send, 503, str(exc), retry_after=exc.retry_after)
+            # Our own sentences (draining, full, crash back-off): nothing internal in them.
+            request_id = new_request_id()
+            log.warning("connect.unavailable", reason=str(exc), request_id=request_id)
+            await deny(send, 503, str(exc), retry_after=exc.retry_after, request_id=request_id)
             return
         except SessionStartError as exc:
-            await deny(send, exc.status, str(exc))
+            request_id = new_request_id()
+            log.warning(
+                "connect.session_start_failed",
+                status=exc.status,
+                error=str(exc),
+                request_id=request_id,
+            )
+            message = (
+                RESTORE_REFUSED.format(key=archive_key(identity.workspace_id))
+                if exc.status == 500
+                else START_FAILED
+            )
+            await deny(send, exc.status, message, request_id=request_id)
             return
         except ConnectionError as exc:
-            log.warning("relay.child_connect_failed", error=str(exc))
-            await deny(send, 503, "session unavailable; retry shortly", retry_after=1)
+            request_id = new_request_id()
+            log.warning("relay.child_connect_failed", error=str(exc), request_id=request_id)
+            await deny(send, 503, CHILD_UNREACHABLE, retry_after=1, request_id=request_id)
             return
+        log.info("client.attached", clients=session.client_count)
         try:
             await relay.finished.wait()
         finally:
