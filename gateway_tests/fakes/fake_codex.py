@@ -16,8 +16,15 @@ sandbox or SQLite:
 * the JSON-RPC-lite protocol: ``initialize``/``initialized``, ``thread/start``, ``thread/resume``,
   ``thread/list``, ``thread/read``, ``thread/loaded/list``, ``thread/unsubscribe``,
   ``turn/start`` (streamed fake answer, rollout JSONL under ``CODEX_HOME/sessions``),
-  ``turn/interrupt``, ``account/read``, ``config/read``, ``model/list``; notifications go only to
-  connections subscribed to the thread;
+  ``turn/interrupt``, ``account/read``, ``config/read``, ``model/list``, and the rest of what the
+  real TUI calls at start-up and in a plain conversation (``configRequirements/read``,
+  ``account/bedrock/checkGovCloudRequirements``, ``hooks/list``, ``skills/list``,
+  ``collaborationMode/list``, ``plugin/installed``, ``experimentalFeature/list``,
+  ``permissionProfile/list``, ``thread/search``, ``thread/turns/list``, ``thread/goal/get``,
+  ``thread/backgroundTerminals/list``, ``thread/settings/update``, ``thread/readState/update``)
+  with empty but schema-valid answers; notifications go only to connections subscribed to the
+  thread. ``gateway_tests/test_codex_contract.py`` runs the same checks against this fake and
+  the real binary, validating these answers against the real binary's generated JSON schema;
 * drain on the first SIGTERM/SIGINT/SIGHUP (ws mode), immediate exit on the second SIGTERM/SIGINT.
 
 Scripted prompts (the text of a ``turn/start`` input containing the marker):
@@ -41,12 +48,12 @@ Deviations from the real codex, on purpose (test-only extras):
   :func:`given_env_names`) and ``CODEX_HOME/fake-codex-exit.json`` (reason, signal
   count, open turns) are written for tests to assert on;
 * the rollout file is created at ``thread/start`` (the real one waits for the first turn);
-* unknown methods get -32601 "method not found" (the real one answers -32600).
+* a method it does not implement gets -32601 "<method> is not supported by the fake codex"
+  (the real one answers an unknown method with -32600 "Invalid request: unknown variant …").
 
 Knobs (environment; the gateway passes an allow-listed environment to its child, so tests set
 them in a per-test launcher script):
 
-``FAKE_CODEX_STARTUP_DELAY_MS``   delay before binding the listener;
 ``FAKE_CODEX_EXIT_AT_START=N``    print an error and exit with status N immediately;
 ``FAKE_CODEX_DELTA_MS``           pause between agent-message deltas (default 10);
 ``FAKE_CODEX_OUTBOUND_CAP``       outbound queue per connection (default 128); when full the
@@ -55,8 +62,9 @@ them in a per-test launcher script):
 ``FAKE_CODEX_IGNORE_SIGTERM=1``   ignore SIGTERM entirely (tests of SIGKILL after the grace);
 ``FAKE_CODEX_SLOW_DELTAS`` / ``FAKE_CODEX_SLOW_DELTA_MS``
                                   shape of ``__slow__`` (default 100 deltas, 100 ms apart);
-``FAKE_CODEX_FLOOD_DELTAS``       number of deltas of ``__flood__`` (default 5000);
-``FAKE_CODEX_MAX_MESSAGE_BYTES``  largest accepted message (default 128 MiB; larger → close 1009).
+``FAKE_CODEX_FLOOD_DELTAS``       number of deltas of ``__flood__`` (default 5000).
+
+Messages over 128 MiB close the connection with 1009.
 """
 
 from __future__ import annotations
@@ -676,7 +684,7 @@ class Server:
         self.flood_deltas = env_int("FAKE_CODEX_FLOOD_DELTAS", 5000)
         self.echo_binary = env_flag("FAKE_CODEX_ECHO_BINARY")
         self.outbound_cap = env_int("FAKE_CODEX_OUTBOUND_CAP", 128)
-        self.max_message = env_int("FAKE_CODEX_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE)
+        self.max_message = DEFAULT_MAX_MESSAGE
         self.server_request_ids = 0
 
     # ---- bookkeeping files ------------------------------------------------------------------
@@ -1724,11 +1732,12 @@ class WebSocketServer:
                             await stream.send_all(ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     if ws.state is ConnectionState.REMOTE_CLOSING:
-                        # The peer started the close: record it and answer with the same code.
+                        # The peer started the close: record it and answer with 1000, as the
+                        # real server does (it does not echo the peer's code).
                         conn.closing = True
                         server.record_peer_close(conn, event.code, event.reason or "")
                         async with lock:
-                            await stream.send_all(ws.send(event.response()))
+                            await stream.send_all(ws.send(CloseConnection(code=1000)))
                     elif ws.state is ConnectionState.OPEN:
                         # wsproto reports a protocol error (bad UTF-8, bad framing) this way,
                         # with the close code to use; the connection cannot go on.
@@ -1862,18 +1871,13 @@ def main(argv: list[str]) -> int:
     server = Server(opts, home, config, opts.listen)
     server.write_start_file()
 
-    delay = env_int("FAKE_CODEX_STARTUP_DELAY_MS", 0)
     if env_flag("FAKE_CODEX_IGNORE_SIGTERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if kind == "stdio":
         # Default dispositions in stdio mode, like the real server (no graceful handler).
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if delay:
-            time.sleep(delay / 1000)
         trio.run(serve_stdio, server)
         return 0
-    if delay:
-        time.sleep(delay / 1000)
     assert ip is not None
     trio.run(serve_ws, server, ip, port, token_sha256)
     return 0
