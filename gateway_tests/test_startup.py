@@ -139,3 +139,29 @@ async def test_a_port_already_in_use_is_one_line_and_exit_2(
     ]
     assert "Traceback" not in done.stderr.decode()
     assert b"daemon.serving" not in done.stderr
+
+
+async def test_attach_detach_and_session_start_are_logged(
+    tmp_path: Path, fake_codex_bin: Path
+) -> None:
+    from gateway_tests.harness import token_for
+    from gateway_tests.test_daemon_process import client
+
+    async with serve_process(daemon_env(tmp_path, fake_codex_bin)) as (daemon, url):
+        with trio.fail_after(CHECK_TIMEOUT):
+            # An initialized client: the gateway's first ping has been answered by then.
+            async with client(url, token_for("ws_logs")) as rpc:
+                started = await daemon.wait_for_log("session.started", workspace_id="ws_logs")
+                attached = await daemon.wait_for_log("client.attached", workspace_id="ws_logs")
+                await rpc.ws.aclose(4005, "leaving now")
+            detached = await daemon.wait_for_log("client.detached", workspace_id="ws_logs")
+    assert isinstance(started["pid"], int)
+    assert attached["clients"] == 1
+    assert (detached["closed_by"], detached["code"], detached["reason"]) == (
+        "client",
+        4005,
+        "leaving now",
+    )
+    # One access line for the upgrade, not two.
+    upgrades = [r for r in daemon.records if r.get("logger") == "hypercorn.access"]
+    assert len(upgrades) == 1, upgrades

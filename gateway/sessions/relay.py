@@ -61,8 +61,9 @@ class ClientRelay:
         self._max_message_size = max_message_size
         self._client_closed = False
         self._accepted = False
-        # Who ended the connection, for the detach log line: the client or the gateway.
-        self._closed_by = "gateway"
+        # How the client's connection ended (who closed it, code, reason), for the log; the
+        # first close wins (the child's answer to a client's close must not overwrite it).
+        self._detached: tuple[str, int, str] | None = None
         self.finished = trio.Event()
         self.cancel_scope = trio.CancelScope()
         # Set by the session before cancelling, so the client learns why it was dropped.
@@ -88,13 +89,9 @@ class ClientRelay:
         finally:
             if not self._client_closed:
                 await self._close_client(self.close_code, self.close_reason)
-            if self._accepted:
-                log.info(
-                    "client.detached",
-                    closed_by=self._closed_by,
-                    code=self.close_code,
-                    reason=self.close_reason,
-                )
+            if self._accepted and self._detached is not None:
+                closed_by, code, reason = self._detached
+                log.info("client.detached", closed_by=closed_by, code=code, reason=reason)
             self.finished.set()
 
     async def _run(
@@ -156,8 +153,7 @@ class ClientRelay:
                     code, reason = sendable_close(
                         message.get("code"), message.get("reason"), fallback=1000
                     )
-                    self._closed_by = "client"
-                    self.close_code, self.close_reason = message.get("code") or 1005, reason
+                    self._detached = ("client", message.get("code") or 1005, reason)
                     metrics.WS_CLOSES.labels(side="client", code=str(message.get("code"))).inc()
                     with trio.move_on_after(CHILD_DISCONNECT_TIMEOUT):
                         await child.close(code, reason)
@@ -196,6 +192,8 @@ class ClientRelay:
 
     async def _close_client(self, code: int, reason: str) -> None:
         self._client_closed = True
+        if self._detached is None:
+            self._detached = ("gateway", code, reason)
         metrics.WS_CLOSES.labels(side="gateway", code=str(code)).inc()
         with trio.CancelScope(shield=True), trio.move_on_after(CLIENT_CLOSE_TIMEOUT):
             try:
