@@ -65,7 +65,8 @@ def instructions(url: str, token: str, workspace: str) -> str:
     )
 
 
-async def _run(args: argparse.Namespace, environ: dict[str, str], token: str) -> None:
+async def _run(args: argparse.Namespace, environ: dict[str, str], token: str) -> int:
+    """Serve until drained; returns the exit status (2 for a config or bind error)."""
     async with trio.open_nursery() as nursery:
         if args.codex == "real":
             model = FakeModelServer(
@@ -82,15 +83,18 @@ async def _run(args: argparse.Namespace, environ: dict[str, str], token: str) ->
             require_authenticator(config)
         except ConfigError as exc:
             print(f"make run: config: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+            nursery.cancel_scope.cancel()
+            return 2
         configure_logging(config.log_level, config.log_format)
         try:
             urls: list[str] = await nursery.start(_serve, config, nursery.cancel_scope)
         except BindError as exc:
             print(f"make run: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+            nursery.cancel_scope.cancel()
+            return 2
         # Only now that the port is bound: the command to connect.
         print(instructions(urls[0], token, args.workspace), flush=True)
+    return 0
 
 
 async def _serve(
@@ -124,8 +128,10 @@ def main() -> None:
     environ.setdefault("CXG_CODEX_BIN", str(codex_bin))
 
     token = mint_hmac_token(secret.encode(), args.workspace)
+    status = 0
     with contextlib.suppress(KeyboardInterrupt):
-        trio.run(_run, args, environ, token)
+        status = trio.run(_run, args, environ, token)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

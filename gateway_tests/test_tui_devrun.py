@@ -152,3 +152,36 @@ async def test_the_printed_command_holds_a_conversation_with_the_fake(
         assert status == 0, terminal.text
     finally:
         terminal.kill()
+
+
+async def test_a_taken_port_is_one_line_and_no_command(tmp_path: Path) -> None:
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with trio.fail_after(60):
+            done = await trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway_tests.devrun",
+                    "--listen-addr",
+                    f"127.0.0.1:{port}",
+                    "--run-dir",
+                    str(tmp_path / "run"),
+                ],
+                cwd=str(REPO),
+                env={
+                    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                    "HOME": str(tmp_path),
+                    "CXG_INBOUND_HMAC_SECRET": "devrun-test-secret",
+                },
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    assert done.returncode == 2
+    assert b"--remote" not in done.stdout
+    stderr = done.stderr.decode()
+    assert f"make run: cannot listen on 127.0.0.1:{port}: Address already in use" in stderr
+    assert "Traceback" not in stderr
