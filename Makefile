@@ -40,15 +40,18 @@ $(RUN_DIR)/dev-hmac-secret: | $(PY_STAMP)
 	umask 077 && $(BIN)/python -c 'import secrets; print(secrets.token_hex(32))' > $@
 
 # The daemon on the embedded defaults (HMAC development auth, local directory store)
-# with the fake codex as the child.
-run: $(PY_STAMP) $(CHILD_STAMP) $(RUN_DIR)/dev-hmac-secret
+# with the fake codex as the child; the pinned real codex is installed too, as the client
+# whose command this prints. Workspace `dev`, state in .run/fake.
+run: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP) $(RUN_DIR)/dev-hmac-secret
 	@CXG_INBOUND_HMAC_SECRET="$$(cat $(RUN_DIR)/dev-hmac-secret)" $(BIN)/python -m gateway_tests.devrun \
-		--listen-addr $(LISTEN) --workspace $(WORKSPACE) --run-dir $(RUN_DIR) --codex fake
+		--listen-addr $(LISTEN) --workspace $(WORKSPACE) --run-dir $(RUN_DIR)/fake --codex fake
 
 # The same with the real codex and the fake model server: a conversation in the real TUI.
+# Its own workspace and store (`dev-real`, .run/real): no fake-codex file reaches a real
+# child's CODEX_HOME archive.
 run-real: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP) $(RUN_DIR)/dev-hmac-secret
 	@CXG_INBOUND_HMAC_SECRET="$$(cat $(RUN_DIR)/dev-hmac-secret)" $(BIN)/python -m gateway_tests.devrun \
-		--listen-addr $(LISTEN) --workspace $(WORKSPACE) --run-dir $(RUN_DIR) --codex real
+		--listen-addr $(LISTEN) --workspace $(WORKSPACE)-real --run-dir $(RUN_DIR)/real --codex real
 
 lint: $(PY_STAMP)
 	$(BIN)/ruff check gateway gateway_tests

@@ -15,6 +15,7 @@ import trio
 
 from gateway.auth.tokens import TokenError, mint_hmac_token
 from gateway.config import ConfigError, load_config, require_authenticator, resolve_secret_files
+from gateway.preflight import package_version
 
 PROG = "codex-app-gateway"
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -45,6 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.logs import configure_logging
     from gateway.sessions.isolation import IsolationError
     from gateway.store.base import StoreNotFenced
+    from gateway.web.server import BindError
 
     configure_logging(config.log_level, config.log_format)
     try:
@@ -52,6 +54,10 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     except IsolationError as exc:
+        print(f"{PROG} serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BindError as exc:
+        # Like a config error: the operator fixes the address (CXG_LISTEN_ADDR), no traceback.
         print(f"{PROG} serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (OSError, StoreNotFenced) as exc:
@@ -84,6 +90,7 @@ def _mint_token(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line parser."""
     parser = _Parser(prog=PROG, description="Run `codex --remote` against per-workspace sessions.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = commands.add_parser("serve", help="run the gateway daemon")

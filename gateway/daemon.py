@@ -34,6 +34,7 @@ from gateway import metrics
 from gateway.auth.authenticators import build_authenticator
 from gateway.config import Config
 from gateway.policy import ClientPolicy
+from gateway.preflight import PreflightState, package_version, run_preflight
 from gateway.sessions.budget import InflightBudget
 from gateway.sessions.isolation import ChildIsolation, IsolationMode, UidRange, harden_process
 from gateway.sessions.manager import SessionManager
@@ -42,7 +43,13 @@ from gateway.sessions.wiring import credentials_factory, executors_factory, open
 from gateway.store.base import ObjectStore, StoreNotFenced, StoreUnavailable
 from gateway.web.admin import AdminRoutes
 from gateway.web.app import Readiness, build_app, build_metrics_app
-from gateway.web.server import check_hypercorn_version, hypercorn_config, serve_http
+from gateway.web.server import (
+    BindError,
+    check_hypercorn_version,
+    first_leaf,
+    hypercorn_config,
+    serve_http,
+)
 from gateway.web.websocket import PolicyFactory, WebSocketEndpoint
 
 log = structlog.get_logger(__name__)
@@ -192,6 +199,22 @@ async def run_daemon(
     ``policy_for`` builds each client's access policy from its workspace id (default: the
     policy package's own ``ClientPolicy``).
     """
+    try:
+        await _run_daemon(config, stop, policy_for, task_status)
+    except BaseExceptionGroup as group:
+        # A bind failure is the operator's to fix: one sentence, not a group of tracebacks.
+        bind_errors, _ = group.split(BindError)
+        if bind_errors is not None:
+            raise first_leaf(bind_errors) from None
+        raise
+
+
+async def _run_daemon(
+    config: Config,
+    stop: trio.Event | None,
+    policy_for: PolicyFactory | None,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
     check_hypercorn_version()
     raise_open_files_limit()
     keep_large_buffers_out_of_the_heap()
@@ -203,7 +226,8 @@ async def run_daemon(
     isolation.prepare_roots(
         Path(config.tmp_root), Path(config.local_store_dir) if config.s3 is None else None
     )
-    readiness = Readiness()
+    preflight = PreflightState()
+    readiness = Readiness(preflight=preflight)
     async with httpx2.AsyncClient() as http:
         persistence = open_persistence(config)
         store = persistence.store
@@ -221,7 +245,15 @@ async def run_daemon(
                 manager: SessionManager = await root.start(SessionManager(services).run)
                 authenticator = build_authenticator(config, http)
                 app = build_app(
-                    AdminRoutes(manager, authenticator, config.admin_secret),
+                    AdminRoutes(
+                        manager,
+                        authenticator,
+                        config.admin_secret,
+                        versions=lambda: {
+                            "gateway": package_version(),
+                            "codex": preflight.codex_version,
+                        },
+                    ),
                     readiness,
                     metrics=config.metrics_listen_addr is None,
                 )
@@ -250,8 +282,13 @@ async def run_daemon(
                     )
                 readiness.serving = True
                 log.info(
-                    "daemon.serving", urls=urls, codex_bin=config.codex_bin, store=store.describe()
+                    "daemon.serving",
+                    urls=urls,
+                    version=package_version(),
+                    codex_bin=config.codex_bin,
+                    store=store.describe(),
                 )
+                await root.start(run_preflight, config.codex_bin, store, preflight)
                 task_status.started(urls)
                 signal_scope = trio.CancelScope()
                 if stop is None:

@@ -51,3 +51,8 @@ STORE_UNFENCED = Gauge(
     "1 when the object store ignores conditional writes and the gateway runs unfenced "
     "(CXG_S3_ALLOW_UNFENCED=true).",
 )
+BUILD_INFO = Gauge(
+    "cxg_build_info",
+    "Always 1: this gateway's version and the codex version its start-up check found.",
+    ["version", "codex_version"],
+)

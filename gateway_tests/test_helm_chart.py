@@ -40,10 +40,19 @@ CRD_KINDS = {
 KNOWN_VARIABLES = {var.name: var for var in VARIABLES}
 SECRET_VARIABLES = {var.name for var in VARIABLES if var.secret} | {"CXG_S3_ACCESS_KEY_ID"}
 # Variables whose chart default deliberately differs from the daemon's: the daemon keeps the Go
-# service's /tmp paths for local runs; in the pod they must be on the session emptyDir.
+# service's /tmp paths for local runs; in the pod they must be on the session emptyDir. The
+# session cap is sized to the chart's memory limit (the daemon cannot know it).
 # CXG_CHILD_ISOLATION: the pod is built for the isolated mode, so it refuses to run without it.
-CHART_OWN_DEFAULTS = {"CXG_TMP_ROOT", "CXG_LOCAL_STORE_DIR", "CXG_CHILD_ISOLATION"}
+CHART_OWN_DEFAULTS = {
+    "CXG_TMP_ROOT",
+    "CXG_LOCAL_STORE_DIR",
+    "CXG_MAX_SESSIONS",
+    "CXG_CHILD_ISOLATION",
+}
 SECRET_DIR = "/etc/codex-app-gateway/secrets"
+# What one real codex 0.169.0 app-server child takes at rest, and the daemon itself.
+CHILD_MEMORY_BYTES = 140 * 1024 * 1024
+DAEMON_MEMORY_BYTES = 512 * 1024 * 1024
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -482,7 +491,73 @@ def test_disruption_budget_and_network_policy(objects: list[dict[str, Any]]) -> 
     [ingress] = policy["ingress"]
     assert {"port": "http", "protocol": "TCP"} in ingress["ports"]
     egress_ports = {port["port"] for rule in policy["egress"] for port in rule["ports"]}
-    assert 53 in egress_ports and 8080 in egress_ports and 6060 in egress_ports
+    assert 53 in egress_ports
+
+
+def _egress_ports(values: dict[str, Any]) -> list[set[int]]:
+    policy = by_kind(manifests(render(values)), "NetworkPolicy")["spec"]
+    return [{port["port"] for port in rule["ports"]} for rule in policy["egress"]]
+
+
+def test_egress_ports_follow_the_configured_urls() -> None:
+    configured = {
+        "auth": {"agentserver": {"internalUrl": "http://agentserver.svc:9191"}},
+        "secrets": {"existingSecret": "cxg"},
+        "execGateway": {"url": "wss://exec.svc:7443", "internalUrl": "http://exec.svc"},
+        "model": {"baseUrl": "https://llm.example.com/v1"},
+        "s3": {"bucket": "homes", "endpoint": "http://minio.svc:9000", "existingSecret": "s3"},
+    }
+    # DNS, then agentserver, exec gateway (both URLs), model proxy, S3: each from its URL.
+    assert _egress_ports(configured) == [{53}, {9191}, {7443, 80}, {443}, {9000}]
+    # AWS S3 itself (no endpoint) is https.
+    aws = {**configured, "s3": {"bucket": "homes", "existingSecret": "s3"}}
+    assert _egress_ports(aws)[-1] == {443}
+    # Nothing configured: no rule for what the daemon will never call.
+    assert _egress_ports({"model": {"baseUrl": "http://llmproxy:8085/v1"}}) == [{53}, {8085}]
+    # A rule's own ports still win.
+    explicit = {"networkPolicy": {"egress": {"modelProxy": {"ports": [{"port": 1234}]}}}}
+    assert _egress_ports(explicit) == [{53}, {1234}]
+
+
+def test_default_session_cap_fits_the_memory_limit(default_objects: list[dict[str, Any]]) -> None:
+    limit = parse_quantity(container(default_objects)["resources"]["limits"]["memory"])
+    sessions = int(env_of(default_objects)["CXG_MAX_SESSIONS"]["value"])
+    assert sessions * CHILD_MEMORY_BYTES + DAEMON_MEMORY_BYTES <= limit
+    # ... with room for the children's own tools, not just barely.
+    assert sessions * CHILD_MEMORY_BYTES <= 0.8 * limit
+
+
+def parse_quantity(text: str) -> int:
+    """A Kubernetes memory quantity (``8Gi``, ``512Mi``, ``1G``) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return int(float(text.removesuffix(suffix)) * factor)
+    return int(text)
+
+
+def test_s3_from_the_default_chain_needs_no_keys_and_takes_an_irsa_annotation() -> None:
+    role = "arn:aws:iam::123456789012:role/codex-app-gateway"
+    objects = manifests(
+        render(
+            {
+                "s3": {"bucket": "homes", "credentials": "defaultChain"},
+                "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": role}},
+            }
+        )
+    )
+    env = env_of(objects)
+    assert env["CXG_S3_BUCKET"]["value"] == "homes"
+    assert not {name for name in env if "ACCESS_KEY" in name or name.startswith("AWS_")}
+    account = by_kind(objects, "ServiceAccount")
+    assert account["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": role}
+    assert (
+        by_kind(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+        == (account["metadata"]["name"])
+    )
+    # The default stays keys from a Secret, and asks for one.
+    with pytest.raises(helm.HelmRenderError, match="defaultChain"):
+        render({"s3": {"bucket": "homes"}})
 
 
 def test_production_network_policy_is_narrowed(production_objects: list[dict[str, Any]]) -> None:
@@ -579,7 +654,8 @@ def test_notes_warn_about_missing_auth_and_store() -> None:
     assert "no S3 bucket is set" in notes
     notes = render(production_values())[f"{CHART.name}/templates/NOTES.txt"]
     assert "WARNING" not in notes
-    assert "codex --remote wss://codex-app.example.com" in notes
+    # codex needs the port written out, even 443 for wss.
+    assert "codex --remote wss://codex-app.example.com:443 " in notes
 
 
 def test_chart_app_version_is_the_package_version() -> None:

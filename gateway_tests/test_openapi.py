@@ -9,6 +9,7 @@ import jsonschema
 import trio
 import yaml
 
+from gateway.preflight import package_version
 from gateway.web.admin import AdminRoutes
 from gateway.web.app import Readiness, build_app
 from gateway_tests.conftest import REPO
@@ -42,7 +43,12 @@ async def test_admin_listing_matches_the_documented_schema(
                     headers={"Authorization": f"Bearer {ADMIN_SECRET}"},
                 )
             body = response.json()
-        assert set(body) == {"sessions"}
+        listing = SPEC["paths"]["/admin/sessions"]["get"]["responses"]["200"]
+        jsonschema.validate(
+            {**body, "sessions": []}, listing["content"]["application/json"]["schema"]
+        )
+        assert set(body) == {"sessions", "version"}
+        assert body["version"] == {"gateway": package_version(), "codex": "codex-cli 0.0.0-fake"}
         for session in body["sessions"]:
             jsonschema.validate(session, SPEC["components"]["schemas"]["Session"])
         assert body["sessions"][0]["workspaceId"] == "ws_doc"

@@ -62,6 +62,9 @@ class RecordingStore:
     def describe(self) -> str:
         return self.inner.describe()
 
+    async def check(self) -> None:
+        await self.inner.check()
+
     def open_read(self, key: str) -> AbstractAsyncContextManager[StoredObject]:
         return self.inner.open_read(key)
 
@@ -452,6 +455,9 @@ class CountingReads:
 
     def describe(self) -> str:
         return self.inner.describe()
+
+    async def check(self) -> None:
+        await self.inner.check()
 
     @asynccontextmanager
     async def open_read(self, key: str) -> AsyncIterator[StoredObject]:

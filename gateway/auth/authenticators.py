@@ -44,7 +44,11 @@ class Unauthorized(Exception):
 
 
 class VerifierUnavailable(Exception):
-    """The verifier could not be asked or gave no usable answer."""
+    """The verifier could not be asked or gave no usable answer (``url``: which verifier)."""
+
+    def __init__(self, message: str, *, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
 
 
 class Authenticator(Protocol):
@@ -112,21 +116,27 @@ class AgentserverVerifier:
                 timeout=VERIFY_TIMEOUT_SECONDS,
             )
         except httpx2.HTTPError as exc:
-            raise VerifierUnavailable(f"token verifier unreachable: {type(exc).__name__}") from None
+            raise VerifierUnavailable(
+                f"token verifier unreachable: {type(exc).__name__}", url=self._url
+            ) from None
         if response.status_code == 401:
             raise Unauthorized("token rejected by agentserver")
         if response.status_code != 200:
-            raise VerifierUnavailable(f"token verifier answered HTTP {response.status_code}")
+            raise VerifierUnavailable(
+                f"token verifier answered HTTP {response.status_code}", url=self._url
+            )
         if len(response.content) > MAX_VERIFY_RESPONSE_BYTES:
-            raise VerifierUnavailable("token verifier answer too large")
+            raise VerifierUnavailable("token verifier answer too large", url=self._url)
         try:
             body = json.loads(response.content)
             workspace_id = body["workspace_id"]
             user_id = body.get("user_id") or ""
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise VerifierUnavailable("token verifier answer is not the expected JSON") from None
+            raise VerifierUnavailable(
+                "token verifier answer is not the expected JSON", url=self._url
+            ) from None
         if not isinstance(workspace_id, str) or not isinstance(user_id, str) or not workspace_id:
-            raise VerifierUnavailable("token verifier answer has no workspace_id")
+            raise VerifierUnavailable("token verifier answer has no workspace_id", url=self._url)
         return _checked(Identity(workspace_id=workspace_id, user_id=user_id))
 
 

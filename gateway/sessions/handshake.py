@@ -137,7 +137,9 @@ def response_status(head: bytes) -> int | None:
     return int(first[1])
 
 
-def plain_response(status: int, message: str, *, retry_after: float | None = None) -> bytes:
+def plain_response(
+    status: int, message: str, *, retry_after: float | None = None, request_id: str | None = None
+) -> bytes:
     """A complete ``text/plain`` response that closes the connection."""
     body = (message + "\n").encode()
     lines = [
@@ -150,4 +152,6 @@ def plain_response(status: int, message: str, *, retry_after: float | None = Non
         lines.append("sec-websocket-version: 13")
     if retry_after is not None:
         lines.append(f"retry-after: {int(retry_after)}")
+    if request_id is not None:
+        lines.append(f"x-request-id: {request_id}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

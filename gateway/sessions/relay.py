@@ -129,6 +129,9 @@ class ClientRelay:
         self._client_close_seen = False  # the client's close frame went to the child
         self._child_close_seen = False  # the child's close frame went to the client
         self._closed_client = False  # the gateway's own close frame went to the client
+        # How the client's connection ended (who closed it, code, reason), for the log; the
+        # first close wins (the child's answer to a client's close must not overwrite it).
+        self._detached: tuple[str, int, str] | None = None
         self._client_gone = False
         self._child_gone = False
         self._client_dead = False
@@ -140,6 +143,8 @@ class ClientRelay:
     def stop(self, code: int, reason: str) -> None:
         """Close this client with ``code``/``reason`` and end the relay."""
         self.close_code, self.close_reason = code, reason
+        if self._detached is None:
+            self._detached = ("gateway", code, reason)
         self._stopped = True
         self.cancel_scope.cancel()
 
@@ -148,6 +153,8 @@ class ClientRelay:
         a session that stops its clients has set theirs before cancelling)."""
         if not self._stopped and trio.current_effective_deadline() != -math.inf:
             self.close_code, self.close_reason = code, reason
+            if self._detached is None:
+                self._detached = ("gateway", code, reason)
         self._pumps.cancel()
 
     # -- life -----------------------------------------------------------------------------------
@@ -190,7 +197,17 @@ class ClientRelay:
                     close_socket(self._child)
             finally:
                 self._flush_counts()
+                if self.started:
+                    self._log_detached()
                 self.finished.set()
+
+    def _log_detached(self) -> None:
+        closed_by, code, reason = self._detached or (
+            "child" if self._child_close_seen else "gateway",
+            self.close_code,
+            self.close_reason,
+        )
+        log.info("client.detached", closed_by=closed_by, code=code, reason=reason)
 
     async def _open(self, url: str, authorization: str) -> None:
         parts = urlsplit(url)
@@ -425,6 +442,8 @@ class ClientRelay:
             if opcode == CLOSE:
                 code, reason = frames.parse_close(payload)
                 metrics.WS_CLOSES.labels(side="client", code=str(code)).inc()
+                if self._detached is None:
+                    self._detached = ("client", code or 1005, reason or "")
                 if not self._stopped:
                     self.close_code, self.close_reason = sendable_close(code, reason, fallback=1000)
                 self._client_close_seen = True

@@ -310,7 +310,8 @@ class Session:
             await self._finish()
 
     def _fail_start(self, error: SessionStartError) -> None:
-        log.warning("session.start_failed", error=str(error))
+        # The detail is logged by the connect it fails, under that request id.
+        log.warning("session.start_failed", status=error.status)
         metrics.SESSION_STARTS.labels(result="failed").inc()
         self.start_error = error
         self.stop_reason = self.stop_reason or StopReason.START_FAILED
@@ -405,7 +406,8 @@ class Session:
             self._nursery = None
 
     def _fail_start_after_restore(self, error: SessionStartError) -> None:
-        log.warning("session.start_failed", error=str(error))
+        # The detail is logged by the connect it fails, under that request id.
+        log.warning("session.start_failed", status=error.status)
         metrics.SESSION_STARTS.labels(result="failed").inc()
         self.start_error = error
         self.stop_reason = StopReason.START_FAILED

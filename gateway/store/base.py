@@ -88,6 +88,13 @@ class ObjectStore(Protocol):
         """
         ...
 
+    async def check(self) -> None:
+        """Whether the store can be used at all (bucket exists, directory usable).
+
+        Raises ``StoreUnavailable`` with one sentence naming what is wrong.
+        """
+        ...
+
     async def aclose(self) -> None:
         """Release connections."""
         ...

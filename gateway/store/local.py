@@ -82,6 +82,16 @@ class LocalDirectoryStore:
         """``local:<root>``."""
         return f"local:{self.root}"
 
+    async def check(self) -> None:
+        """The directory exists (or can be created) and is writable."""
+        try:
+            await trio.to_thread.run_sync(_ensure_writable_directory, self.root)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"local store directory {self.root} is not usable (CXG_LOCAL_STORE_DIR): "
+                f"{exc.strerror or exc}"
+            ) from exc
+
     def _path(self, key: str) -> Path:
         parts = PurePosixPath(key).parts
         if not parts or key.startswith("/") or any(p in ("..", ".") for p in parts):
@@ -163,3 +173,9 @@ class LocalDirectoryStore:
 def _flush_and_sync(file: BinaryIO) -> None:
     file.flush()
     os.fsync(file.fileno())
+
+
+def _ensure_writable_directory(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise PermissionError(13, "not writable")

@@ -287,6 +287,24 @@ class S3ObjectStore:
             return None
         return response["ETag"]
 
+    async def check(self) -> None:
+        """``HeadBucket``: the bucket exists and these credentials may use it."""
+        client = await self._get_client()
+        bucket = self.settings.bucket
+        try:
+            await client.head_bucket(Bucket=bucket)
+        except botocore.exceptions.ClientError as exc:
+            code, status = _client_error_code(exc)
+            if code in ("NoSuchBucket", "404") or status == 404:
+                raise StoreUnavailable(f"bucket {bucket!r} does not exist (CXG_S3_BUCKET)") from exc
+            raise StoreUnavailable(
+                f"bucket {bucket!r} refused HeadBucket: {_describe_error(exc)}"
+            ) from exc
+        except (botocore.exceptions.BotoCoreError, OSError) as exc:
+            raise StoreUnavailable(
+                f"S3 unreachable for bucket {bucket!r}: {_describe_error(exc)}"
+            ) from exc
+
     def _conditions(self, expected_generation: str | None) -> dict[str, str]:
         if expected_generation is None:
             return {"IfNoneMatch": "*"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 
 import structlog
 from starlette.requests import Request
@@ -26,11 +27,17 @@ class AdminRoutes:
     """Handlers for ``/admin/*``."""
 
     def __init__(
-        self, manager: SessionManager, authenticator: Authenticator, admin_secret: Secret | None
+        self,
+        manager: SessionManager,
+        authenticator: Authenticator,
+        admin_secret: Secret | None,
+        *,
+        versions: Callable[[], dict[str, str | None]] = dict,
     ) -> None:
         self._manager = manager
         self._authenticator = authenticator
         self._admin_secret = admin_secret
+        self._versions = versions
 
     def _is_admin(self, token: str) -> bool:
         if not self._admin_secret:
@@ -48,7 +55,8 @@ class AdminRoutes:
             )
         if not self._is_admin(token):
             return PlainTextResponse("unauthorized\n", status_code=401)
-        return JSONResponse({"sessions": self._manager.describe()})
+        # "version" is beside "sessions", so existing readers of the listing keep working.
+        return JSONResponse({"sessions": self._manager.describe(), "version": self._versions()})
 
     async def restart_session(self, request: Request) -> Response:
         """``POST /admin/sessions/restart`` ``{"workspaceId"}``: stop and save; 204."""

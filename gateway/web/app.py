@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from gateway.preflight import PreflightState
 from gateway.web.admin import AdminRoutes
 
 Scope = dict[str, Any]
@@ -33,11 +34,20 @@ class Readiness:
 
     serving: bool = False
     draining: bool = False
+    preflight: PreflightState = attrs.Factory(lambda: PreflightState(passed=True))
 
     @property
     def ready(self) -> bool:
-        """Serving and not draining."""
-        return self.serving and not self.draining
+        """Serving, start-up checks passed, and not draining."""
+        return self.serving and self.preflight.passed and not self.draining
+
+    def reason(self) -> str:
+        """Why it is not ready, in words fit for anyone (details are in the log)."""
+        if self.draining:
+            return "draining"
+        if not self.preflight.passed and self.preflight.failure is not None:
+            return "start-up checks failing (see the gateway's log)"
+        return "starting"
 
 
 def build_app(admin: AdminRoutes, readiness: Readiness, *, metrics: bool) -> Any:
@@ -49,9 +59,7 @@ def build_app(admin: AdminRoutes, readiness: Readiness, *, metrics: bool) -> Any
     async def readyz(_: Request) -> Response:
         if readiness.ready:
             return PlainTextResponse("ready\n")
-        return PlainTextResponse(
-            "draining\n" if readiness.draining else "starting\n", status_code=503
-        )
+        return PlainTextResponse(readiness.reason() + "\n", status_code=503)
 
     async def upgrade_required(_: Request) -> Response:
         return PlainTextResponse(

@@ -99,6 +99,10 @@ def hypercorn_config(config: Config, listen_addr: str) -> HypercornConfig:
     return settings
 
 
+class BindError(Exception):
+    """The listen address cannot be bound (in use, not local, not permitted)."""
+
+
 def _explicit_bind(listen_addr: str) -> str:
     host, port = split_listen_addr(listen_addr)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -263,12 +267,16 @@ async def serve_http(
 ) -> None:
     """Serve ``app`` on ``listen_addr`` (relay upgrades too, if given) until ``shutdown``.
 
-    Reports the bound URLs.
+    Reports the bound URLs once listening. A failure to bind is a ``BindError`` with one
+    sentence naming the address, so the command line can say it in one line, not a traceback.
     """
     check_hypercorn_version()
-    settings.bind = bind_addresses(listen_addr)
+    try:
+        settings.bind = bind_addresses(listen_addr)
+        sockets = settings.create_sockets()
+    except OSError as error:
+        raise BindError(f"cannot listen on {listen_addr}: {error.strerror or error}") from None
     door = FrontDoor(app, settings, upgrades)
-    sockets = settings.create_sockets()
     listeners = []
     binds = []
     for sock in sockets.insecure_sockets:
@@ -293,3 +301,9 @@ async def serve_http(
             connections.cancel_scope.deadline = trio.current_time() + (
                 settings.graceful_timeout if math.isfinite(settings.graceful_timeout) else 0
             )
+
+
+def first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception of a (nested) group that is not itself a group."""
+    first = group.exceptions[0]
+    return first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -12,6 +12,7 @@ and, if it is itself cancelled, stops the relay and waits until the relay has se
 from __future__ import annotations
 
 import hmac
+import secrets
 import socket
 from collections.abc import Callable
 
@@ -29,6 +30,7 @@ from gateway.sessions.manager import SessionManager, Unavailable
 from gateway.sessions.relay import CLOSE_TIMEOUT, ClientRelay
 from gateway.sessions.session import SessionStartError
 from gateway.sessions.sockets import close_socket, drain_to_eof, send_all, take_socket
+from gateway.store.base import archive_key
 
 log = structlog.get_logger(__name__)
 
@@ -38,13 +40,41 @@ REFUSAL_LINGER = 1.0
 PolicyFactory = Callable[[str], ClientPolicy]
 
 
-class Refused(Exception):
-    """The connect is refused with ``status`` and a one-sentence ``message``."""
+# What a client is told when its connect fails on our side. Fixed sentences: the detail (an
+# agentserver URL, an S3 endpoint and bucket, an exception's text) goes to the log only, under
+# the request id the client also gets.
+START_FAILED = "session could not start; retry shortly"
+RESTORE_REFUSED = (
+    "the saved state of this workspace ({key}) cannot be restored; it is left untouched in the "
+    "store for an operator to look at"
+)
+CHILD_UNREACHABLE = "session unavailable; retry shortly"
+VERIFIER_DOWN = "token verifier unavailable; retry shortly"
 
-    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+
+def new_request_id() -> str:
+    """A short random id that ties a refused connect to its log line."""
+    return secrets.token_hex(8)
+
+
+class Refused(Exception):
+    """The connect is refused with ``status`` and a one-sentence ``message``.
+
+    Refusals for failures on the gateway's side carry a ``request_id``, sent to the client in
+    the body and as ``X-Request-Id``, and logged once with the detail.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        retry_after: float | None = None,
+        request_id: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.request_id = request_id
 
 
 class WebSocketEndpoint:
@@ -112,8 +142,14 @@ class WebSocketEndpoint:
             raise Refused(401, "unauthorized") from None
         except VerifierUnavailable as exc:
             metrics.AUTH_RESULTS.labels(result="verifier_unavailable").inc()
-            log.warning("auth.verifier_unavailable", error=str(exc))
-            raise Refused(503, "token verifier unavailable; retry shortly", 5) from None
+            request_id = new_request_id()
+            log.warning(
+                "auth.verifier_unavailable",
+                error=str(exc),
+                verifier_url=exc.url,
+                request_id=request_id,
+            )
+            raise Refused(503, VERIFIER_DOWN, 5, request_id) from None
         metrics.AUTH_RESULTS.labels(result="ok").inc()
         structlog.contextvars.bind_contextvars(workspace_id=identity.workspace_id)
         config = self._config
@@ -130,18 +166,40 @@ class WebSocketEndpoint:
             )
             await session.attach_client(relay)
         except Unavailable as exc:
-            raise Refused(503, str(exc), exc.retry_after) from None
+            # Our own sentences (draining, full, crash back-off): nothing internal in them.
+            request_id = new_request_id()
+            log.warning("connect.unavailable", reason=str(exc), request_id=request_id)
+            raise Refused(503, str(exc), exc.retry_after, request_id) from None
         except SessionStartError as exc:
-            raise Refused(exc.status, str(exc)) from None
+            request_id = new_request_id()
+            log.warning(
+                "connect.session_start_failed",
+                status=exc.status,
+                error=str(exc),
+                request_id=request_id,
+            )
+            message = (
+                RESTORE_REFUSED.format(key=archive_key(identity.workspace_id))
+                if exc.status == 500
+                else START_FAILED
+            )
+            raise Refused(exc.status, message, request_id=request_id) from None
         except ConnectionError as exc:
-            log.warning("relay.child_connect_failed", error=str(exc))
-            raise Refused(503, "session unavailable; retry shortly", 1) from None
+            request_id = new_request_id()
+            log.warning("relay.child_connect_failed", error=str(exc), request_id=request_id)
+            raise Refused(503, CHILD_UNREACHABLE, 1, request_id) from None
+        log.info("client.attached", clients=session.client_count)
         return relay
 
 
 async def _refuse(client: socket.socket, refused: Refused) -> None:
     """Answer with the refusal, then close once the client has read it (bounded)."""
-    response = plain_response(refused.status, str(refused), retry_after=refused.retry_after)
+    message = str(refused)
+    if refused.request_id is not None:
+        message = f"{message} (request id {refused.request_id})"
+    response = plain_response(
+        refused.status, message, retry_after=refused.retry_after, request_id=refused.request_id
+    )
     with trio.move_on_after(REFUSAL_LINGER):
         try:
             await send_all(client, response)

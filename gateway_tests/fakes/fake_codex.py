@@ -16,8 +16,15 @@ sandbox or SQLite:
 * the JSON-RPC-lite protocol: ``initialize``/``initialized``, ``thread/start``, ``thread/resume``,
   ``thread/list``, ``thread/read``, ``thread/loaded/list``, ``thread/unsubscribe``,
   ``turn/start`` (streamed fake answer, rollout JSONL under ``CODEX_HOME/sessions``),
-  ``turn/interrupt``, ``account/read``, ``config/read``, ``model/list``; notifications go only to
-  connections subscribed to the thread;
+  ``turn/interrupt``, ``account/read``, ``config/read``, ``model/list``, and the rest of what the
+  real TUI calls at start-up and in a plain conversation (``configRequirements/read``,
+  ``account/bedrock/checkGovCloudRequirements``, ``hooks/list``, ``skills/list``,
+  ``collaborationMode/list``, ``plugin/installed``, ``experimentalFeature/list``,
+  ``permissionProfile/list``, ``thread/search``, ``thread/turns/list``, ``thread/goal/get``,
+  ``thread/backgroundTerminals/list``, ``thread/settings/update``, ``thread/readState/update``)
+  with empty but schema-valid answers; notifications go only to connections subscribed to the
+  thread. ``gateway_tests/test_codex_contract.py`` runs the same checks against this fake and
+  the real binary, validating these answers against the real binary's generated JSON schema;
 * drain on the first SIGTERM/SIGINT/SIGHUP (ws mode), immediate exit on the second SIGTERM/SIGINT.
 
 Scripted prompts (the text of a ``turn/start`` input containing the marker):
@@ -41,12 +48,12 @@ Deviations from the real codex, on purpose (test-only extras):
   :func:`given_env_names`) and ``CODEX_HOME/fake-codex-exit.json`` (reason, signal
   count, open turns) are written for tests to assert on;
 * the rollout file is created at ``thread/start`` (the real one waits for the first turn);
-* unknown methods get -32601 "method not found" (the real one answers -32600).
+* a method it does not implement gets -32601 "<method> is not supported by the fake codex"
+  (the real one answers an unknown method with -32600 "Invalid request: unknown variant …").
 
 Knobs (environment; the gateway passes an allow-listed environment to its child, so tests set
 them in a per-test launcher script):
 
-``FAKE_CODEX_STARTUP_DELAY_MS``   delay before binding the listener;
 ``FAKE_CODEX_EXIT_AT_START=N``    print an error and exit with status N immediately;
 ``FAKE_CODEX_DELTA_MS``           pause between agent-message deltas (default 10);
 ``FAKE_CODEX_OUTBOUND_CAP``       outbound queue per connection (default 128); when full the
@@ -55,8 +62,9 @@ them in a per-test launcher script):
 ``FAKE_CODEX_IGNORE_SIGTERM=1``   ignore SIGTERM entirely (tests of SIGKILL after the grace);
 ``FAKE_CODEX_SLOW_DELTAS`` / ``FAKE_CODEX_SLOW_DELTA_MS``
                                   shape of ``__slow__`` (default 100 deltas, 100 ms apart);
-``FAKE_CODEX_FLOOD_DELTAS``       number of deltas of ``__flood__`` (default 5000);
-``FAKE_CODEX_MAX_MESSAGE_BYTES``  largest accepted message (default 128 MiB; larger → close 1009).
+``FAKE_CODEX_FLOOD_DELTAS``       number of deltas of ``__flood__`` (default 5000).
+
+Messages over 128 MiB close the connection with 1009.
 """
 
 from __future__ import annotations
@@ -676,7 +684,7 @@ class Server:
         self.flood_deltas = env_int("FAKE_CODEX_FLOOD_DELTAS", 5000)
         self.echo_binary = env_flag("FAKE_CODEX_ECHO_BINARY")
         self.outbound_cap = env_int("FAKE_CODEX_OUTBOUND_CAP", 128)
-        self.max_message = env_int("FAKE_CODEX_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE)
+        self.max_message = DEFAULT_MAX_MESSAGE
         self.server_request_ids = 0
 
     # ---- bookkeeping files ------------------------------------------------------------------
@@ -802,7 +810,8 @@ class Server:
             raise invalid_request("Not initialized")
         handler = self.methods.get(method)
         if handler is None:
-            raise RpcError(-32601, f"method not found: {method}")
+            log(f"connection {conn.number}: {method} is not supported by the fake")
+            raise RpcError(-32601, f"{method} is not supported by the fake codex")
         return handler(self, conn, params)
 
     # ---- test-only extras -------------------------------------------------------------------
@@ -852,6 +861,7 @@ class Server:
             "gitInfo": None,
             "name": None,
             "forkedFromId": None,
+            "projectId": None,
             "turns": info.get("turns", []) if include_turns else [],
         }
 
@@ -1022,6 +1032,8 @@ class Server:
         return {
             "data": [self.thread_json(tid, info, False) for tid, info in page],
             "nextCursor": f"fake:{start + limit}" if more else None,
+            "backwardsCursor": None,
+            "readStates": {},
         }
 
     def m_thread_read(self, conn: Connection, params: dict[str, Any]) -> Any:
@@ -1056,7 +1068,12 @@ class Server:
             elif isinstance(data, dict) and data.get("OPENAI_API_KEY"):
                 account = {"type": "apiKey"}
         requires = bool(self.config.provider.get("requires_openai_auth", False))
-        return {"account": account, "requiresOpenaiAuth": requires}
+        return {
+            "account": account,
+            "userId": None,
+            "requiresOpenaiAuth": requires,
+            "workspaceRouting": None,
+        }
 
     def m_config_read(self, conn: Connection, params: dict[str, Any]) -> Any:
         # A small static view: the real answer carries the whole config, but config.toml may
@@ -1079,7 +1096,9 @@ class Server:
                     "model": self.config.model,
                     "displayName": "Fake model",
                     "description": "Answers with canned text; no network.",
-                    "supportedReasoningEfforts": [],
+                    "supportedReasoningEfforts": [
+                        {"reasoningEffort": "medium", "description": "The only effort it has"}
+                    ],
                     "defaultReasoningEffort": "medium",
                     "isDefault": True,
                     "hidden": False,
@@ -1087,6 +1106,103 @@ class Server:
             ],
             "nextCursor": None,
         }
+
+    # ---- what the real TUI asks for at start-up: empty but well-formed answers -------------
+    # Shapes follow `codex app-server generate-json-schema --experimental` of 0.169.0 (the
+    # contract tests validate each answer against it).
+
+    def m_config_requirements_read(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {"requirements": None, "supportsIndependentSpeedModes": False}
+
+    def m_bedrock_gov_cloud(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {"isGovCloud": False, "shouldWarn": False}
+
+    def m_hooks_list(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {
+            "data": [
+                {"cwd": cwd, "hooks": [], "warnings": [], "errors": []} for cwd in self.cwds(params)
+            ]
+        }
+
+    def m_skills_list(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {"data": [{"cwd": cwd, "skills": [], "errors": []} for cwd in self.cwds(params)]}
+
+    def cwds(self, params: dict[str, Any]) -> list[str]:
+        """The directories a per-cwd listing is asked about (the server's cwd by default)."""
+        given = params.get("cwds")
+        if isinstance(given, list) and given:
+            return [str(cwd) for cwd in given]
+        return [os.getcwd()]
+
+    def m_collaboration_mode_list(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {
+            "data": [
+                {"name": "Plan", "mode": "plan", "model": None, "reasoning_effort": "medium"},
+                {"name": "Default", "mode": "default", "model": None, "reasoning_effort": None},
+            ]
+        }
+
+    def m_plugin_installed(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {"marketplaces": [], "marketplaceLoadErrors": []}
+
+    def m_experimental_feature_list(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {"data": [], "nextCursor": None}
+
+    def m_permission_profile_list(self, conn: Connection, params: dict[str, Any]) -> Any:
+        return {
+            "data": [
+                {"id": profile, "description": None, "allowed": True}
+                for profile in (":read-only", ":workspace", ":danger-full-access")
+            ],
+            "nextCursor": None,
+        }
+
+    def m_thread_goal_get(self, conn: Connection, params: dict[str, Any]) -> Any:
+        self.parse_thread_id(params)
+        return {"goal": None}
+
+    def m_thread_background_terminals_list(self, conn: Connection, params: dict[str, Any]) -> Any:
+        self.parse_thread_id(params)
+        return {"data": [], "nextCursor": None}
+
+    def m_thread_settings_update(self, conn: Connection, params: dict[str, Any]) -> Any:
+        self.parse_thread_id(params)
+        return {}
+
+    def m_thread_turns_list(self, conn: Connection, params: dict[str, Any]) -> Any:
+        thread_id = self.parse_thread_id(params)
+        path = self.find_rollout(thread_id)
+        summary = read_rollout(path) if path else None
+        if summary is None:
+            raise invalid_request(f"thread not found: {thread_id}")
+        if not summary["turns"]:
+            # Like the real server: nothing to list before the first user message.
+            raise invalid_request(
+                f"thread {thread_id} is not materialized yet; thread/turns/list is unavailable "
+                "before first user message"
+            )
+        turns = summary["turns"]
+        if params.get("sortDirection") == "desc":
+            turns = list(reversed(turns))
+        return {"data": turns, "nextCursor": None, "backwardsCursor": None}
+
+    def m_thread_read_state_update(self, conn: Connection, params: dict[str, Any]) -> Any:
+        self.parse_thread_id(params)
+        operation = params.get("operation")
+        if not isinstance(operation, dict) or operation.get("type") not in ("read", "unread"):
+            raise invalid_request("Invalid request: missing field `operation`")
+        return {"readState": {"firstUnread": None, "revision": "fake-0"}}
+
+    def m_thread_search(self, conn: Connection, params: dict[str, Any]) -> Any:
+        term = params.get("searchTerm")
+        if not isinstance(term, str):
+            raise invalid_request("Invalid request: missing field `searchTerm`")
+        found = []
+        for path in self.rollout_files():
+            entry = self.disk_info(path)
+            if entry is not None and term.lower() in entry[1]["preview"].lower():
+                found.append(self.thread_json(entry[0], entry[1], False))
+        return {"data": found, "nextCursor": None, "backwardsCursor": None}
 
     # ---- turns ------------------------------------------------------------------------------
 
@@ -1346,6 +1462,20 @@ class Server:
         "account/read": m_account_read,
         "config/read": m_config_read,
         "model/list": m_model_list,
+        "configRequirements/read": m_config_requirements_read,
+        "account/bedrock/checkGovCloudRequirements": m_bedrock_gov_cloud,
+        "hooks/list": m_hooks_list,
+        "skills/list": m_skills_list,
+        "collaborationMode/list": m_collaboration_mode_list,
+        "plugin/installed": m_plugin_installed,
+        "experimentalFeature/list": m_experimental_feature_list,
+        "permissionProfile/list": m_permission_profile_list,
+        "thread/goal/get": m_thread_goal_get,
+        "thread/backgroundTerminals/list": m_thread_background_terminals_list,
+        "thread/settings/update": m_thread_settings_update,
+        "thread/search": m_thread_search,
+        "thread/turns/list": m_thread_turns_list,
+        "thread/readState/update": m_thread_read_state_update,
     }
 
     def forget(self, conn: Connection) -> None:
@@ -1460,10 +1590,16 @@ class WebSocketServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """One TCP connection: a plain HTTP request or a WebSocket session."""
+        gone = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
         try:
             await self._handle(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+        except gone:
             pass
+        except BaseExceptionGroup as group:
+            # A peer that resets the connection mid-frame surfaces from the reader's nursery.
+            _, rest = group.split(gone)
+            if rest is not None:
+                raise rest from None
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -1596,11 +1732,12 @@ class WebSocketServer:
                             await stream.send_all(ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     if ws.state is ConnectionState.REMOTE_CLOSING:
-                        # The peer started the close: record it and answer with the same code.
+                        # The peer started the close: record it and answer with 1000, as the
+                        # real server does (it does not echo the peer's code).
                         conn.closing = True
                         server.record_peer_close(conn, event.code, event.reason or "")
                         async with lock:
-                            await stream.send_all(ws.send(event.response()))
+                            await stream.send_all(ws.send(CloseConnection(code=1000)))
                     elif ws.state is ConnectionState.OPEN:
                         # wsproto reports a protocol error (bad UTF-8, bad framing) this way,
                         # with the close code to use; the connection cannot go on.
@@ -1734,18 +1871,13 @@ def main(argv: list[str]) -> int:
     server = Server(opts, home, config, opts.listen)
     server.write_start_file()
 
-    delay = env_int("FAKE_CODEX_STARTUP_DELAY_MS", 0)
     if env_flag("FAKE_CODEX_IGNORE_SIGTERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if kind == "stdio":
         # Default dispositions in stdio mode, like the real server (no graceful handler).
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        if delay:
-            time.sleep(delay / 1000)
         trio.run(serve_stdio, server)
         return 0
-    if delay:
-        time.sleep(delay / 1000)
     assert ip is not None
     trio.run(serve_ws, server, ip, port, token_sha256)
     return 0

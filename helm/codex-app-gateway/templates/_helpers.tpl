@@ -164,8 +164,8 @@ the daemon as a 0400 file (CXG_<NAME>_FILE, secrets.asFiles) or as a secretKeyRe
 {{- if and .Values.s3.endpoint (not .Values.s3.bucket) }}
 {{- fail "s3.endpoint is set but s3.bucket is not: set the bucket too" }}
 {{- end }}
-{{- if and .Values.s3.bucket (not .Values.s3.existingSecret) }}
-{{- fail "s3.bucket is set: s3.existingSecret must name the Secret with the S3 credentials" }}
+{{- if and .Values.s3.bucket (eq .Values.s3.credentials "secret") (not .Values.s3.existingSecret) }}
+{{- fail "s3.bucket is set: s3.existingSecret must name the Secret with the S3 credentials (or set s3.credentials to defaultChain for IRSA or an instance profile)" }}
 {{- end }}
 {{- if include "cxg.execGatewayEnabled" . }}
 {{- if not (and .Values.execGateway.url .Values.execGateway.internalUrl) }}
@@ -183,5 +183,40 @@ the daemon as a 0400 file (CXG_<NAME>_FILE, secrets.asFiles) or as a secretKeyRe
 {{- end }}
 {{- if and .Values.httpRoute.enabled (not .Values.httpRoute.parentRefs) }}
 {{- fail "httpRoute.enabled needs httpRoute.parentRefs (the Gateway to attach to)" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The TCP port a URL reaches: its explicit port, else the scheme's default (443 for https/wss,
+80 for http/ws). Used to derive NetworkPolicy egress ports from the configured endpoints.
+*/}}
+{{- define "cxg.urlPort" -}}
+{{- $url := urlParse . }}
+{{- $host := $url.host }}
+{{- if regexMatch ":[0-9]+$" $host }}
+{{- regexFind "[0-9]+$" $host }}
+{{- else if has $url.scheme (list "https" "wss") }}443
+{{- else }}80
+{{- end }}
+{{- end }}
+
+{{/*
+Egress ports of one NetworkPolicy rule: the rule's own `ports` when given, else one TCP port
+per configured URL (duplicates dropped). Renders a YAML list, or nothing when there is no URL.
+*/}}
+{{- define "cxg.egressPorts" -}}
+{{- if .rule.ports }}
+{{- toYaml .rule.ports }}
+{{- else }}
+{{- $ports := list }}
+{{- range .urls }}
+{{- if . }}
+{{- $ports = append $ports (include "cxg.urlPort" . | int) }}
+{{- end }}
+{{- end }}
+{{- range $port := $ports | uniq }}
+- port: {{ $port }}
+  protocol: TCP
+{{- end }}
 {{- end }}
 {{- end }}
