@@ -22,9 +22,9 @@ from typing import Any
 
 import structlog
 import trio
+import trio_websocket
 
 from gateway.sessions.child import CodexChild
-from gateway.sessions.child_socket import ChildClosed, open_child_socket
 
 log = structlog.get_logger(__name__)
 
@@ -50,9 +50,12 @@ def is_running(status: Any) -> bool:
 async def child_has_running_turn(child: CodexChild, *, connect_timeout: float = 10.0) -> bool:
     """Ask the child whether any loaded thread runs a turn (the caller bounds the time)."""
     ids = itertools.count(1)
-    async with open_child_socket(
+    # The gateway's own, rare connection: trio-websocket is plenty (the relay's tunnel is for
+    # clients' traffic).
+    name, value = child.authorization_header()
+    async with trio_websocket.open_websocket_url(
         child.ws_url,
-        [child.authorization_header()],
+        extra_headers=[(name.encode(), value.encode())],
         max_message_size=_MAX_MESSAGE,
         connect_timeout=connect_timeout,
     ) as socket:
@@ -63,7 +66,7 @@ async def child_has_running_turn(child: CodexChild, *, connect_timeout: float = 
                 json.dumps({"id": request_id, "method": method, "params": params})
             )
             while True:
-                raw = await socket.receive_message()
+                raw = await socket.get_message()
                 message = json.loads(raw)
                 if isinstance(message, dict) and message.get("id") == request_id:
                     if "method" in message:
@@ -102,7 +105,8 @@ async def child_is_busy(child: CodexChild, *, within: float) -> bool:
             return await child_has_running_turn(child, connect_timeout=within)
         except (
             OSError,
-            ChildClosed,
+            trio_websocket.HandshakeError,
+            trio_websocket.ConnectionClosed,
             TurnCheckError,
             ValueError,
             KeyError,
