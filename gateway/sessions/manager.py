@@ -17,13 +17,9 @@ import attrs
 import structlog
 import trio
 
-from gateway.sessions.session import (
-    Session,
-    SessionDirectories,
-    SessionServices,
-    SessionStartError,
-    StopReason,
-)
+from gateway.sessions.directories import SessionDirectories
+from gateway.sessions.outcome import SessionStartError, StopReason
+from gateway.sessions.session import Session, SessionServices
 
 log = structlog.get_logger(__name__)
 

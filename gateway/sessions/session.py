@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import enum
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -38,48 +36,11 @@ from gateway.codex_home.persistence import (
 from gateway.codex_home.relocate import relocate_codex_home
 from gateway.config import Config
 from gateway.sessions.child import ChildSpec, CodexChild, build_child_env, run_codex_child
+from gateway.sessions.directories import SessionDirectories
+from gateway.sessions.outcome import SessionStartError, SessionState, StopReason
 from gateway.sessions.relay import AsgiReceive, AsgiSend, ClientRelay
 
 log = structlog.get_logger(__name__)
-
-
-class StopReason(enum.Enum):
-    """Why a session ended, and what its clients are told (close code, reason)."""
-
-    IDLE = (1001, "session idle")
-    RESTART = (1012, "session restarted by request")
-    DRAIN = (1001, "gateway shutting down")
-    CHILD_EXITED = (1011, "codex app-server exited")
-    START_FAILED = (1011, "session failed to start")
-    SUPERSEDED = (1012, "a newer snapshot of this workspace exists elsewhere")
-
-    @property
-    def close_code(self) -> int:
-        """The WebSocket close code attached clients receive."""
-        return self.value[0]
-
-    @property
-    def close_reason(self) -> str:
-        """The close reason attached clients receive."""
-        return self.value[1]
-
-
-class SessionState(enum.Enum):
-    """Where a session is in its life (shown by ``GET /admin/sessions``)."""
-
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    SAVING = "saving"
-    STOPPED = "stopped"
-
-
-class SessionStartError(Exception):
-    """The session could not start; ``status`` is the HTTP status the connect gets."""
-
-    def __init__(self, message: str, status: int = 503) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class ModelCredentials(Protocol):
@@ -113,42 +74,6 @@ class SessionServices:
     credentials: CredentialsFactory
     executors: ExecutorsFactory
     inherited_env: dict[str, str] = attrs.field(repr=False)
-
-
-@attrs.define
-class SessionDirectories:
-    """A session's private directories under ``CXG_TMP_ROOT/<workspace>``."""
-
-    root: Path
-    codex_home: Path
-    runtime: Path
-    home: Path
-
-    @classmethod
-    def for_workspace(cls, tmp_root: Path, workspace_id: str) -> SessionDirectories:
-        """The layout for ``workspace_id``."""
-        root = tmp_root / workspace_id
-        return cls(
-            root=root, codex_home=root / "codex-home", runtime=root / "run", home=root / "home"
-        )
-
-    def create(self) -> None:
-        """Create the directories 0700 whatever the umask (codex and its tools run as us)."""
-        for path in (self.root, self.codex_home, self.runtime, self.home):
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path.chmod(0o700)
-
-    def remove(self) -> None:
-        """Delete everything (only after a successful save)."""
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def set_aside(self) -> Path:
-        """Move the directory to ``<tmp root>/.orphaned/`` for an operator; never delete it."""
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = self.root.parent / ".orphaned" / f"{self.root.name}-{stamp}-{time.time_ns()}"
-        aside.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.root.rename(aside)
-        return aside
 
 
 class Session:

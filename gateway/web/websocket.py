@@ -19,7 +19,7 @@ from gateway import metrics
 from gateway.auth.authenticators import Authenticator, Unauthorized, VerifierUnavailable
 from gateway.auth.tokens import extract_bearer
 from gateway.sessions.manager import SessionManager, Unavailable
-from gateway.sessions.session import SessionStartError
+from gateway.sessions.outcome import SessionStartError
 
 log = structlog.get_logger(__name__)
 
