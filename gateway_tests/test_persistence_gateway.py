@@ -354,6 +354,72 @@ async def test_store_down_at_stop_keeps_the_home_and_the_retry_saves_it_once_s3_
         await gateway.shutdown()
 
 
+async def test_reconnect_during_the_first_final_save_waits_for_it_and_restores_what_it_saved(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    fake_codex_bin: Path,
+    bucket: BucketView,
+    outage: S3Outage,
+) -> None:
+    # An earlier checkpoint failed (S3 was down); the final save's first attempt is slow.
+    gateway = await start_s3_gateway(
+        nursery,
+        tmp_path,
+        fake_codex_bin,
+        settings_for(outage.endpoint, bucket.bucket),
+        CXG_CHECKPOINT_INTERVAL="1s",
+        CXG_CHILD_STOP_GRACE="2s",
+    )
+    checkpoint_failed = saves("checkpoint", "failed")
+    final_ok, final_failed = saves("final", "ok"), saves("final", "failed")
+    restarted: list[int] = []
+
+    async def restart() -> None:
+        restarted.append((await gateway.restart("ws_slow")).status_code)
+
+    try:
+        with structlog.testing.capture_logs() as logs, trio.fail_after(STEP * 2):
+            async with connect(gateway, "ws_slow") as rpc:
+                thread_id = (await rpc.result("thread/start", {}))["thread"]["id"]
+                outage.take_down()
+                await eventually(lambda: saves("checkpoint", "failed") > checkpoint_failed)
+                entry = await gateway.session("ws_slow")
+                assert entry is not None and entry["lastSaveError"] is not None
+                outage.hold()
+                outage.bring_back()
+                nursery.start_soon(restart)
+                assert (await rpc.closed()).code == 1012
+            held = outage.held_chunks
+            await eventually(lambda: outage.held_chunks > held)
+
+            # A reconnect while that first attempt is under way waits for it.
+            async with trio.open_nursery() as clients:
+                listed: list[set[str]] = []
+
+                async def reconnect() -> None:
+                    async with connect(gateway, "ws_slow") as again:
+                        listed.append(await listed_threads(again))
+
+                clients.start_soon(reconnect)
+                await eventually(
+                    lambda: any(e["event"] == "session.waiting_for_previous" for e in logs)
+                )
+                outage.release()
+            await eventually(lambda: restarted != [])
+
+        assert restarted == [204]
+        assert saves("final", "ok") == final_ok + 1
+        assert saves("final", "failed") == final_failed
+        assert holds_thread(bucket, "ws_slow", thread_id)()
+        # The new session restored the saved snapshot; it adopted nothing.
+        assert listed == [{thread_id}]
+        assert not any(e["event"] == "session.adopting_unsaved_home" for e in logs)
+    finally:
+        outage.release()
+        outage.bring_back()
+        await gateway.shutdown()
+
+
 # -- 4. S3 down at start: 503 with a reason, nothing started on an empty home ------------------
 
 

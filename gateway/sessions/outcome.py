@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import enum
+from pathlib import Path
+
+import attrs
+
+from gateway.codex_home.persistence import Generation
 
 
 class StopReason(enum.Enum):
@@ -42,3 +47,35 @@ class SessionStartError(Exception):
     def __init__(self, message: str, status: int = 503) -> None:
         super().__init__(message)
         self.status = status
+
+
+@attrs.frozen
+class Saved:
+    """The store holds the home as the session left it; the local directory is deleted."""
+
+
+@attrs.frozen
+class Superseded:
+    """A newer snapshot exists elsewhere; this home was set aside at ``kept_at``, unsaved."""
+
+    kept_at: Path
+
+
+@attrs.frozen
+class Unsaved:
+    """The final save did not succeed; the home stays at ``codex_home``, written over
+    ``generation``. The workspace's next session adopts it instead of restoring."""
+
+    codex_home: Path
+    generation: Generation
+
+
+SaveResult = Saved | Superseded | Unsaved
+
+
+@attrs.frozen
+class Outcome:
+    """How a session ended: why it stopped, and what became of its home."""
+
+    reason: StopReason
+    save: SaveResult
