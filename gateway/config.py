@@ -1,22 +1,28 @@
 """The daemon's configuration: every ``CXG_*`` variable, parsed and validated once at start.
 
 Variables keep the Go service's names, defaults and meaning (``docs/configuration.md`` lists
-them all). Values are structured into frozen attrs classes by a cattrs converter whose hooks
-understand Go durations, byte sizes, comma lists and secrets. Any bad value raises
+them all). ``VARIABLES`` names each one with its default and its kind (``str``, ``int``,
+``bool``, ``Seconds``, ``ByteSize``, ``CsvList``, ``Secret``); ``_read`` turns every raw string
+into a value with the plain parser ``_PARSERS`` holds for that kind (Go durations, byte sizes,
+comma lists, secrets), and ``load_config`` checks the values and builds the frozen attrs
+classes below by hand. No structuring library is involved. Any bad value raises
 ``ConfigError`` with one sentence naming the variable and the offending value — except for
 secrets, whose values are never echoed.
+
+``CXG_MODEL_PROVIDER_ENV_KEY`` is accepted (and must not be empty) for compatibility with the
+Go service's deployments, and otherwise ignored: the child gets its model token from a file,
+never from an environment variable (``gateway.credentials.session``).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
-from typing import Any, NewType, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, NewType
 from urllib.parse import urlsplit
 
 import attrs
-import cattrs
 
 from gateway.durations import parse_byte_size, parse_go_duration
 
@@ -133,7 +139,7 @@ class Config:
 
 @attrs.frozen
 class _Var:
-    """One environment variable: its name, default and the type cattrs structures it into."""
+    """One environment variable: its name, its default and its kind (a key of ``_PARSERS``)."""
 
     name: str
     default: str | None
@@ -190,14 +196,14 @@ _LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 _LOG_FORMATS = ("json", "text")
 
 
-def _structure_seconds(value: str, _: object) -> float:
+def _parse_seconds(value: str) -> float:
     seconds = parse_go_duration(value)
     if seconds < 0:
         raise ValueError(f"negative duration {value!r}")
     return seconds
 
 
-def _structure_bool(value: str, _: object) -> bool:
+def _parse_bool(value: str) -> bool:
     # Upstream: true only for a case-insensitive "true"; we also accept the usual spellings and
     # reject anything else rather than silently reading a typo as false.
     lowered = value.strip().lower()
@@ -208,31 +214,31 @@ def _structure_bool(value: str, _: object) -> bool:
     raise ValueError(f"invalid boolean {value!r} (expected true or false)")
 
 
-def _structure_int(value: str, _: object) -> int:
+def _parse_int(value: str) -> int:
     number = int(value.strip())
     if number < 0:
         raise ValueError(f"negative number {value!r}")
     return number
 
 
-def _structure_csv(value: str, _: object) -> tuple[str, ...]:
+def _parse_csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
-def _make_converter() -> cattrs.Converter:
-    converter = cattrs.Converter()
-    converter.register_structure_hook(Seconds, _structure_seconds)
-    converter.register_structure_hook(ByteSize, lambda v, _: parse_byte_size(v))
-    converter.register_structure_hook(bool, _structure_bool)
-    converter.register_structure_hook(int, _structure_int)
-    converter.register_structure_hook(CsvList, _structure_csv)
-    converter.register_structure_hook(Secret, lambda v, _: Secret(v))
-    converter.register_structure_hook(str, lambda v, _: v.strip())
-    return converter
+def _parse_text(value: str) -> str:
+    return value.strip()
 
 
-_CONVERTER = _make_converter()
-T = TypeVar("T")
+# The parser for each kind of variable in ``VARIABLES``.
+_PARSERS: dict[Any, Callable[[str], object]] = {
+    Seconds: _parse_seconds,
+    ByteSize: parse_byte_size,
+    bool: _parse_bool,
+    int: _parse_int,
+    CsvList: _parse_csv,
+    Secret: Secret,
+    str: _parse_text,
+}
 
 
 def _read(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -246,7 +252,7 @@ def _read(environ: Mapping[str, str]) -> dict[str, Any]:
                 continue
             raw = var.default
         try:
-            values[var.name] = _CONVERTER.structure(raw, var.type)
+            values[var.name] = _PARSERS[var.type](raw)
         except (ValueError, TypeError) as exc:
             shown = "(value hidden)" if var.secret else repr(raw)
             reason = "" if var.secret else f": {exc}"
