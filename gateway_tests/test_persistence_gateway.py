@@ -37,13 +37,7 @@ from gateway_tests.harness import (
     token_for,
 )
 from gateway_tests.s3_control import BucketView, S3Outage, archive_files, s3_env
-from gateway_tests.s3_server import (  # noqa: F401 - pytest fixtures
-    BUCKET,
-    MotoServer,
-    moto_server,
-    s3_settings,
-    settings_for,
-)
+from gateway_tests.s3_server import settings_for
 from gateway_tests.test_archive import GO_FIXTURE, add_file, add_special, add_zeros, tar_gz
 from gateway_tests.test_daemon_process import client, daemon_env, serve_process
 from gateway_tests.test_real_codex import STEP_TIMEOUT, is_user_message
@@ -53,21 +47,6 @@ MAX_RESTORE_BYTES = 1 << 20
 MAX_RESTORE_ENTRIES = 20
 # A bound for one in-process step (connect, save, restore against loopback S3).
 STEP = 20.0
-
-
-@pytest.fixture
-def bucket(moto_server: MotoServer, s3_settings: S3Settings) -> BucketView:  # noqa: F811
-    """A fresh, versioned bucket on the moto server."""
-    view = BucketView(moto_server, s3_settings.bucket)
-    view.enable_versioning()
-    return view
-
-
-@pytest.fixture
-async def outage(nursery: trio.Nursery, moto_server: MotoServer) -> S3Outage:  # noqa: F811
-    """A proxy in front of the moto server that the test can take down and bring back."""
-    proxy: S3Outage = await nursery.start(S3Outage(moto_server.endpoint).serve)
-    return proxy
 
 
 async def start_s3_gateway(
@@ -156,7 +135,7 @@ async def test_real_codex_thread_survives_sigkill_of_the_whole_daemon_on_a_new_n
     nursery: trio.Nursery,
     tmp_path: Path,
     real_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
     bucket: BucketView,
 ) -> None:
     text = "remember me after the crash"
@@ -215,7 +194,7 @@ async def test_real_codex_thread_resumes_after_a_restore_under_another_tmp_root(
     nursery: trio.Nursery,
     tmp_path: Path,
     real_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
 ) -> None:
     text = "moved to another directory"
     common = {
@@ -261,7 +240,7 @@ async def test_clean_stop_saves_restart_restores_and_unchanged_checkpoints_uploa
     nursery: trio.Nursery,
     tmp_path: Path,
     fake_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
     bucket: BucketView,
 ) -> None:
     gateway = await start_s3_gateway(
@@ -496,7 +475,7 @@ async def test_hostile_archives_are_refused_untouched_and_other_workspaces_go_on
     nursery: trio.Nursery,
     tmp_path: Path,
     fake_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
     bucket: BucketView,
 ) -> None:
     gateway = await start_s3_gateway(
@@ -543,7 +522,7 @@ async def test_stale_writer_checkpoint_is_rejected_its_clients_get_1012_and_newe
     nursery: trio.Nursery,
     tmp_path: Path,
     fake_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
     bucket: BucketView,
 ) -> None:
     # Two pods of the same bucket; the first keeps running when the second takes over.
@@ -606,7 +585,7 @@ async def test_go_service_archive_restores_and_is_saved_back_over_its_generation
     nursery: trio.Nursery,
     tmp_path: Path,
     fake_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
     bucket: BucketView,
 ) -> None:
     go_files = archive_files(GO_FIXTURE.read_bytes())
@@ -642,7 +621,7 @@ async def test_stale_writer_final_save_at_stop_is_rejected_and_the_home_set_asid
     nursery: trio.Nursery,
     tmp_path: Path,
     fake_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
     bucket: BucketView,
 ) -> None:
     # Both pods start the workspace from nothing; the second saves first.
