@@ -92,7 +92,6 @@ class ModelSettings:
     provider: str
     model: str
     base_url: str
-    env_key: str
     wire_api: str
     static_api_key: Secret | None
     token_refresh_interval: float
@@ -392,7 +391,6 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             provider=values["CXG_MODEL_PROVIDER"],
             model=values["CXG_MODEL"],
             base_url=values["CXG_MODEL_PROVIDER_BASE_URL"],
-            env_key=values["CXG_MODEL_PROVIDER_ENV_KEY"],
             wire_api=values["CXG_MODEL_PROVIDER_WIRE_API"],
             static_api_key=values["CXG_CODEX_API_KEY"],
             token_refresh_interval=values["CXG_MODEL_TOKEN_REFRESH_INTERVAL"],

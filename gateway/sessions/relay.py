@@ -40,10 +40,6 @@ def sendable_close(code: int | None, reason: str | None, *, fallback: int) -> tu
     return code, sendable_reason
 
 
-class ClientGone(Exception):
-    """The client disconnected before the relay started."""
-
-
 class ClientRelay:
     """Relays one client WebSocket (ASGI) to a fresh connection to the session's child."""
 
