@@ -173,5 +173,5 @@ def install_hypercorn_fixes() -> None:
     _installed = True
     _guard_connection_errors()
     _close_tcp_after_websocket()
-    hypercorn.protocol.h11.WSStream = _CloseAwareWSStream  # type: ignore[misc]
-    hypercorn.protocol.h2.WSStream = _CloseAwareWSStream  # type: ignore[misc]
+    hypercorn.protocol.h11.WSStream = _CloseAwareWSStream  # type: ignore[attr-defined]
+    hypercorn.protocol.h2.WSStream = _CloseAwareWSStream  # type: ignore[attr-defined]

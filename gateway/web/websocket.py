@@ -34,7 +34,8 @@ def header(scope: Scope, name: bytes) -> str | None:
     """The first value of a request header, decoded as latin-1 like HTTP/1.1 does."""
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
-            return value.decode("latin-1")
+            decoded: str = value.decode("latin-1")
+            return decoded
     return None
 
 
