@@ -368,8 +368,10 @@ async def test_reconnect_during_the_first_final_save_waits_for_it_and_restores_w
                 outage.bring_back()
                 nursery.start_soon(restart)
                 assert (await rpc.closed()).code == 1012
-            held = outage.held_chunks
-            await eventually(lambda: outage.held_chunks > held)
+            # The final save is under way (and cannot finish while S3 is held).
+            await eventually(lambda: any(e["event"] == "session.final_save" for e in logs))
+            entry = await gateway.session("ws_slow")
+            assert entry is not None and entry["state"] == "saving"
 
             # A reconnect while that first attempt is under way waits for it.
             async with trio.open_nursery() as clients:

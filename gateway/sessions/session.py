@@ -370,6 +370,7 @@ class Session:
         self._state = SessionState.SAVING
         metrics.SESSION_STOPS.labels(reason=reason.name.lower()).inc()
         stop_started = trio.current_time()
+        log.info("session.final_save", reason=reason.name.lower())
         final = await self._saver.final_save(child_ran=child_ran)
         metrics.SESSION_STOP_SECONDS.observe(trio.current_time() - stop_started)
         save: SaveResult
