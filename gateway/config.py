@@ -1,22 +1,29 @@
 """The daemon's configuration: every ``CXG_*`` variable, parsed and validated once at start.
 
 Variables keep the Go service's names, defaults and meaning (``docs/configuration.md`` lists
-them all). Values are structured into frozen attrs classes by a cattrs converter whose hooks
-understand Go durations, byte sizes, comma lists and secrets. Any bad value raises
+them all). ``VARIABLES`` names each one with its default and its kind (``str``, ``int``,
+``bool``, ``Seconds``, ``ByteSize``, ``CsvList``, ``Secret``, and the Go-compatible
+``GoTrueOnly``, ``LogLevel``, ``UidRangeText``); ``_read`` turns every raw string
+into a value with the plain parser ``_PARSERS`` holds for that kind (Go durations, byte sizes,
+comma lists, secrets), and ``load_config`` checks the values and builds the frozen attrs
+classes below by hand. No structuring library is involved. Any bad value raises
 ``ConfigError`` with one sentence naming the variable and the offending value — except for
 secrets, whose values are never echoed.
+
+``CXG_MODEL_PROVIDER_ENV_KEY`` is accepted (and must not be empty) for compatibility with the
+Go service's deployments, and otherwise ignored: the child gets its model token from a file,
+never from an environment variable (``gateway.credentials.session``).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
-from typing import Any, NewType, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, NewType
 from urllib.parse import urlsplit
 
 import attrs
-import cattrs
 
 from gateway.durations import parse_byte_size, parse_go_duration
 
@@ -94,7 +101,6 @@ class ModelSettings:
     provider: str
     model: str
     base_url: str
-    env_key: str
     wire_api: str
     static_api_key: Secret | None
     token_refresh_interval: float
@@ -149,7 +155,7 @@ class Config:
 
 @attrs.frozen
 class _Var:
-    """One environment variable: its name, default and the type cattrs structures it into."""
+    """One environment variable: its name, its default and its kind (a key of ``_PARSERS``)."""
 
     name: str
     default: str | None
@@ -224,14 +230,14 @@ _GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 _GO_INT = re.compile(r"[+-]?[0-9]+")
 
 
-def _structure_seconds(value: str, _: object) -> float:
+def _parse_seconds(value: str) -> float:
     seconds = parse_go_duration(value)
     if seconds < 0:
         raise ValueError(f"negative duration {value!r}")
     return seconds
 
 
-def _structure_bool(value: str, _: object) -> bool:
+def _parse_bool(value: str) -> bool:
     # New variables: strconv.ParseBool's spellings, and nothing else.
     if value in _GO_TRUE:
         return True
@@ -240,7 +246,7 @@ def _structure_bool(value: str, _: object) -> bool:
     raise ValueError(f"invalid boolean {value!r} (expected true or false)")
 
 
-def _structure_go_true_only(value: str, _: object) -> bool:
+def _parse_go_true_only(value: str) -> bool:
     # The Go service read CXG_S3_PATH_STYLE as true only for "true" in any case, and as false
     # for everything else. Spellings that clearly mean false keep meaning false; the ones that
     # meant false in Go but read as "yes" ("1", "on", "t", …) are refused: silently taking them
@@ -255,7 +261,7 @@ def _structure_go_true_only(value: str, _: object) -> bool:
     )
 
 
-def _structure_log_level(value: str, _: object) -> str:
+def _parse_log_level(value: str) -> str:
     # The Go service lower-cased the value and knew debug, warn and error; everything else
     # (including "warning" and typos) silently meant info. Known levels mean what they meant
     # there; anything else is refused rather than read as info or as something new.
@@ -269,7 +275,7 @@ def _structure_log_level(value: str, _: object) -> str:
     return level
 
 
-def _structure_int(value: str, _: object) -> int:
+def _parse_int(value: str) -> int:
     if not _GO_INT.fullmatch(value.strip()):
         raise ValueError(f"not a whole number {value!r}")
     number = int(value.strip())
@@ -278,7 +284,7 @@ def _structure_int(value: str, _: object) -> int:
     return number
 
 
-def _structure_csv(value: str, _: object) -> tuple[str, ...]:
+def _parse_csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
@@ -334,23 +340,23 @@ def resolve_secret_files(environ: Mapping[str, str]) -> dict[str, str]:
     return resolved
 
 
-def _make_converter() -> cattrs.Converter:
-    converter = cattrs.Converter()
-    converter.register_structure_hook(Seconds, _structure_seconds)
-    converter.register_structure_hook(ByteSize, lambda v, _: parse_byte_size(v))
-    converter.register_structure_hook(bool, _structure_bool)
-    converter.register_structure_hook(GoTrueOnly, _structure_go_true_only)
-    converter.register_structure_hook(LogLevel, _structure_log_level)
-    converter.register_structure_hook(int, _structure_int)
-    converter.register_structure_hook(CsvList, _structure_csv)
-    converter.register_structure_hook(UidRangeText, lambda v, _: parse_uid_range(v))
-    converter.register_structure_hook(Secret, lambda v, _: Secret(v))
-    converter.register_structure_hook(str, lambda v, _: v.strip())
-    return converter
+def _parse_text(value: str) -> str:
+    return value.strip()
 
 
-_CONVERTER = _make_converter()
-T = TypeVar("T")
+# The parser for each kind of variable in ``VARIABLES``.
+_PARSERS: dict[Any, Callable[[str], object]] = {
+    Seconds: _parse_seconds,
+    ByteSize: parse_byte_size,
+    bool: _parse_bool,
+    GoTrueOnly: _parse_go_true_only,
+    LogLevel: _parse_log_level,
+    int: _parse_int,
+    CsvList: _parse_csv,
+    UidRangeText: parse_uid_range,
+    Secret: Secret,
+    str: _parse_text,
+}
 
 
 def _read(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -364,7 +370,7 @@ def _read(environ: Mapping[str, str]) -> dict[str, Any]:
                 continue
             raw = var.default
         try:
-            values[var.name] = _CONVERTER.structure(raw, var.type)
+            values[var.name] = _PARSERS[var.type](raw)
         except (ValueError, TypeError) as exc:
             shown = "(value hidden)" if var.secret else repr(raw)
             reason = "" if var.secret else f": {exc}"
@@ -523,7 +529,6 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             provider=values["CXG_MODEL_PROVIDER"],
             model=values["CXG_MODEL"],
             base_url=values["CXG_MODEL_PROVIDER_BASE_URL"],
-            env_key=values["CXG_MODEL_PROVIDER_ENV_KEY"],
             wire_api=values["CXG_MODEL_PROVIDER_WIRE_API"],
             static_api_key=values["CXG_CODEX_API_KEY"],
             token_refresh_interval=values["CXG_MODEL_TOKEN_REFRESH_INTERVAL"],

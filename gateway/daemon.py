@@ -112,8 +112,9 @@ def keep_large_buffers_out_of_the_heap() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    fixed = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
-    return fixed and mallopt(_M_TRIM_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
+    fixed: bool = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
+    trimmed: bool = mallopt(_M_TRIM_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
+    return fixed and trimmed
 
 
 def _warn_about_placement(config: Config) -> None:

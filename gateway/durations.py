@@ -75,22 +75,3 @@ def parse_byte_size(text: str) -> int:
         )
     unit = (match.group(2) or "B").lower()
     return int(match.group(1)) * _SIZE_FACTORS[unit]
-
-
-def format_duration(seconds: float) -> str:
-    """Render seconds the way operators write them (``30m``, ``1h``, ``250ms``)."""
-    if seconds == 0:
-        return "0s"
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    whole = int(seconds)
-    if whole != seconds:
-        return f"{seconds:g}s"
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [
-        f"{hours}h" if hours else "",
-        f"{minutes}m" if minutes else "",
-        f"{secs}s" if secs else "",
-    ]
-    return "".join(parts)

@@ -1,14 +1,44 @@
-"""Shared fixtures: where the real codex and the fake codex live; temp dirs children can reach."""
+"""Shared fixtures: where the real codex and the fake codex live; gateways; S3; fakes;
+temp directories the children's uids can reach.
+
+Fixtures every module may use are defined (or imported) here, never imported from one test
+module into another: the in-process ``gateway`` (fake codex, test defaults) and
+``launch_gateway`` for gateways with other variables or another codex; the moto server and a
+fresh bucket (``gateway_tests.s3_server``); a versioned ``bucket`` view and an ``outage`` proxy
+in front of moto (``gateway_tests.s3_control``); the fake model server and exec gateway of the
+executor tests (``gateway_tests.executor_fixtures``).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import trio
+
+from gateway.config import S3Settings
+from gateway_tests.executor_fixtures import exec_gateway, model
+from gateway_tests.harness import LaunchGateway, RunningGateway, gateway_env, start_gateway
+from gateway_tests.s3_control import BucketView, S3Outage
+from gateway_tests.s3_server import MotoServer, closed_port_settings, moto_server, s3_settings
+
+__all__ = [
+    "bucket",
+    "closed_port_settings",
+    "exec_gateway",
+    "fake_codex_bin",
+    "gateway",
+    "launch_gateway",
+    "model",
+    "moto_server",
+    "outage",
+    "real_codex_bin",
+    "s3_settings",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 FAKES = Path(__file__).resolve().parent / "fakes"
@@ -85,3 +115,47 @@ def _passable_tmp_path(request: pytest.FixtureRequest) -> Iterator[None]:
         tmp_path.parent.chmod(0o711)
         tmp_path.chmod(0o711)
     yield
+
+
+@pytest.fixture
+def bucket(moto_server: MotoServer, s3_settings: S3Settings) -> BucketView:
+    """A fresh, versioned bucket on the moto server."""
+    view = BucketView(moto_server, s3_settings.bucket)
+    view.enable_versioning()
+    return view
+
+
+@pytest.fixture
+async def outage(nursery: trio.Nursery, moto_server: MotoServer) -> S3Outage:
+    """A proxy in front of the moto server that the test can take down, hold and bring back."""
+    proxy: S3Outage = await nursery.start(S3Outage(moto_server.endpoint).serve)
+    return proxy
+
+
+@pytest.fixture
+async def launch_gateway(
+    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+) -> AsyncIterator[LaunchGateway]:
+    """Start in-process gateways (``await launch_gateway(codex_bin=..., CXG_X="...")``).
+
+    Each uses ``gateway_env`` under ``tmp_path`` (the fake codex unless ``codex_bin`` is
+    given) with the variables given, and is drained and stopped when the test ends.
+    """
+    started: list[RunningGateway] = []
+
+    async def launch(codex_bin: Path | str | None = None, **env: str) -> RunningGateway:
+        running = await start_gateway(
+            nursery, gateway_env(tmp_path, codex_bin or fake_codex_bin, **env)
+        )
+        started.append(running)
+        return running
+
+    yield launch
+    for running in started:
+        await running.shutdown()
+
+
+@pytest.fixture
+async def gateway(launch_gateway: LaunchGateway) -> RunningGateway:
+    """An in-process gateway with the fake codex as its child and the test defaults."""
+    return await launch_gateway()

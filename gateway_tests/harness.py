@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,13 @@ from typing import Any
 import attrs
 import httpx2
 import trio
-from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
 from gateway.auth.tokens import mint_hmac_token
 from gateway.config import Config, load_config
@@ -127,6 +133,10 @@ class RunningGateway:
         await self.stopped.wait()
 
 
+# What the ``launch_gateway`` fixture gives a test: ``await launch(codex_bin=None, **env)``.
+LaunchGateway = Callable[..., Awaitable["RunningGateway"]]
+
+
 async def start_gateway(
     nursery: trio.Nursery, env: Mapping[str, str], *, policy_for: PolicyFactory | None = None
 ) -> RunningGateway:
@@ -221,6 +231,24 @@ async def connect(
         if initialize:
             await rpc.initialize()
         yield rpc
+
+
+async def rejected_connect(
+    url: str, headers: list[tuple[bytes, bytes]] | None = None, *, within: float = 30.0
+) -> ConnectionRejected:
+    """Open a WebSocket to ``url`` that must be refused; return the refusal (status, body)."""
+    with trio.fail_after(within):
+        try:
+            async with open_websocket_url(url, extra_headers=headers or [], connect_timeout=within):
+                pass
+        except ConnectionRejected as refused:
+            return refused
+    raise AssertionError(f"the connect to {url} was accepted")
+
+
+def bearer(token: str) -> list[tuple[bytes, bytes]]:
+    """The ``Authorization`` header for ``token``."""
+    return [(b"authorization", f"Bearer {token}".encode())]
 
 
 async def eventually(predicate: Callable[[], bool], *, within: float = 10.0) -> None:

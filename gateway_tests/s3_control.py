@@ -3,7 +3,8 @@
 ``S3Outage`` is a TCP proxy on loopback in front of the real moto server. A gateway configured
 with its endpoint reaches S3 only through it, so a test can take S3 down (every live connection
 is cut and new ones are closed at once, before any request reaches the server) and bring it
-back on the same endpoint, without touching the shared moto server.
+back on the same endpoint, without touching the shared moto server; or hold every request in
+the proxy (a slow store) until the test releases it.
 
 ``BucketView`` reads what is really stored (ETag, bytes, archive members, every version of a
 versioned bucket) with a synchronous boto3 client, for assertions and ``eventually`` polls.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -124,6 +126,10 @@ class S3Outage:
         self._live: set[trio.CancelScope] = set()
         self.up = True
         self.connections = 0
+        # While held, bytes from the gateway wait here before reaching S3 (a slow upload).
+        self._flowing = trio.Event()
+        self._flowing.set()
+        self.held_chunks = 0
 
     @property
     def endpoint(self) -> str:
@@ -149,6 +155,20 @@ class S3Outage:
         """S3 is reachable again on the same endpoint."""
         self.up = True
 
+    def hold(self) -> None:
+        """Requests stall: what the gateway sends waits in the proxy until ``release``."""
+        if self._flowing.is_set():
+            self._flowing = trio.Event()
+
+    def release(self) -> None:
+        """Held requests go on to S3."""
+        self._flowing.set()
+
+    async def _gate(self) -> None:
+        if not self._flowing.is_set():
+            self.held_chunks += 1
+            await self._flowing.wait()
+
     async def _relay(self, client: trio.SocketStream) -> None:
         async with client:
             if not self.up:
@@ -159,16 +179,25 @@ class S3Outage:
                 try:
                     upstream = await trio.open_tcp_stream(*self._target)
                     async with upstream, trio.open_nursery() as nursery:
-                        nursery.start_soon(_copy, client, upstream, nursery.cancel_scope)
-                        nursery.start_soon(_copy, upstream, client, nursery.cancel_scope)
+                        nursery.start_soon(
+                            _copy, client, upstream, nursery.cancel_scope, self._gate
+                        )
+                        nursery.start_soon(_copy, upstream, client, nursery.cancel_scope, None)
                 finally:
                     self._live.discard(scope)
 
 
-async def _copy(source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope) -> None:
+async def _copy(
+    source: trio.SocketStream,
+    sink: trio.SocketStream,
+    done: trio.CancelScope,
+    gate: Callable[[], Awaitable[None]] | None,
+) -> None:
     """Copy one direction; when either side ends, the whole connection ends."""
     try:
         while data := await source.receive_some(COPY_CHUNK):
+            if gate is not None:
+                await gate()
             await sink.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass

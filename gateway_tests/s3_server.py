@@ -1,8 +1,6 @@
 """A real S3-compatible server on loopback for persistence tests: moto's ThreadedMotoServer.
 
-Import the fixtures explicitly in a test module::
-
-    from gateway_tests.s3_server import moto_server, s3_settings  # noqa: F401
+``gateway_tests/conftest.py`` registers the fixtures for every test module.
 
 ``moto_server`` starts one server per test session (a thread, so a plain sync fixture);
 ``s3_settings`` wipes its state, creates a fresh bucket and returns the ``S3Settings`` a store

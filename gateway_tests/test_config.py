@@ -75,7 +75,6 @@ def test_upstream_variables_keep_their_defaults() -> None:
     assert config.model.provider == "modelserver"
     assert config.model.model == "gpt-5.5"
     assert config.model.base_url == "http://llmproxy:8085/v1"
-    assert config.model.env_key == "CODEX_API_KEY"
     assert config.model.wire_api == "responses"
     assert config.model.static_api_key is None
     assert config.project_trusted_paths == ("/tmp",)

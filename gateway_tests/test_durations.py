@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.durations import format_duration, parse_byte_size, parse_go_duration
+from gateway.durations import parse_byte_size, parse_go_duration
 
 # -- parse_go_duration -------------------------------------------------------------------------
 
@@ -115,52 +115,6 @@ def test_parsing_arbitrary_text_raises_only_value_error(text: str) -> None:
     except ValueError:
         return
     assert math.isfinite(result)
-
-
-# -- format_duration ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [
-        (0, "0s"),
-        (0.25, "250ms"),
-        (1, "1s"),
-        (30, "30s"),
-        (300, "5m"),
-        (1800, "30m"),
-        (3600, "1h"),
-        (5400, "1h30m"),
-        (86400, "24h"),
-        (3723, "1h2m3s"),
-        (1.5, "1.5s"),
-    ],
-)
-def test_durations_are_formatted_as_operators_write_them(seconds: float, text: str) -> None:
-    assert format_duration(seconds) == text
-
-
-@given(st.integers(min_value=0, max_value=10**8))
-def test_whole_seconds_round_trip(seconds: int) -> None:
-    assert parse_go_duration(format_duration(seconds)) == seconds
-
-
-@given(st.integers(min_value=1, max_value=999))
-def test_whole_milliseconds_below_a_second_round_trip(milliseconds: int) -> None:
-    seconds = milliseconds / 1000
-    assert math.isclose(parse_go_duration(format_duration(seconds)), seconds, rel_tol=1e-12)
-
-
-@given(st.integers(min_value=1, max_value=99_999))
-def test_half_seconds_round_trip(halves: int) -> None:
-    seconds = halves / 2
-    assert parse_go_duration(format_duration(seconds)) == seconds
-
-
-@given(st.integers(min_value=0, max_value=10**6))
-def test_parse_then_format_is_stable_for_whole_seconds(seconds: int) -> None:
-    text = format_duration(seconds)
-    assert format_duration(parse_go_duration(text)) == text
 
 
 # -- parse_byte_size ---------------------------------------------------------------------------

@@ -13,12 +13,11 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx2
-import pytest
 import trio
 import trio_websocket
 
@@ -26,7 +25,8 @@ from gateway.clients.execgateway import ConnectedExecutor
 from gateway.codex_home.config_toml import CodexConfig, McpServer, ModelProvider, render_config_toml
 from gateway.config import ExecGatewaySettings, Secret
 from gateway.executors import executor_mcp_servers, executor_servers_for
-from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway, run_exec_server
+from gateway_tests.executor_fixtures import API_KEY, CAP_SECRET, WORKSPACE
+from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway
 from gateway_tests.fakes.fake_model_server import (
     FakeModelServer,
     FunctionCallReply,
@@ -37,9 +37,6 @@ from gateway_tests.fakes.fake_model_server import (
 from gateway_tests.fakes.launchers import fake_codex_python
 from gateway_tests.real_app_server import run_app_server
 
-CAP_SECRET = b"cap-s3cret"
-WORKSPACE = "ws_e2e"
-API_KEY = "sk-e2e"
 # How the daemon tells codex to run this gateway (``gateway.daemon.self_command``); the entries
 # append ``env-mcp`` and its flags, so this goes through the real command line.
 SELF_COMMAND = (str(fake_codex_python()), "-m", "gateway")
@@ -55,31 +52,6 @@ def exec_settings(gateway: FakeExecGateway) -> ExecGatewaySettings:
         captoken_secret=Secret(CAP_SECRET.decode()),
         captoken_ttl=600.0,
     )
-
-
-@pytest.fixture
-async def model() -> AsyncIterator[FakeModelServer]:
-    server = FakeModelServer(accept=lambda token: token == API_KEY)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
-        yield server
-        nursery.cancel_scope.cancel()
-
-
-@pytest.fixture
-async def exec_gateway(real_codex_bin: Path, tmp_path: Path) -> AsyncIterator[FakeExecGateway]:
-    """The fake exec gateway relaying exe_alpha (of WORKSPACE) to a real exec-server."""
-    executor_home = tmp_path / "executor-home"
-    executor_home.mkdir()
-    gateway = FakeExecGateway(internal_secret="in-s3cret", captoken_secret=CAP_SECRET)
-    async with trio.open_nursery() as nursery:
-        backend = await nursery.start(run_exec_server, real_codex_bin, executor_home)
-        gateway.add_executor(
-            "exe_alpha", workspace_id=WORKSPACE, backend_url=backend, description="Test box"
-        )
-        await nursery.start(gateway.serve)
-        yield gateway
-        nursery.cancel_scope.cancel()
 
 
 class AppServerClient:

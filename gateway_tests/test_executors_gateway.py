@@ -14,18 +14,11 @@ from typing import Any
 
 import trio
 
+from gateway_tests.executor_fixtures import API_KEY, CAP_SECRET, WORKSPACE
 from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway
 from gateway_tests.fakes.fake_model_server import FakeModelServer, FunctionCallReply, TextReply
 from gateway_tests.harness import Rpc, closed_port, connect, gateway_env, start_gateway
-from gateway_tests.test_envmcp_e2e import (  # noqa: F401 - fixtures
-    API_KEY,
-    CAP_SECRET,
-    TURN_TIMEOUT,
-    WORKSPACE,
-    exec_gateway,
-    model,
-    tool_output_seen_by_model,
-)
+from gateway_tests.test_envmcp_e2e import TURN_TIMEOUT, tool_output_seen_by_model
 
 
 def _env(
@@ -76,8 +69,8 @@ async def test_session_codex_runs_echo_hello_on_the_workspace_executor(
     nursery: trio.Nursery,
     tmp_path: Path,
     real_codex_bin: Path,
-    model: FakeModelServer,  # noqa: F811
-    exec_gateway: FakeExecGateway,  # noqa: F811
+    model: FakeModelServer,
+    exec_gateway: FakeExecGateway,
 ) -> None:
     model.script.append(
         FunctionCallReply(
@@ -110,7 +103,7 @@ async def test_exec_gateway_down_at_spawn_gives_no_executors_and_chat_still_work
     nursery: trio.Nursery,
     tmp_path: Path,
     real_codex_bin: Path,
-    model: FakeModelServer,  # noqa: F811
+    model: FakeModelServer,
 ) -> None:
     port = await closed_port()
     down = {

@@ -11,8 +11,7 @@ import base64
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import httpx2
 import pytest
@@ -23,24 +22,12 @@ from gateway_tests.harness import (
     Rpc,
     RunningGateway,
     connect,
-    gateway_env,
-    start_gateway,
     token_for,
 )
 
 WORKSPACE = "ws_robust"
 # A hostile connection must be answered or dropped within this.
 EXCHANGE_TIMEOUT = 10.0
-
-
-@pytest.fixture
-async def gateway(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
-) -> AsyncIterator[RunningGateway]:
-    """A gateway with the fake codex as its child."""
-    running = await start_gateway(nursery, gateway_env(tmp_path, fake_codex_bin))
-    yield running
-    await running.shutdown()
 
 
 def address(gateway: RunningGateway) -> tuple[str, int]:

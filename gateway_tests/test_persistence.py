@@ -35,13 +35,7 @@ from gateway.store.base import (
 )
 from gateway.store.local import LocalDirectoryStore
 from gateway.store.s3 import MIN_PART_SIZE, S3ObjectStore
-from gateway_tests.s3_server import (  # noqa: F401
-    BUCKET,
-    MotoServer,
-    closed_port_settings,
-    moto_server,
-    s3_settings,
-)
+from gateway_tests.s3_server import BUCKET, MotoServer
 from gateway_tests.test_archive import GO_FIXTURE, HOSTILE, LIMITS
 
 WS = "ws-42"
@@ -85,7 +79,7 @@ class RecordingStore:
 
 
 @pytest.fixture
-async def s3_store(s3_settings: S3Settings) -> AsyncIterator[RecordingStore]:  # noqa: F811
+async def s3_store(s3_settings: S3Settings) -> AsyncIterator[RecordingStore]:
     store = S3ObjectStore(s3_settings, part_size=MIN_PART_SIZE, max_attempts=1)
     yield RecordingStore(store)
     await store.aclose()
@@ -169,7 +163,7 @@ async def test_no_object_restores_an_empty_home(s3_store: RecordingStore, tmp_pa
 
 async def test_archive_is_go_compatible_and_holds_no_runtime_files(
     s3_store: RecordingStore,
-    moto_server: MotoServer,  # noqa: F811
+    moto_server: MotoServer,
     tmp_path: Path,
 ) -> None:
     home = make_home(tmp_path)
@@ -226,7 +220,7 @@ async def test_go_fixture_restores(s3_store: RecordingStore, tmp_path: Path) -> 
 async def test_hostile_archive_is_refused_and_left_untouched(
     attack: str,
     s3_store: RecordingStore,
-    moto_server: MotoServer,  # noqa: F811
+    moto_server: MotoServer,
     tmp_path: Path,
 ) -> None:
     async def hostile() -> AsyncIterator[bytes]:
@@ -289,7 +283,7 @@ async def test_stale_large_writer_is_rejected(s3_store: RecordingStore, tmp_path
 
 
 async def test_store_down_at_restore_is_unavailable_and_starts_nothing(
-    closed_port_settings: S3Settings,  # noqa: F811
+    closed_port_settings: S3Settings,
     tmp_path: Path,
 ) -> None:
     store = S3ObjectStore(closed_port_settings, max_attempts=1, timeout=2)
@@ -302,8 +296,8 @@ async def test_store_down_at_restore_is_unavailable_and_starts_nothing(
 
 
 async def test_store_down_at_save_keeps_the_local_copy(
-    s3_settings: S3Settings,  # noqa: F811
-    moto_server: MotoServer,  # noqa: F811
+    s3_settings: S3Settings,
+    moto_server: MotoServer,
     tmp_path: Path,
 ) -> None:
     store = S3ObjectStore(s3_settings, max_attempts=1, timeout=2)

@@ -39,13 +39,7 @@ from gateway_tests.harness import (
     token_for,
 )
 from gateway_tests.s3_control import BucketView, S3Outage, archive_files, s3_env
-from gateway_tests.s3_server import (  # noqa: F401 - pytest fixtures
-    BUCKET,
-    MotoServer,
-    moto_server,
-    s3_settings,
-    settings_for,
-)
+from gateway_tests.s3_server import settings_for
 from gateway_tests.test_archive import (
     GO_FIXTURE,
     PARTIAL,
@@ -62,21 +56,6 @@ MAX_RESTORE_BYTES = 1 << 20
 MAX_RESTORE_ENTRIES = 20
 # A bound for one in-process step (connect, save, restore against loopback S3).
 STEP = 20.0
-
-
-@pytest.fixture
-def bucket(moto_server: MotoServer, s3_settings: S3Settings) -> BucketView:  # noqa: F811
-    """A fresh, versioned bucket on the moto server."""
-    view = BucketView(moto_server, s3_settings.bucket)
-    view.enable_versioning()
-    return view
-
-
-@pytest.fixture
-async def outage(nursery: trio.Nursery, moto_server: MotoServer) -> S3Outage:  # noqa: F811
-    """A proxy in front of the moto server that the test can take down and bring back."""
-    proxy: S3Outage = await nursery.start(S3Outage(moto_server.endpoint).serve)
-    return proxy
 
 
 async def start_s3_gateway(
@@ -165,7 +144,7 @@ async def test_real_codex_thread_survives_sigkill_of_the_whole_daemon_on_a_new_n
     nursery: trio.Nursery,
     tmp_path: Path,
     real_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
     bucket: BucketView,
 ) -> None:
     text = "remember me after the crash"
@@ -224,7 +203,7 @@ async def test_real_codex_thread_resumes_after_a_restore_under_another_tmp_root(
     nursery: trio.Nursery,
     tmp_path: Path,
     real_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
 ) -> None:
     text = "moved to another directory"
     common = {
@@ -270,7 +249,7 @@ async def test_clean_stop_saves_restart_restores_and_unchanged_checkpoints_uploa
     nursery: trio.Nursery,
     tmp_path: Path,
     fake_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
     bucket: BucketView,
 ) -> None:
     gateway = await start_s3_gateway(
@@ -363,6 +342,74 @@ async def test_store_down_at_stop_keeps_the_home_and_the_retry_saves_it_once_s3_
         await gateway.shutdown()
 
 
+async def test_reconnect_during_the_first_final_save_waits_for_it_and_restores_what_it_saved(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    fake_codex_bin: Path,
+    bucket: BucketView,
+    outage: S3Outage,
+) -> None:
+    # An earlier checkpoint failed (S3 was down); the final save's first attempt is slow.
+    gateway = await start_s3_gateway(
+        nursery,
+        tmp_path,
+        fake_codex_bin,
+        settings_for(outage.endpoint, bucket.bucket),
+        CXG_CHECKPOINT_INTERVAL="1s",
+        CXG_CHILD_STOP_GRACE="2s",
+    )
+    checkpoint_failed = saves("checkpoint", "failed")
+    final_ok, final_failed = saves("final", "ok"), saves("final", "failed")
+    restarted: list[int] = []
+
+    async def restart() -> None:
+        restarted.append((await gateway.restart("ws_slow")).status_code)
+
+    try:
+        with structlog.testing.capture_logs() as logs, trio.fail_after(STEP * 2):
+            async with connect(gateway, "ws_slow") as rpc:
+                thread_id = (await rpc.result("thread/start", {}))["thread"]["id"]
+                outage.take_down()
+                await eventually(lambda: saves("checkpoint", "failed") > checkpoint_failed)
+                entry = await gateway.session("ws_slow")
+                assert entry is not None and entry["lastSaveError"] is not None
+                outage.hold()
+                outage.bring_back()
+                nursery.start_soon(restart)
+                assert (await rpc.closed()).code == 1012
+            # The final save is under way (and cannot finish while S3 is held).
+            await eventually(lambda: any(e["event"] == "session.final_save" for e in logs))
+            entry = await gateway.session("ws_slow")
+            assert entry is not None and entry["state"] == "saving"
+
+            # A reconnect while that first attempt is under way waits for it.
+            async with trio.open_nursery() as clients:
+                listed: list[set[str]] = []
+
+                async def reconnect() -> None:
+                    async with connect(gateway, "ws_slow") as again:
+                        listed.append(await listed_threads(again))
+
+                clients.start_soon(reconnect)
+                await eventually(
+                    lambda: any(e["event"] == "session.waiting_for_previous" for e in logs)
+                )
+                outage.release()
+            await eventually(lambda: restarted != [])
+
+        assert restarted == [204]
+        assert saves("final", "ok") == final_ok + 1
+        assert saves("final", "failed") == final_failed
+        assert holds_thread(bucket, "ws_slow", thread_id)()
+        # The new session restored the saved snapshot; it adopted nothing.
+        assert listed == [{thread_id}]
+        assert not any(e["event"] == "session.adopting_unsaved_home" for e in logs)
+    finally:
+        outage.release()
+        outage.bring_back()
+        await gateway.shutdown()
+
+
 # -- 4. S3 down at start: 503 with a reason, nothing started on an empty home ------------------
 
 
@@ -441,7 +488,7 @@ async def test_hostile_archives_are_refused_untouched_and_other_workspaces_go_on
     nursery: trio.Nursery,
     tmp_path: Path,
     fake_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
     bucket: BucketView,
 ) -> None:
     gateway = await start_s3_gateway(
@@ -500,7 +547,7 @@ async def test_stale_writer_checkpoint_is_rejected_its_clients_get_1012_and_newe
     nursery: trio.Nursery,
     tmp_path: Path,
     fake_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
     bucket: BucketView,
 ) -> None:
     # Two pods of the same bucket; the first keeps running when the second takes over.
@@ -563,7 +610,7 @@ async def test_go_service_archive_restores_and_is_saved_back_over_its_generation
     nursery: trio.Nursery,
     tmp_path: Path,
     fake_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
     bucket: BucketView,
 ) -> None:
     go_files = archive_files(GO_FIXTURE.read_bytes())
@@ -601,7 +648,7 @@ async def test_stale_writer_final_save_at_stop_is_rejected_and_the_home_set_asid
     nursery: trio.Nursery,
     tmp_path: Path,
     fake_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
     bucket: BucketView,
 ) -> None:
     # Both pods start the workspace from nothing; the second saves first.
@@ -713,7 +760,7 @@ async def test_real_codex_thread_order_and_update_times_survive_save_and_restore
     nursery: trio.Nursery,
     tmp_path: Path,
     real_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
 ) -> None:
     common = {
         "CXG_MODEL_PROVIDER_BASE_URL": f"http://127.0.0.1:{await closed_port()}/v1",
@@ -788,7 +835,7 @@ async def test_real_codex_resumes_a_go_shaped_archive_with_a_symlink_and_a_fifo(
     nursery: trio.Nursery,
     tmp_path: Path,
     real_codex_bin: Path,
-    s3_settings: S3Settings,  # noqa: F811
+    s3_settings: S3Settings,
     bucket: BucketView,
 ) -> None:
     text = "written before the Go pod died"

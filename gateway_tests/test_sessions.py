@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import tarfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,24 +15,18 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from gateway_tests.fakes.launchers import make_fake_codex_launcher
 from gateway_tests.harness import (
     HMAC_SECRET,
+    LaunchGateway,
     RunningGateway,
+    bearer,
     closed_port,
     connect,
     eventually,
     gateway_env,
     process_environ,
+    rejected_connect,
     start_gateway,
     token_for,
 )
-
-
-@pytest.fixture
-async def gateway(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
-) -> AsyncIterator[RunningGateway]:
-    running = await start_gateway(nursery, gateway_env(tmp_path, fake_codex_bin))
-    yield running
-    await running.shutdown()
 
 
 async def _pid(rpc) -> int:  # type: ignore[no-untyped-def]
@@ -238,11 +231,9 @@ async def test_close_codes_and_reasons_cross_the_relay(gateway: RunningGateway) 
 
 
 async def test_connect_without_token_gets_401_missing_bearer(gateway: RunningGateway) -> None:
-    with pytest.raises(ConnectionRejected) as rejected:
-        async with open_websocket_url(gateway.ws_url):
-            pass
-    assert rejected.value.status_code == 401
-    assert rejected.value.body == b"missing Bearer\n"
+    rejected = await rejected_connect(gateway.ws_url)
+    assert rejected.status_code == 401
+    assert rejected.body == b"missing Bearer\n"
 
 
 async def test_connect_with_bad_token_gets_401_and_starts_nothing(
@@ -250,59 +241,32 @@ async def test_connect_with_bad_token_gets_401_and_starts_nothing(
 ) -> None:
     forged = token_for("ws_victim")[:-4] + "0000"
     for token in (forged, "garbage", "ws_victim.dev.nothex"):
-        with pytest.raises(ConnectionRejected) as rejected:
-            async with open_websocket_url(
-                gateway.ws_url, extra_headers=[(b"authorization", f"Bearer {token}".encode())]
-            ):
-                pass
-        assert rejected.value.status_code == 401
+        rejected = await rejected_connect(gateway.ws_url, bearer(token))
+        assert rejected.status_code == 401
     assert await gateway.sessions() == []
 
 
 async def test_browser_origin_is_refused_with_403(gateway: RunningGateway) -> None:
-    headers = [
-        (b"authorization", f"Bearer {token_for('ws_web')}".encode()),
-        (b"origin", b"https://evil.example"),
-    ]
-    with pytest.raises(ConnectionRejected) as rejected:
-        async with open_websocket_url(gateway.ws_url, extra_headers=headers):
-            pass
-    assert rejected.value.status_code == 403
+    headers = [*bearer(token_for("ws_web")), (b"origin", b"https://evil.example")]
+    rejected = await rejected_connect(gateway.ws_url, headers)
+    assert rejected.status_code == 403
 
 
-async def test_verifier_down_gives_503_not_401(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
-) -> None:
+async def test_verifier_down_gives_503_not_401(launch_gateway: LaunchGateway) -> None:
     port = await closed_port()
-    env = gateway_env(
-        tmp_path,
-        fake_codex_bin,
+    gateway = await launch_gateway(
         CXG_AGENTSERVER_INTERNAL_URL=f"http://127.0.0.1:{port}",
         CXG_AGENTSERVER_INTERNAL_SECRET="internal",
     )
-    gateway = await start_gateway(nursery, env)
-    try:
-        with pytest.raises(ConnectionRejected) as rejected:
-            async with open_websocket_url(
-                gateway.ws_url, extra_headers=[(b"authorization", b"Bearer ast_abcdefgh_secret")]
-            ):
-                pass
-        assert rejected.value.status_code == 503
-    finally:
-        await gateway.shutdown()
+    rejected = await rejected_connect(gateway.ws_url, bearer("ast_abcdefgh_secret"))
+    assert rejected.status_code == 503
 
 
-async def test_spawn_failure_gives_503_with_a_reason(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_spawn_failure_gives_503_with_a_reason(
+    launch_gateway: LaunchGateway, tmp_path: Path
+) -> None:
     launcher = make_fake_codex_launcher(tmp_path / "bin", EXIT_AT_START="1")
-    gateway = await start_gateway(nursery, gateway_env(tmp_path, launcher))
-    try:
-        with pytest.raises(ConnectionRejected) as rejected:
-            async with open_websocket_url(
-                gateway.ws_url,
-                extra_headers=[(b"authorization", f"Bearer {token_for('ws_bad')}".encode())],
-            ):
-                pass
-        assert rejected.value.status_code == 503
-        assert (rejected.value.body or b"").startswith(b"session could not start; retry shortly")
-    finally:
-        await gateway.shutdown()
+    gateway = await launch_gateway(launcher)
+    rejected = await rejected_connect(gateway.ws_url, bearer(token_for("ws_bad")))
+    assert rejected.status_code == 503
+    assert (rejected.body or b"").startswith(b"session could not start; retry shortly")

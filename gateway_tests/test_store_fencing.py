@@ -24,13 +24,7 @@ from gateway.store.base import (
 )
 from gateway.store.local import LocalDirectoryStore
 from gateway.store.s3 import MIN_PART_SIZE, S3ObjectStore
-from gateway_tests.s3_server import (  # noqa: F401
-    BUCKET,
-    MotoServer,
-    closed_port_settings,
-    moto_server,
-    s3_settings,
-)
+from gateway_tests.s3_server import BUCKET, MotoServer
 
 KEY = "codex-app-gateway/ws-1.tar.gz"
 
@@ -166,8 +160,8 @@ def _bucket_uploads(server: MotoServer) -> list[object]:
 
 
 async def test_abandoned_multipart_uploads_are_aborted(
-    s3_settings: S3Settings,  # noqa: F811
-    moto_server: MotoServer,  # noqa: F811
+    s3_settings: S3Settings,
+    moto_server: MotoServer,
 ) -> None:
     store = S3ObjectStore(s3_settings, part_size=MIN_PART_SIZE)
 
@@ -183,7 +177,7 @@ async def test_abandoned_multipart_uploads_are_aborted(
 
 
 async def test_unreachable_s3_is_unavailable_with_a_clear_message(
-    closed_port_settings: S3Settings,  # noqa: F811
+    closed_port_settings: S3Settings,
 ) -> None:
     store = S3ObjectStore(closed_port_settings, max_attempts=1, timeout=2)
     with pytest.raises(StoreUnavailable, match=rf"s3://{BUCKET}/{KEY}.*unreachable"):
@@ -193,7 +187,7 @@ async def test_unreachable_s3_is_unavailable_with_a_clear_message(
     await store.aclose()
 
 
-async def test_missing_bucket_is_unavailable_not_empty(moto_server: MotoServer) -> None:  # noqa: F811
+async def test_missing_bucket_is_unavailable_not_empty(moto_server: MotoServer) -> None:
     """A misconfigured bucket must never read as "no archive yet" (that would start empty)."""
     moto_server.reset()
     settings = S3Settings(
@@ -311,8 +305,8 @@ async def test_a_cancelled_multipart_write_leaves_no_upload(
     nth: int,
     parts: int,
     nursery: trio.Nursery,
-    s3_settings: S3Settings,  # noqa: F811
-    moto_server: MotoServer,  # noqa: F811
+    s3_settings: S3Settings,
+    moto_server: MotoServer,
 ) -> None:
     gate = RequestGate(moto_server.endpoint, marker or b"\x00never\x00", max(nth, 1))
     await nursery.start(gate.serve)
@@ -404,8 +398,8 @@ class StallingResponses(RequestGate):
 
 async def test_every_s3_call_is_bounded_by_the_timeout(
     nursery: trio.Nursery,
-    s3_settings: S3Settings,  # noqa: F811
-    moto_server: MotoServer,  # noqa: F811
+    s3_settings: S3Settings,
+    moto_server: MotoServer,
 ) -> None:
     direct = S3ObjectStore(s3_settings, max_attempts=1)
     await direct.write(KEY, chunks_of(os.urandom(1 << 20)), expected_generation=None)

@@ -24,6 +24,7 @@ from trio.testing import wait_all_tasks_blocked
 from gateway.policy import ClientPolicy, Refusal
 from gateway.sessions import frames
 from gateway.sessions.budget import InflightBudget
+from gateway.sessions.handshake import MAX_HEAD
 from gateway.sessions.relay import FrameTracker
 from gateway.web import server as front_door
 from gateway_tests.fakes.launchers import make_fake_codex_launcher
@@ -200,7 +201,7 @@ async def test_a_slowloris_upgrade_head_is_dropped_and_bothers_nobody(
                 answered += chunk
         assert answered.startswith(b"HTTP/1.1 408"), answered[:100]
         assert (await bystander.result("fake/echo", {"payload": "ok"}))["payload"] == "ok"
-    oversized = b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * (front_door.MAX_HEAD + 10)
+    oversized = b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * (MAX_HEAD + 10)
     with trio.fail_after(TIMEOUT):
         stream = await trio.open_tcp_stream(*_address(gateway))
         await stream.send_all(oversized)

@@ -233,7 +233,7 @@ class SessionModelCredentials:
 
     def _backoff(self, failures: int) -> float:
         ceiling = min(self._retry_max, max(self._model.token_refresh_interval, MIN_REFRESH_DELAY))
-        raw = min(self._retry_initial * 2 ** (failures - 1), ceiling)
+        raw = min(self._retry_initial * 2.0 ** (failures - 1), ceiling)
         # Jitter so that the sessions of a pod do not all retry in the same instant.
         return raw * random.uniform(0.8, 1.0)
 

@@ -17,14 +17,17 @@ import attrs
 import structlog
 import trio
 
-from gateway.sessions.process_tree import end_leftover_processes
-from gateway.sessions.session import (
-    Session,
-    SessionDirectories,
-    SessionServices,
+from gateway.sessions.directories import SessionDirectories
+from gateway.sessions.outcome import (
+    Outcome,
+    Saved,
+    SaveResult,
     SessionStartError,
     StopReason,
+    Unsaved,
 )
+from gateway.sessions.process_tree import end_leftover_processes
+from gateway.sessions.session import Session, SessionServices
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +58,21 @@ def crash_backoff(consecutive_crashes: int) -> float:
     return min(2.0 ** min(consecutive_crashes - 1, 32), CRASH_BACKOFF_MAX_SECONDS)
 
 
+@attrs.define(eq=False)
+class _Entry:
+    """A workspace's session in the table, and its start, shared by every connect waiting on it.
+
+    ``started`` is the value ``Session.run`` reported through ``nursery.start``: the session
+    once ready, or the ``SessionStartError`` every waiting connect gets.
+    """
+
+    session: Session
+    started_event: trio.Event = attrs.field(factory=trio.Event)
+    started: Session | SessionStartError | None = None
+    # Set once the manager has taken the session's outcome into account (table, crash count).
+    settled: trio.Event = attrs.field(factory=trio.Event)
+
+
 class SessionManager:
     """Owns every session; see the module docstring."""
 
@@ -62,7 +80,7 @@ class SessionManager:
         self._services = services
         self._config = services.config
         self._tmp_root = Path(self._config.tmp_root)
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[str, _Entry] = {}
         self._crashes: dict[str, _CrashRecord] = {}
         self._nursery: trio.Nursery | None = None
         self.draining = False
@@ -89,31 +107,35 @@ class SessionManager:
     async def attach(self, workspace_id: str) -> Session:
         """Return the workspace's running session, starting it if needed."""
         while True:
-            session = self._sessions.get(workspace_id)
-            if session is None:
-                session = self._start(workspace_id, adopt=None)
-            elif session.stop_reason is not None:
-                # Never two children on one home: wait for the old one to finish saving, or take
-                # over its unsaved home while the store is unreachable.
-                if session.unsaved:
-                    session.abandon_final_save()
-                await session.finished.wait()
-                if self._sessions.get(workspace_id) is session:
-                    del self._sessions[workspace_id]
-                    adopt = None if session.saved or session.superseded else session
-                    session = self._start(workspace_id, adopt=adopt)
-                else:
+            entry = self._sessions.get(workspace_id)
+            if entry is None:
+                entry = self._start(workspace_id, adopt=None)
+            elif entry.session.stopping:
+                # Never two children on one home: wait for the old one's outcome; it gives up a
+                # final save that already failed, and its unsaved home is then adopted.
+                log.info("session.waiting_for_previous", workspace_id=workspace_id)
+                entry.session.hand_over()
+                outcome = await entry.session.ended()
+                if self._sessions.get(workspace_id) is not entry:
                     continue
-            await session.ready.wait()
-            if session.start_error is not None:
-                raise session.start_error
-            if session.stop_reason is None:
-                return session
+                del self._sessions[workspace_id]
+                adopt = outcome.save if isinstance(outcome.save, Unsaved) else None
+                entry = self._start(workspace_id, adopt=adopt)
+            await entry.started_event.wait()
+            started = entry.started
+            if isinstance(started, SessionStartError):
+                # A refused connect leaves nothing behind: the failed session ends first (a
+                # restored home is deleted; an adopted one is saved, or kept after one failure).
+                entry.session.hand_over()
+                await entry.settled.wait()
+                raise started
+            if started is not None and not started.stopping:
+                return started
 
-    def _start(self, workspace_id: str, adopt: Session | None) -> Session:
+    def _start(self, workspace_id: str, adopt: Unsaved | None) -> _Entry:
         if self.draining or self._nursery is None:
             raise Unavailable("gateway is shutting down; reconnect to another instance")
-        live = sum(1 for s in self._sessions.values() if s.stop_reason is None)
+        live = sum(1 for e in self._sessions.values() if not e.session.stopping)
         if self._config.max_sessions and live >= self._config.max_sessions:
             raise Unavailable(
                 f"gateway is full ({self._config.max_sessions} sessions, CXG_MAX_SESSIONS)",
@@ -133,81 +155,84 @@ class SessionManager:
             _set_aside_leftover(directories)
         else:
             log.warning("session.adopting_unsaved_home", workspace_id=workspace_id)
-        session = Session(
-            workspace_id,
-            self._services,
-            directories,
-            adopted_generation=adopt.generation if adopt is not None else None,
-        )
-        self._sessions[workspace_id] = session
-        self._nursery.start_soon(self._run_session, session, name=f"session:{workspace_id}")
-        return session
+        entry = _Entry(Session(workspace_id, self._services, directories, adopted=adopt))
+        self._sessions[workspace_id] = entry
+        self._nursery.start_soon(self._run_session, entry, name=f"session:{workspace_id}")
+        return entry
 
-    async def _run_session(self, session: Session) -> None:
-        started = trio.current_time()
+    async def _run_session(self, entry: _Entry) -> None:
+        session = entry.session
+        began = trio.current_time()
         try:
-            await session.run()
+            async with trio.open_nursery() as nursery:
+                entry.started = await nursery.start(session.run)
+                entry.started_event.set()
         except Exception:
             # Escaping here would take every other session down with it.
             log.exception("session.crashed", workspace_id=session.workspace_id)
         finally:
-            session.ready.set()
-            session.finished.set()
-            self._note_end(session, trio.current_time() - started)
-            finished_cleanly = session.saved or session.superseded
-            if self._sessions.get(session.workspace_id) is session and finished_cleanly:
+            if entry.started is None:
+                entry.started = SessionStartError("session failed to start")
+            entry.started_event.set()
+            outcome = session.outcome
+            if outcome is not None:
+                self._note_end(session.workspace_id, outcome, trio.current_time() - began)
+            # An unsaved home stays in the table until a new session adopts it.
+            leaves = outcome is not None and not isinstance(outcome.save, Unsaved)
+            if self._sessions.get(session.workspace_id) is entry and leaves:
                 del self._sessions[session.workspace_id]
+            entry.settled.set()
 
-    def _note_end(self, session: Session, lifetime: float) -> None:
-        if session.stop_reason in (StopReason.CHILD_EXITED, StopReason.START_FAILED):
-            record = self._crashes.setdefault(session.workspace_id, _CrashRecord())
+    def _note_end(self, workspace_id: str, outcome: Outcome, lifetime: float) -> None:
+        if outcome.reason in (StopReason.CHILD_EXITED, StopReason.START_FAILED):
+            record = self._crashes.setdefault(workspace_id, _CrashRecord())
             if lifetime > CRASH_FORGET_SECONDS:
                 record.count = 0
             record.count += 1
             record.last = trio.current_time()
         else:
-            self._crashes.pop(session.workspace_id, None)
+            self._crashes.pop(workspace_id, None)
 
     # -- stopping ---------------------------------------------------------------------------
 
-    async def restart(self, workspace_id: str) -> bool:
-        """Stop (and save) the workspace's session; returns whether the save succeeded."""
-        session = self._sessions.get(workspace_id)
-        if session is None:
-            return True
-        session.stop(StopReason.RESTART)
+    async def restart(self, workspace_id: str) -> SaveResult | None:
+        """Stop (and save) the workspace's session; returns what became of its home.
+
+        ``Saved()`` also when there was no session; ``None`` when it did not end in time.
+        """
+        entry = self._sessions.get(workspace_id)
+        if entry is None:
+            return Saved()
+        entry.session.stop(StopReason.RESTART)
         with trio.move_on_after(self._config.child_stop_grace + self._config.drain_budget):
-            await session.finished.wait()
-        return session.saved
+            return (await entry.session.ended()).save
+        return None
 
     async def drain(self) -> None:
         """Stop every session with 1001, saving each, within ``CXG_DRAIN_BUDGET``."""
         self.draining = True
-        sessions = list(self._sessions.values())
+        sessions = [entry.session for entry in self._sessions.values()]
         log.info("drain.started", sessions=len(sessions), budget_seconds=self._config.drain_budget)
         for session in sessions:
             session.stop(StopReason.DRAIN)
         with trio.move_on_after(self._config.drain_budget) as scope:
             for session in sessions:
-                await session.finished.wait()
+                await session.ended()
+        saved = [s for s in sessions if s.outcome is not None and s.outcome.save == Saved()]
         if scope.cancelled_caught:
-            unsaved = [s.workspace_id for s in sessions if not s.saved]
+            unsaved = [s.workspace_id for s in sessions if s not in saved]
             log.error("drain.budget_exhausted", unsaved_workspaces=unsaved)
             for session in sessions:
                 session.abandon_final_save()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
-        log.info("drain.finished", saved=sum(1 for s in sessions if s.saved), total=len(sessions))
+        log.info("drain.finished", saved=len(saved), total=len(sessions))
 
     # -- introspection ----------------------------------------------------------------------
 
-    def get(self, workspace_id: str) -> Session | None:
-        """The workspace's current session, if any."""
-        return self._sessions.get(workspace_id)
-
     def describe(self) -> list[dict[str, Any]]:
         """The admin listing."""
-        return [session.describe() for session in self._sessions.values()]
+        return [entry.session.describe() for entry in self._sessions.values()]
 
 
 def _set_aside_leftover(directories: SessionDirectories) -> None:

@@ -2,7 +2,8 @@
 
 ::
 
-    Session.run
+    Session.run                    started with nursery.start(); started(session) once ready,
+    │                              started(SessionStartError) if it cannot start
     ├── prepare: private 0700 directories, restore CODEX_HOME, model credentials, config.toml
     └── nursery (cancelling it stops the session)
         ├── run_codex_child        the child process and its stdout/stderr relay
@@ -11,15 +12,16 @@
         ├── credentials.keep_fresh the model token, refreshed in place
         └── ClientRelay.run (N)    one per attached client (started by attach_client)
     then: clients closed with the stop reason's code, child stopped (SIGTERM, grace, SIGKILL),
-    final save; the local directory is deleted only after the save succeeded.
+    final save (``Saver``); the local directory is deleted only after the save succeeded.
+
+The session's life ends with one frozen ``Outcome`` (``gateway.sessions.outcome``): why it
+stopped, and whether its home is ``Saved``, ``Superseded`` (set aside) or ``Unsaved`` (kept for
+the workspace's next session to adopt). The manager decides from that alone.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
-import os
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,65 +32,30 @@ import structlog
 import trio
 
 from gateway import metrics
-from gateway.auth.tokens import workspace_dir_name
 from gateway.codex_home.config_toml import CodexConfig, McpServer, ModelProvider, render_config_toml
-from gateway.codex_home.persistence import (
-    Generation,
-    HostileArchive,
-    Persistence,
-    ReadAs,
-    StaleSnapshot,
-)
-from gateway.codex_home.relocate import relocate_codex_home
+from gateway.codex_home.persistence import HostileArchive, Persistence, ReadAs
 from gateway.config import Config
 from gateway.sessions.child import ChildSpec, CodexChild, build_child_env, run_codex_child
+from gateway.sessions.directories import SessionDirectories
 from gateway.sessions.isolation import ChildIdentity, ChildIsolation, IsolationError, UidRange
+from gateway.sessions.outcome import (
+    Outcome,
+    Saved,
+    SaveResult,
+    SessionStartError,
+    SessionState,
+    StopReason,
+    Superseded,
+    Unsaved,
+)
 from gateway.sessions.relay import ClientRelay
+from gateway.sessions.saver import FinalSave, Saver
 from gateway.sessions.turns import child_is_busy
 
 log = structlog.get_logger(__name__)
 
 # How long the idle watch waits for the child to say whether a turn is running.
 IDLE_CHECK_SECONDS = 10.0
-
-
-class StopReason(enum.Enum):
-    """Why a session ended, and what its clients are told (close code, reason)."""
-
-    IDLE = (1001, "session idle")
-    RESTART = (1012, "session restarted by request")
-    DRAIN = (1001, "gateway shutting down")
-    CHILD_EXITED = (1011, "codex app-server exited")
-    START_FAILED = (1011, "session failed to start")
-    SUPERSEDED = (1012, "a newer snapshot of this workspace exists elsewhere")
-
-    @property
-    def close_code(self) -> int:
-        """The WebSocket close code attached clients receive."""
-        return self.value[0]
-
-    @property
-    def close_reason(self) -> str:
-        """The close reason attached clients receive."""
-        return self.value[1]
-
-
-class SessionState(enum.Enum):
-    """Where a session is in its life (shown by ``GET /admin/sessions``)."""
-
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    SAVING = "saving"
-    STOPPED = "stopped"
-
-
-class SessionStartError(Exception):
-    """The session could not start; ``status`` is the HTTP status the connect gets."""
-
-    def __init__(self, message: str, status: int = 503) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class ModelCredentials(Protocol):
@@ -125,49 +92,6 @@ class SessionServices:
     isolation: ChildIsolation = attrs.field(factory=lambda: ChildIsolation(False, UidRange(1, 1)))
 
 
-@attrs.define
-class SessionDirectories:
-    """A session's private directories under ``CXG_TMP_ROOT/<workspace>``."""
-
-    root: Path
-    codex_home: Path
-    runtime: Path
-    home: Path
-    # Where the Go service kept this workspace's CODEX_HOME (<CXG_TMP_ROOT>/<workspace>): the
-    # archive records rollout paths there, so a Go gateway restoring it resumes threads.
-    go_codex_home: Path | None = None
-
-    @classmethod
-    def for_workspace(cls, tmp_root: Path, workspace_id: str) -> SessionDirectories:
-        """The layout for ``workspace_id``."""
-        root = tmp_root / workspace_dir_name(workspace_id)
-        return cls(
-            root=root,
-            codex_home=root / "codex-home",
-            runtime=root / "run",
-            home=root / "home",
-            go_codex_home=Path(os.path.join(tmp_root, workspace_id)),
-        )
-
-    def create(self) -> None:
-        """Create the directories 0700 whatever the umask (codex and its tools run as us)."""
-        for path in (self.root, self.codex_home, self.runtime, self.home):
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path.chmod(0o700)
-
-    def remove(self) -> None:
-        """Delete everything (only after a successful save)."""
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def set_aside(self) -> Path:
-        """Move the directory to ``<tmp root>/.orphaned/`` for an operator; never delete it."""
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = self.root.parent / ".orphaned" / f"{self.root.name}-{stamp}-{time.time_ns()}"
-        aside.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.root.rename(aside)
-        return aside
-
-
 class Session:
     """One workspace's child and everything its nursery owns; see the module docstring."""
 
@@ -177,33 +101,32 @@ class Session:
         services: SessionServices,
         directories: SessionDirectories,
         *,
-        adopted_generation: Generation | None = None,
+        adopted: Unsaved | None = None,
     ) -> None:
         self.workspace_id = workspace_id
         self._services = services
         self._config = services.config
         self.directories = directories
         # A home adopted from a stopped, unsaved session is used as is instead of restored.
-        self._adopted = adopted_generation
-        self.generation = adopted_generation or Generation(stored=None)
-        self.state = SessionState.STARTING
-        self.started_at = time.time()
-        self.ready = trio.Event()
-        self.finished = trio.Event()
-        self.start_error: SessionStartError | None = None
-        self.stop_reason: StopReason | None = None
-        self.child: CodexChild | None = None
-        self.last_activity = trio.current_time()
-        self.last_checkpoint: float | None = None
-        self.last_save_error: str | None = None
-        self.saved = False
-        self.superseded = False
-        self._clients: set[ClientRelay] = set()
-        self._nursery: trio.Nursery | None = None
-        self._save_lock = trio.Lock()
-        self._final_save_scope = trio.CancelScope(shield=True)
+        self._saver = Saver(
+            workspace_id,
+            services.persistence,
+            directories.codex_home,
+            adopted,
+            recorded_home=directories.go_codex_home,
+        )
         #: The uid/gid this session's child runs under (None: the gateway's own).
         self.identity: ChildIdentity | None = None
+        self.started_at = time.time()
+        self.child: CodexChild | None = None
+        self.last_activity = trio.current_time()
+        self._clients: set[ClientRelay] = set()
+        self._nursery: trio.Nursery | None = None
+        # What the admin listing shows; nothing decides from it.
+        self._state = SessionState.STARTING
+        self._stop_reason: StopReason | None = None
+        self._outcome: Outcome | None = None
+        self._ended = trio.Event()
 
     # -- what the manager and the web layer call ------------------------------------------
 
@@ -212,24 +135,48 @@ class Session:
         """Clients currently attached."""
         return len(self._clients)
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the session was asked to stop (or has ended): it takes no new clients."""
+        return self._stop_reason is not None
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """How the session ended; ``None`` while it runs, stops or saves."""
+        return self._outcome
+
+    async def ended(self) -> Outcome:
+        """Wait for the session's end and return its outcome."""
+        await self._ended.wait()
+        assert self._outcome is not None
+        return self._outcome
+
     def touch(self) -> None:
         """Record activity (a frame in either direction)."""
         self.last_activity = trio.current_time()
 
     def stop(self, reason: StopReason) -> None:
         """Ask the session to stop; it closes clients, stops the child and saves."""
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        if self.state is SessionState.RUNNING:
-            self.state = SessionState.STOPPING
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        if self._state is SessionState.RUNNING:
+            self._state = SessionState.STOPPING
         for relay in self._clients:
             relay.close_code, relay.close_reason = reason.close_code, reason.close_reason
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def hand_over(self) -> None:
+        """A new session needs this home: give up a final save that has already failed."""
+        self._saver.hand_over()
+
+    def abandon_final_save(self) -> None:
+        """Stop the final save now; the directory is kept on disk as it is."""
+        self._saver.abandon()
+
     async def attach_client(self, relay: ClientRelay) -> None:
         """Start ``relay`` in this session's nursery; returns once the child's 101 is passed on."""
-        if self._nursery is None or self.child is None or self.stop_reason is not None:
+        if self._nursery is None or self.child is None or self._stop_reason is not None:
             raise SessionStartError("session is stopping; reconnect in a moment")
         cap = self._config.max_clients_per_workspace
         if cap and len(self._clients) >= cap:
@@ -271,69 +218,76 @@ class Session:
 
     def describe(self) -> dict[str, Any]:
         """The admin listing's view of this session."""
+        saver = self._saver
         return {
             "workspaceId": self.workspace_id,
             "pid": self.child.pid if self.child else None,
-            "state": self.state.value,
+            "state": self._state.value,
             "startedAt": _iso(self.started_at),
             "lastActivityAt": _iso(time.time() - (trio.current_time() - self.last_activity)),
             "clients": self.client_count,
-            "lastCheckpointAt": _iso(self.last_checkpoint) if self.last_checkpoint else None,
-            "lastSaveError": self.last_save_error,
+            "lastCheckpointAt": _iso(saver.last_checkpoint) if saver.last_checkpoint else None,
+            "lastSaveError": saver.last_error,
         }
 
     # -- the session's life -----------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Run the session to its end (started by the manager in its nursery)."""
+    async def run(self, *, task_status: trio.TaskStatus[Session | SessionStartError]) -> None:
+        """Run the session to its end; start it with ``nursery.start(session.run)``.
+
+        The started value is the session itself once its child is ready (or once it is
+        stopping, if asked to stop while starting), or the ``SessionStartError`` the connect
+        gets. Either way the session then ends with its ``outcome``.
+        """
         structlog.contextvars.bind_contextvars(workspace_id=self.workspace_id)
         started = trio.current_time()
+        child_ran = False
         try:
-            self.identity = self._services.isolation.allocate()
-            credentials = await self._prepare()
-        except SessionStartError as exc:
-            await self._release_identity()
-            self._fail_start(exc)
-            return
-        except IsolationError as exc:
-            await self._release_identity()
-            self._fail_start(SessionStartError(str(exc)))
-            return
-        except Exception as exc:
-            log.exception("session.prepare_failed")
-            await self._release_identity()
-            self._fail_start(SessionStartError(f"session preparation failed: {exc}"))
-            return
-        try:
-            await self._run_nursery(credentials, started)
+            try:
+                self.identity = self._services.isolation.allocate()
+                self._saver.read_as = self._read_as()
+                credentials = await self._prepare()
+            except SessionStartError as exc:
+                self._fail_start(exc, task_status)
+            except IsolationError as exc:
+                self._fail_start(SessionStartError(str(exc)), task_status)
+            except Exception as exc:
+                log.exception("session.prepare_failed")
+                self._fail_start(
+                    SessionStartError(f"session preparation failed: {exc}"), task_status
+                )
+            else:
+                child_ran = await self._run_nursery(credentials, started, task_status)
         finally:
-            await self._finish()
+            try:
+                self._outcome = await self._finish(child_ran)
+            finally:
+                # Normally done by _finish already; here for a _finish that failed.
+                await self._release_identity()
+                if self._outcome is None:
+                    # _finish itself failed: the home stays where it is, for the next session.
+                    reason = self._stop_reason or StopReason.CHILD_EXITED
+                    self._outcome = Outcome(reason=reason, save=self._saver.unsaved())
+                self._state = SessionState.STOPPED
+                self._ended.set()
 
-    def _fail_start(self, error: SessionStartError) -> None:
+    def _fail_start(
+        self, error: SessionStartError, task_status: trio.TaskStatus[Session | SessionStartError]
+    ) -> None:
+        """The one start-failure path, before or after the restore: the connect gets ``error``."""
         # The detail is logged by the connect it fails, under that request id.
         log.warning("session.start_failed", status=error.status)
         metrics.SESSION_STARTS.labels(result="failed").inc()
-        self.start_error = error
-        self.stop_reason = self.stop_reason or StopReason.START_FAILED
-        self.state = SessionState.STOPPED
-        self.ready.set()
-        # Nothing was restored into the directory that is not still in the store.
-        if self._adopted is None:
-            self.directories.remove()
-        self.saved = self._adopted is None
-        self.finished.set()
+        self._stop_reason = StopReason.START_FAILED
+        task_status.started(error)
 
     async def _prepare(self) -> ModelCredentials:
         services = self._services
         await trio.to_thread.run_sync(self.directories.create)
-        if self._adopted is None:
-            try:
-                self.generation = await services.persistence.restore(
-                    self.workspace_id, self.directories.codex_home
-                )
-            except Exception as exc:
-                raise _restore_error(exc) from None
-            await trio.to_thread.run_sync(relocate_codex_home, self.directories.codex_home)
+        try:
+            await self._saver.restore()
+        except Exception as exc:
+            raise _restore_error(exc) from None
         credentials = services.credentials(self.workspace_id, self.directories.runtime)
         await credentials.prime()
         mcp_servers = await services.executors(self.workspace_id)
@@ -359,7 +313,13 @@ class Session:
         )
         return credentials
 
-    async def _run_nursery(self, credentials: ModelCredentials, started: float) -> None:
+    async def _run_nursery(
+        self,
+        credentials: ModelCredentials,
+        started: float,
+        task_status: trio.TaskStatus[Session | SessionStartError],
+    ) -> bool:
+        """Run the child and its companions until stopped; returns whether the child ran."""
         config = self._config
         env = build_child_env(
             self._services.inherited_env,
@@ -376,42 +336,37 @@ class Session:
             stop_grace=config.child_stop_grace,
             identity=self.identity,
         )
+        if self._stop_reason is not None:
+            # Stopped while preparing: no child; the manager sees a stopping session.
+            task_status.started(self)
+            return False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if self.stop_reason is not None:
-                    nursery.cancel_scope.cancel()
                 try:
                     self.child = await nursery.start(self._supervise_child, spec)
                 except Exception as exc:
-                    self._fail_start_after_restore(
-                        SessionStartError(f"codex app-server failed to start: {exc}")
+                    self._fail_start(
+                        SessionStartError(f"codex app-server failed to start: {exc}"), task_status
                     )
                     nursery.cancel_scope.cancel()
-                    return
-                self.state = SessionState.RUNNING
+                    return False
+                self._state = SessionState.RUNNING
                 self.touch()
                 metrics.SESSION_STARTS.labels(result="started").inc()
                 metrics.SESSION_START_SECONDS.observe(trio.current_time() - started)
                 metrics.SESSIONS_ACTIVE.inc()
                 log.info("session.started", pid=self.child.pid)
-                self.ready.set()
+                task_status.started(self)
                 nursery.start_soon(self._watch_idle)
                 nursery.start_soon(credentials.keep_fresh)
                 if config.checkpoint_interval > 0:
                     nursery.start_soon(self._checkpoints)
         finally:
-            if self.state in (SessionState.RUNNING, SessionState.STOPPING):
+            if self._state in (SessionState.RUNNING, SessionState.STOPPING):
                 metrics.SESSIONS_ACTIVE.dec()
             self._nursery = None
-
-    def _fail_start_after_restore(self, error: SessionStartError) -> None:
-        # The detail is logged by the connect it fails, under that request id.
-        log.warning("session.start_failed", status=error.status)
-        metrics.SESSION_STARTS.labels(result="failed").inc()
-        self.start_error = error
-        self.stop_reason = StopReason.START_FAILED
-        self.ready.set()
+        return True
 
     async def _supervise_child(
         self, spec: ChildSpec, *, task_status: trio.TaskStatus[CodexChild]
@@ -452,45 +407,46 @@ class Session:
     async def _checkpoints(self) -> None:
         while True:
             await trio.sleep(self._config.checkpoint_interval)
-            await self.save(kind="checkpoint")
-            if self.superseded:
+            if not await self._saver.checkpoint():
                 self.stop(StopReason.SUPERSEDED)
                 return
 
-    async def save(self, *, kind: str) -> bool:
-        """Save CODEX_HOME now; returns whether it succeeded (failures are recorded, not raised)."""
-        async with self._save_lock:
-            start = trio.current_time()
-            previous = self.generation
-            try:
-                self.generation = await self._services.persistence.save(
-                    self.workspace_id,
-                    self.directories.codex_home,
-                    self.generation,
-                    read_as=self._read_as(),
-                    recorded_home=self.directories.go_codex_home,
+    async def _finish(self, child_ran: bool) -> Outcome:
+        """Save the stopped home and settle the directory; returns the session's outcome.
+
+        The save runs in the saver's own shielded scope: cancelling the session does not
+        abandon it. Only ``hand_over`` (after a failed attempt) or ``abandon_final_save`` (drain
+        budget exhausted) ends the retries, and then the directory stays on disk.
+        """
+        reason = self._stop_reason or StopReason.CHILD_EXITED
+        self._stop_reason = reason
+        self._state = SessionState.SAVING
+        metrics.SESSION_STOPS.labels(reason=reason.name.lower()).inc()
+        stop_started = trio.current_time()
+        log.info("session.final_save", reason=reason.name.lower())
+        final = await self._saver.final_save(child_ran=child_ran)
+        metrics.SESSION_STOP_SECONDS.observe(trio.current_time() - stop_started)
+        # A saved home is deleted next: closing its root is enough. A kept one is taken back whole.
+        await self._release_identity(whole=final is not FinalSave.SAVED)
+        save: SaveResult
+        with trio.CancelScope(shield=True):
+            if final is FinalSave.SAVED:
+                await trio.to_thread.run_sync(self.directories.remove)
+                log.info("session.stopped", reason=reason.name.lower())
+                save = Saved()
+            elif final is FinalSave.SUPERSEDED:
+                kept = await trio.to_thread.run_sync(self.directories.set_aside)
+                log.error("session.stopped_superseded", kept_at=str(kept))
+                save = Superseded(kept_at=kept)
+            else:
+                save = self._saver.unsaved()
+                log.error(
+                    "session.stopped_unsaved",
+                    reason=reason.name.lower(),
+                    kept_at=str(save.codex_home),
+                    error=self._saver.last_error,
                 )
-            except StaleSnapshot as exc:
-                # Another writer (a newer session elsewhere) owns the workspace now; writing
-                # again can never succeed and must not be tried.
-                self.superseded = True
-                self.last_save_error = f"superseded: {exc}"
-                metrics.SAVES.labels(kind=kind, result="stale").inc()
-                log.error("session.superseded", kind=kind, error=str(exc))
-                return False
-            except Exception as exc:
-                self.last_save_error = f"{type(exc).__name__}: {exc}"
-                metrics.SAVES.labels(kind=kind, result="failed").inc()
-                log.error("session.save_failed", kind=kind, error=self.last_save_error)
-                return False
-            uploaded = self.generation.stored != previous.stored
-            metrics.SAVES.labels(kind=kind, result="ok" if uploaded else "unchanged").inc()
-            if uploaded and self.generation.size:
-                metrics.SAVE_BYTES.labels(kind=kind).inc(self.generation.size)
-            metrics.SAVE_SECONDS.labels(kind=kind).observe(trio.current_time() - start)
-            self.last_checkpoint = time.time()
-            self.last_save_error = None
-            return True
+        return Outcome(reason=reason, save=save)
 
     def _read_as(self) -> ReadAs | None:
         """Read the home for a snapshot with the child's file ids (isolation.reading_as)."""
@@ -498,74 +454,17 @@ class Session:
             return None
         return functools.partial(self._services.isolation.reading_as, self.identity)
 
-    async def _finish(self) -> None:
-        """Make sure the child is gone and save; retried until it succeeds or is given up.
-
-        The save runs in its own shielded scope: cancelling the session does not abandon it.
-        Only ``abandon_final_save`` (drain budget exhausted, or a new session adopting this
-        home) ends the retries, and then the directory stays on disk.
-        """
-        reason = self.stop_reason or StopReason.CHILD_EXITED
-        self.stop_reason = reason
-        self.state = SessionState.SAVING
-        metrics.SESSION_STOPS.labels(reason=reason.name.lower()).inc()
-        stop_started = trio.current_time()
-        if reason is StopReason.START_FAILED and self._adopted is None:
-            # The child never ran: the store still holds exactly what was restored.
-            self.saved = True
-        else:
-            with self._final_save_scope:
-                delay = 1.0
-                while not self.superseded and not await self.save(kind="final"):
-                    metrics.UNSAVED_HOMES.inc()
-                    try:
-                        await trio.sleep(delay)
-                    finally:
-                        metrics.UNSAVED_HOMES.dec()
-                    delay = min(delay * 2, 60.0)
-                self.saved = not self.superseded
-        metrics.SESSION_STOP_SECONDS.observe(trio.current_time() - stop_started)
-        # A saved home is deleted next: closing its root is enough. A kept one is taken back whole.
-        await self._release_identity(whole=not self.saved)
-        if self.saved:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.directories.remove)
-            log.info("session.stopped", reason=reason.name.lower())
-        elif self.superseded:
-            with trio.CancelScope(shield=True):
-                kept = await trio.to_thread.run_sync(self.directories.set_aside)
-            log.error("session.stopped_superseded", kept_at=str(kept))
-        else:
-            log.error(
-                "session.stopped_unsaved",
-                reason=reason.name.lower(),
-                kept_at=str(self.directories.codex_home),
-                error=self.last_save_error,
-            )
-        self.state = SessionState.STOPPED
-        self.ready.set()
-        self.finished.set()
-
     async def _release_identity(self, *, whole: bool = True) -> None:
         """Hand the directory back to the gateway, reap the uid's processes, free the uid.
 
-        Runs before ``finished`` is set, so a session adopting the kept home never races it.
-        ``whole`` False closes only the session root (a home about to be deleted).
+        Runs before the session's end is reported, so a session adopting the kept home never
+        races it. ``whole`` False closes only the session root (a home about to be deleted).
         """
         identity, self.identity = self.identity, None
         if identity is None:
             return
         with trio.CancelScope(shield=True):
             await self._services.isolation.release(identity, self.directories.root, whole=whole)
-
-    @property
-    def unsaved(self) -> bool:
-        """Stopped, but the final save has not succeeded yet (retries under way)."""
-        return self.state is SessionState.SAVING and self.last_save_error is not None
-
-    def abandon_final_save(self) -> None:
-        """Stop retrying the final save; the directory is kept on disk as it is."""
-        self._final_save_scope.cancel()
 
 
 def _restore_error(exc: Exception) -> SessionStartError:

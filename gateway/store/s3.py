@@ -204,7 +204,7 @@ class S3ObjectStore:
                 # profile, environment), so it is passed as None rather than as "".
                 key_id = settings.access_key_id or None
                 secret = settings.secret_access_key.reveal() if key_id else None
-                client = await self._stack.enter_async_context(
+                client: S3Client = await self._stack.enter_async_context(
                     session.create_client(
                         "s3",
                         region_name=settings.region,

@@ -17,6 +17,7 @@ from gateway.auth.authenticators import Authenticator, Unauthorized, VerifierUna
 from gateway.auth.tokens import extract_bearer, is_safe_workspace_id
 from gateway.config import Secret
 from gateway.sessions.manager import SessionManager
+from gateway.sessions.outcome import Saved, Superseded
 
 log = structlog.get_logger(__name__)
 
@@ -88,9 +89,9 @@ class AdminRoutes:
                     status_code=403,
                 )
         log.info("admin.restart", workspace_id=workspace_id)
-        session = self._manager.get(workspace_id)
-        if not await self._manager.restart(workspace_id):
-            if session is not None and session.superseded:
+        saved = await self._manager.restart(workspace_id)
+        if not isinstance(saved, Saved):
+            if isinstance(saved, Superseded):
                 return PlainTextResponse(
                     "session stopped but not saved: a newer snapshot of this workspace exists "
                     "elsewhere; its CODEX_HOME is set aside under CXG_TMP_ROOT/.orphaned\n",

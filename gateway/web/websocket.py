@@ -27,8 +27,8 @@ from gateway.policy import ClientPolicy
 from gateway.sessions.budget import InflightBudget
 from gateway.sessions.handshake import RequestHead, plain_response, upgrade_problem
 from gateway.sessions.manager import SessionManager, Unavailable
+from gateway.sessions.outcome import SessionStartError
 from gateway.sessions.relay import CLOSE_TIMEOUT, ClientRelay
-from gateway.sessions.session import SessionStartError
 from gateway.sessions.sockets import close_socket, drain_to_eof, send_all, take_socket
 from gateway.store.base import archive_key
 

@@ -31,7 +31,7 @@ from gateway.daemon import run_daemon
 from gateway.logs import configure_logging
 from gateway.policy import ClientPolicy, Refusal
 from gateway.sessions import session as session_module
-from gateway.sessions.child import ChildSpec, CodexChild
+from gateway.sessions.child import ChildSpec, CodexChild, run_codex_child
 
 CHILDREN_FILE_VAR = "CXG_BENCH_CHILDREN_FILE"
 # When set, the whole daemon runs under cProfile and the stats are dumped there at exit.
@@ -39,7 +39,7 @@ PROFILE_VAR = "CXG_BENCH_PROFILE"
 
 
 def _install_child_recorder(path: Path) -> None:
-    original = session_module.run_codex_child
+    original = run_codex_child
     children: dict[str, dict[str, Any]] = {}
 
     class _Recording:
@@ -64,7 +64,8 @@ def _install_child_recorder(path: Path) -> None:
         workspace = spec.codex_home.parent.name
         return await original(spec, task_status=_Recording(workspace, task_status))  # type: ignore[arg-type]
 
-    session_module.run_codex_child = recording_run_codex_child
+    # The session module calls the name it imported; replace that one.
+    session_module.run_codex_child = recording_run_codex_child  # type: ignore[attr-defined]
 
 
 # What a method-level access policy looks up per message (every method lets through here).

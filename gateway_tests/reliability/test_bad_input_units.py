@@ -454,8 +454,28 @@ def test_any_cap_token_verifies_to_claims_or_raises_its_typed_error(
     assert all(isinstance(exe, str) for exe in payload.exe_ids)
 
 
-def test_bad_input_outcomes_are_recorded(counts: CountsRecorder, scale: Scale) -> None:
-    """How the examples of the properties above ended (for ``docs/reliability.md``)."""
+# Each property with an accepting and a refusing branch, and its accepting outcome's name;
+# every other outcome of the family is a refusal.
+BOTH_SIDES = {
+    "archive": "archive: restored",
+    "cap token": "cap token: valid",
+    "config": "config: valid",
+}
+
+
+def test_every_property_reached_both_its_accepting_and_its_refusing_branch(
+    counts: CountsRecorder, scale: Scale
+) -> None:
+    """The properties above ran here, and none of their strategies was one-sided.
+
+    A generator that only ever produced refused (or only accepted) input would let its
+    property pass without testing the other branch. Runs after the properties (file order).
+    """
     counts["max_examples_per_property"] = EXAMPLES
     for outcome, number in sorted(OUTCOMES.items()):
         counts[outcome] = number
+    for family, accepted in BOTH_SIDES.items():
+        seen = {name: n for name, n in OUTCOMES.items() if name.startswith(f"{family}: ")}
+        assert seen, f"the {family} property did not run before this test"
+        assert seen.get(accepted, 0) > 0, (family, seen)
+        assert sum(n for name, n in seen.items() if name != accepted) > 0, (family, seen)
