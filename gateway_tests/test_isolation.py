@@ -23,6 +23,7 @@ from gateway.sessions.isolation import (
     UidRange,
     effective_capabilities,
     filesystem_identity,
+    mapped_ranges,
     missing_capabilities,
     untraversable_ancestor,
 )
@@ -211,3 +212,10 @@ def test_reading_as_a_child_gets_only_what_the_child_could_read(tmp_path: Path) 
         other.join(30)
     assert seen_elsewhere == ["root only"]  # other threads kept the gateway's ids
     assert secret.read_text() == "root only"  # and this one got them back
+
+
+def test_a_uid_map_that_misses_the_range_is_seen_from_its_text() -> None:
+    # The whole id space (the initial namespace) and the one-id map of `unshare -r`.
+    assert mapped_ranges("         0          0 4294967295\n") == [(0, 4294967294)]
+    assert mapped_ranges("         0       1000          1\n") == [(0, 0)]
+    assert mapped_ranges("") == []

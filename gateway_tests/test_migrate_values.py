@@ -34,7 +34,8 @@ def migrated_values() -> dict[str, Any]:
 
 
 def test_the_go_values_render_to_the_urls_and_secrets_the_go_chart_derived() -> None:
-    env = env_of(manifests(render(migrated_values())))
+    objects = manifests(render(migrated_values()))
+    env = env_of(objects)
     value = {name: entry.get("value") for name, entry in env.items()}
     assert value["CXG_LISTEN_ADDR"] == ":8086"
     assert value["CXG_AGENTSERVER_INTERNAL_URL"] == "http://agentserver.agents.svc:8080"
@@ -58,6 +59,8 @@ def test_the_go_values_render_to_the_urls_and_secrets_the_go_chart_derived() -> 
         for name, entry in env.items()
         if "valueFrom" in entry
     }
+    # Secrets the chart gives as 0400 files: the projected volume says which Secret and key.
+    refs.update(secret_files(objects))
     assert refs == {
         "CXG_AGENTSERVER_INTERNAL_SECRET": (
             "agentserver-codex-app-gateway-internal",
@@ -90,3 +93,17 @@ def test_untranslatable_go_values_exit_2_naming_the_key(tmp_path: Path) -> None:
     result = migrate("--release", "r", "--namespace", "n", str(bad))
     assert result.returncode == 2
     assert "modelProviderWireApi" in result.stderr.strip()
+
+
+def secret_files(objects: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """Each secret file of the Deployment's secrets volume: variable -> (Secret, key)."""
+    files: dict[str, tuple[str, str]] = {}
+    for obj in objects:
+        if obj.get("kind") != "Deployment":
+            continue
+        for volume in obj["spec"]["template"]["spec"].get("volumes", []):
+            for source in volume.get("projected", {}).get("sources", []):
+                secret = source.get("secret")
+                for item in (secret or {}).get("items", []):
+                    files[item["path"]] = (secret["name"], item["key"])
+    return files

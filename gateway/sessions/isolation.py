@@ -186,9 +186,21 @@ class ChildIsolation:
                 f"CXG_CHILD_UID_RANGE {uid_range.first}-{uid_range.last} contains the gateway's "
                 "own uid or gid; choose a range of unused ids"
             )
-        # The gateway needs no supplementary group, and a reader running with a child's
-        # filesystem ids (reading_as) must not keep root's groups either.
-        os.setgroups([])
+        problem = _namespace_problem(uid_range)
+        if problem is None:
+            try:
+                # The gateway needs no supplementary group, and a reader running with a child's
+                # filesystem ids (reading_as) must not keep root's groups either.
+                os.setgroups([])
+            except PermissionError:
+                problem = "supplementary groups cannot be dropped here (setgroups is denied)"
+        if problem is not None:
+            # Capabilities inside a user namespace: they do not reach ids outside its map.
+            detail = f"cannot run children under their own uids: {problem}"
+            if mode is IsolationMode.REQUIRED:
+                raise IsolationError(f"CXG_CHILD_ISOLATION=required, but {detail}")
+            log.warning("isolation.unavailable", detail=detail, uid=os.geteuid())
+            return cls(False, uid_range)
         log.info("isolation.on", uid_range=f"{uid_range.first}-{uid_range.last}")
         return cls(True, uid_range)
 
@@ -378,3 +390,29 @@ def harden_process() -> None:
             error = ctypes.get_errno()
             raise OSError(error, f"prctl({option}) failed: {os.strerror(error)}")
     log.info("daemon.hardened", dumpable=libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0))
+
+
+def mapped_ranges(uid_map_text: str) -> list[tuple[int, int]]:
+    """The inclusive id ranges a ``/proc/<pid>/uid_map`` text maps (inside ids); pure."""
+    ranges = []
+    for line in uid_map_text.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and all(field.isdigit() for field in fields):
+            inside, _outside, count = (int(field) for field in fields)
+            ranges.append((inside, inside + count - 1))
+    return ranges
+
+
+def _namespace_problem(uid_range: UidRange) -> str | None:
+    """Why ``uid_range`` cannot be used in this user namespace, or ``None`` if it can."""
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as handle:
+            ranges = mapped_ranges(handle.read())
+    except OSError:
+        return None  # no user namespaces on this kernel: every id exists
+    if any(first <= uid_range.first and uid_range.last <= last for first, last in ranges):
+        return None
+    return (
+        f"CXG_CHILD_UID_RANGE {uid_range.first}-{uid_range.last} is not mapped in this user "
+        "namespace (/proc/self/uid_map)"
+    )

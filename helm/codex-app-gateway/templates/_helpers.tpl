@@ -114,7 +114,7 @@ the daemon as a 0400 file (CXG_<NAME>_FILE, secrets.asFiles) or as a secretKeyRe
 {{- if .Values.admin.enabled }}
 {{- $wanted = append $wanted (dict "env" "CXG_ADMIN_SECRET" "ref" .Values.secrets.admin "path" "secrets.admin") }}
 {{- end }}
-{{- if .Values.s3.bucket }}
+{{- if and .Values.s3.bucket (eq .Values.s3.credentials "secret") }}
 {{- $wanted = append $wanted (dict "env" "CXG_S3_SECRET_ACCESS_KEY" "ref" (dict "name" .Values.s3.existingSecret "key" .Values.s3.secretAccessKeyKey) "path" "s3.existingSecret") }}
 {{- end }}
 {{- if include "cxg.execGatewayEnabled" . }}
