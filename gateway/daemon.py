@@ -188,6 +188,18 @@ async def _in_scope(
         await func(stop)
 
 
+async def _checks_in_scope(
+    scope: trio.CancelScope,
+    codex_bin: str,
+    store: ObjectStore,
+    state: PreflightState,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await run_preflight(codex_bin, store, state, task_status=task_status)
+
+
 async def run_daemon(
     config: Config,
     *,
@@ -289,7 +301,10 @@ async def _run_daemon(
                     codex_bin=config.codex_bin,
                     store=store.describe(),
                 )
-                await root.start(run_preflight, config.codex_bin, store, preflight)
+                # The checks retry until they pass; a store still failing at shutdown must not
+                # keep the root nursery open, so they end with the signal watcher.
+                checks_scope = trio.CancelScope()
+                await root.start(_checks_in_scope, checks_scope, config.codex_bin, store, preflight)
                 task_status.started(urls)
                 signal_scope = trio.CancelScope()
                 if stop is None:
@@ -300,6 +315,7 @@ async def _run_daemon(
                 await manager.drain()
                 http_stopped.set()
                 signal_scope.cancel()
+                checks_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await store.aclose()
