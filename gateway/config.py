@@ -100,6 +100,23 @@ class RestoreLimits:
     max_entries: int
 
 
+SANDBOX_MODES = ("read-only", "workspace-write", "danger-full-access")
+APPROVAL_POLICIES = ("untrusted", "on-request", "never", "granular")
+FS_ACCESS = ("home", "off")
+
+
+@attrs.frozen
+class PolicySettings:
+    """What a client may ask of its session's codex (``gateway/policy``, docs/security.md)."""
+
+    max_sandbox: str = "workspace-write"
+    approval_policies: tuple[str, ...] = APPROVAL_POLICIES
+    fs_access: str = "home"
+    allow_shell_command: bool = True
+    deny_methods: tuple[str, ...] = ()
+    extra_methods: tuple[str, ...] = ()
+
+
 @attrs.frozen
 class Config:
     """Everything ``serve`` needs, validated."""
@@ -129,6 +146,7 @@ class Config:
     allowed_origins: tuple[str, ...]
     restore_limits: RestoreLimits
     metrics_listen_addr: str | None
+    policy: PolicySettings = PolicySettings()
 
 
 @attrs.frozen
@@ -184,6 +202,12 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("CXG_RESTORE_MAX_BYTES", "8GiB", ByteSize),
     _Var("CXG_RESTORE_MAX_ENTRIES", "200000", int),
     _Var("CXG_METRICS_LISTEN_ADDR", None, str),
+    _Var("CXG_POLICY_MAX_SANDBOX", "workspace-write", str),
+    _Var("CXG_POLICY_APPROVAL_POLICIES", ",".join(APPROVAL_POLICIES), CsvList),
+    _Var("CXG_POLICY_FS", "home", str),
+    _Var("CXG_POLICY_ALLOW_SHELL_COMMAND", "true", bool),
+    _Var("CXG_POLICY_DENY_METHODS", "", CsvList),
+    _Var("CXG_POLICY_EXTRA_METHODS", "", CsvList),
 )
 
 _LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
@@ -316,6 +340,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         if values[name] <= 0:
             raise ConfigError(f"{name} must be greater than zero")
 
+    policy = _policy_settings(values)
+
     agentserver = None
     if _group(
         values,
@@ -406,6 +432,33 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             max_entries=values["CXG_RESTORE_MAX_ENTRIES"],
         ),
         metrics_listen_addr=values["CXG_METRICS_LISTEN_ADDR"],
+        policy=policy,
+    )
+
+
+def _policy_settings(values: Mapping[str, Any]) -> PolicySettings:
+    sandbox = values["CXG_POLICY_MAX_SANDBOX"]
+    if sandbox not in SANDBOX_MODES:
+        raise ConfigError(
+            f"CXG_POLICY_MAX_SANDBOX must be one of {', '.join(SANDBOX_MODES)}; got {sandbox!r}"
+        )
+    approvals = values["CXG_POLICY_APPROVAL_POLICIES"]
+    unknown = [name for name in approvals if name not in APPROVAL_POLICIES]
+    if unknown or not approvals:
+        raise ConfigError(
+            "CXG_POLICY_APPROVAL_POLICIES must list some of "
+            f"{', '.join(APPROVAL_POLICIES)}; got {','.join(approvals)!r}"
+        )
+    fs_access = values["CXG_POLICY_FS"]
+    if fs_access not in FS_ACCESS:
+        raise ConfigError(f"CXG_POLICY_FS must be home or off; got {fs_access!r}")
+    return PolicySettings(
+        max_sandbox=sandbox,
+        approval_policies=approvals,
+        fs_access=fs_access,
+        allow_shell_command=values["CXG_POLICY_ALLOW_SHELL_COMMAND"],
+        deny_methods=values["CXG_POLICY_DENY_METHODS"],
+        extra_methods=values["CXG_POLICY_EXTRA_METHODS"],
     )
 
 

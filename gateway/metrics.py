@@ -42,3 +42,8 @@ WS_CLOSES = Counter(
     "cxg_ws_closes_total", "WebSocket closes by side that closed and code.", ["side", "code"]
 )
 AUTH_RESULTS = Counter("cxg_auth_results_total", "Authentication outcomes.", ["result"])
+POLICY_REFUSALS = Counter(
+    "cxg_policy_refusals_total",
+    "Client messages refused by the protocol policy, by rule.",
+    ["rule"],
+)

@@ -16,6 +16,7 @@ import structlog
 import trio
 
 from gateway import metrics
+from gateway.policy import ClientPolicy, Refusal
 from gateway.sessions.child_socket import ChildClosed, ChildSocket, open_child_socket
 
 log = structlog.get_logger(__name__)
@@ -54,11 +55,16 @@ class ClientRelay:
         *,
         on_activity: Callable[[], None],
         max_message_size: int,
+        policy: ClientPolicy | None = None,
     ) -> None:
         self._receive = receive
         self._send = send
         self._on_activity = on_activity
         self._max_message_size = max_message_size
+        self._policy = policy
+        # Refusals are answered from the client→child task while the child→client task sends
+        # too: one lock keeps the two senders from interleaving.
+        self._send_lock = trio.Lock()
         self._client_closed = False
         self.finished = trio.Event()
         self.cancel_scope = trio.CancelScope()
@@ -136,6 +142,10 @@ class ClientRelay:
                 if kind == "websocket.receive":
                     text = message.get("text")
                     payload = text if text is not None else message["bytes"]
+                    refusal = self._policy.check(payload) if self._policy else None
+                    if refusal is not None:
+                        await self._refuse(refusal)
+                        continue
                     await child.send_message(payload)
                     frames.inc()
                     size.inc(len(payload))
@@ -155,8 +165,16 @@ class ClientRelay:
             self._take_child_close(closed)
             done.cancel()
 
+    async def _refuse(self, refusal: Refusal) -> None:
+        metrics.POLICY_REFUSALS.labels(rule=refusal.rule).inc()
+        log.warning("policy.refused", **refusal.log_fields)
+        if refusal.response is not None:
+            async with self._send_lock:
+                await self._send({"type": "websocket.send", "text": refusal.response})
+
     async def _child_to_client(self, child: ChildSocket, done: trio.CancelScope) -> None:
-        send, on_activity = self._send, self._on_activity
+        on_activity = self._on_activity
+        send = self._locked_send if self._policy else self._send
         frames = metrics.FRAMES.labels(direction="child_to_client")
         size = metrics.FRAME_BYTES.labels(direction="child_to_client")
         try:
@@ -172,6 +190,10 @@ class ClientRelay:
         except ChildClosed as closed:
             self._take_child_close(closed)
             done.cancel()
+
+    async def _locked_send(self, message: dict[str, Any]) -> None:
+        async with self._send_lock:
+            await self._send(message)
 
     def _take_child_close(self, closed: ChildClosed) -> None:
         if closed.code == 1006:

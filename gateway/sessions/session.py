@@ -37,6 +37,7 @@ from gateway.codex_home.persistence import (
 )
 from gateway.codex_home.relocate import relocate_codex_home
 from gateway.config import Config
+from gateway.policy import ClientPolicy
 from gateway.sessions.child import ChildSpec, CodexChild, build_child_env, run_codex_child
 from gateway.sessions.relay import AsgiReceive, AsgiSend, ClientRelay
 
@@ -213,7 +214,15 @@ class Session:
         if self._nursery is None or self.child is None or self.stop_reason is not None:
             raise SessionStartError("session is stopping; reconnect in a moment")
         relay = ClientRelay(
-            receive, send, on_activity=self.touch, max_message_size=self._config.ws_max_message_size
+            receive,
+            send,
+            on_activity=self.touch,
+            max_message_size=self._config.ws_max_message_size,
+            policy=ClientPolicy.for_session(
+                self._config,
+                home=str(self.directories.home),
+                codex_home=str(self.directories.codex_home),
+            ),
         )
         self._clients.add(relay)
         metrics.CLIENTS_ATTACHED.inc()
@@ -238,6 +247,8 @@ class Session:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        # This task's context is copied from the web handler's: name the workspace in its logs.
+        structlog.contextvars.bind_contextvars(workspace_id=self.workspace_id)
         try:
             await relay.run(url, headers, task_status=task_status)
         finally:
