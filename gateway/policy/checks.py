@@ -202,7 +202,7 @@ def approval_policy(ctx: Context, field: str, value: object) -> Violation | None
 
 def _flatten(key: str, value: object, depth: int = 0) -> Iterator[tuple[str, object]]:
     """Dotted leaf paths of a config override map (``{"a": {"b": 1}}`` and ``{"a.b": 1}``)."""
-    if isinstance(value, dict) and value and depth < _MAX_CONFIG_DEPTH:
+    if isinstance(value, dict) and (value or not key) and depth < _MAX_CONFIG_DEPTH:
         for sub, inner in value.items():
             yield from _flatten(f"{key}.{sub}" if key else str(sub), inner, depth + 1)
     else:
@@ -409,16 +409,6 @@ def check_config_batch_write(ctx: Context, params: Mapping[str, Any]) -> Violati
     return found
 
 
-def check_read_cwd(ctx: Context, params: Mapping[str, Any]) -> Violation | None:
-    """config/read, permissionProfile/list: a project directory to read config layers from."""
-    return _check_paths("cwd", params.get("cwd"), ctx.roots.readable)
-
-
-def check_read_cwds(ctx: Context, params: Mapping[str, Any]) -> Violation | None:
-    """skills/list, hooks/list, plugin/*: directories codex scans."""
-    return _check_paths("cwds", params.get("cwds"), ctx.roots.readable, many=True)
-
-
 def check_fuzzy_roots(ctx: Context, params: Mapping[str, Any]) -> Violation | None:
     """fuzzyFileSearch*: the directories whose file names are searched."""
     return _check_paths("roots", params.get("roots"), ctx.roots.readable, many=True)
@@ -469,12 +459,6 @@ CHECKS: dict[str, Check] = {
     "thread/shellCommand": check_shell_command,
     "config/value/write": check_config_value_write,
     "config/batchWrite": check_config_batch_write,
-    "config/read": check_read_cwd,
-    "permissionProfile/list": check_read_cwd,
-    "skills/list": check_read_cwds,
-    "hooks/list": check_read_cwds,
-    "plugin/installed": check_read_cwds,
-    "plugin/list": check_read_cwds,
     "fuzzyFileSearch": check_fuzzy_roots,
     "fuzzyFileSearch/sessionStart": check_fuzzy_roots,
     "fuzzyFileSearch/sessionUpdate": check_fuzzy_roots,

@@ -56,6 +56,15 @@ PLAIN: frozenset[str] = frozenset(
         "command/exec/terminate",
         "command/exec/resize",
         "fs/unwatch",
+        # The TUI sends its own (client-side) working directory in these; codex reads project
+        # config layers, hooks, skills and plugin manifests there. Read-only discovery of files
+        # the child's uid can read, bounded by the operating system (docs/security.md).
+        "config/read",
+        "permissionProfile/list",
+        "skills/list",
+        "hooks/list",
+        "plugin/installed",
+        "plugin/list",
     }
 )
 
@@ -72,12 +81,6 @@ CHECKED: frozenset[str] = frozenset(
         "thread/shellCommand",
         "config/value/write",
         "config/batchWrite",
-        "config/read",
-        "permissionProfile/list",
-        "skills/list",
-        "hooks/list",
-        "plugin/installed",
-        "plugin/list",
         "fuzzyFileSearch",
         "fuzzyFileSearch/sessionStart",
         "fuzzyFileSearch/sessionUpdate",
