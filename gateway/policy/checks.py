@@ -51,6 +51,7 @@ _CONFIG_KEYS = frozenset(
         "compact_prompt",
         "hide_agent_reasoning",
         "show_raw_agent_reasoning",
+        "skills.include_instructions",
         "web_search",
         "sandbox_mode",
         "approval_policy",
@@ -222,10 +223,17 @@ def config_entries(
             continue
         if key == "sandbox_mode":
             found = sandbox_mode(ctx, f"{field} sandbox_mode", value)
+        elif key == "default_permissions":
+            # The TUI names the thread's permission profile this way; built-in ones only.
+            found = permission_profile(ctx, f"{field} default_permissions", value)
         elif key == "approval_policy" or key.startswith("approval_policy."):
             policy = value if key == "approval_policy" else {"granular": {}}
             found = approval_policy(ctx, f"{field} approval_policy", policy)
-        elif _settable(key):
+        elif key == "mcp_servers" and value == {}:
+            found = None  # no MCP servers at all (the TUI's hidden title thread)
+        elif _settable(key) or (value is False and _switch_off(key)):
+            # Switching a feature off narrows what codex does (the TUI's hidden title thread
+            # sends features.code_mode_only = false); switching one on is allow-listed.
             found = None
         else:
             found = Violation(
@@ -236,6 +244,11 @@ def config_entries(
         if found:
             return found
     return None
+
+
+def _switch_off(key: str) -> bool:
+    """A feature or tool being switched off (the TUI's hidden title thread sends several)."""
+    return key.startswith("features.") or key.endswith(".enabled")
 
 
 def _settable(key: str) -> bool:

@@ -90,6 +90,12 @@ def test_json_escapes_in_the_method_do_not_get_past_the_policy() -> None:
         ("thread/start", {"config": {"mcp_servers.x.command": "sh"}}, "config_key_not_allowed"),
         ("thread/start", {"config": {"sandbox_mode": "danger-full-access"}}, "sandbox_beyond_max"),
         ("thread/start", {"cwd": "/"}, "path_outside_home"),
+        (
+            "thread/start",
+            {"config": {"default_permissions": ":danger-full-access"}},
+            "sandbox_beyond_max",
+        ),
+        ("thread/start", {"config": {"features.unified_exec": True}}, "config_key_not_allowed"),
         ("thread/start", {"modelProvider": "openai"}, "model_provider_not_allowed"),
         (
             "thread/resume",
@@ -146,7 +152,11 @@ def test_json_escapes_in_the_method_do_not_get_past_the_policy() -> None:
         ),
         (
             "config/value/write",
-            {"keyPath": "mcp_servers", "value": {}, "mergeStrategy": "replace"},
+            {
+                "keyPath": "mcp_servers",
+                "value": {"x": {"command": "sh"}},
+                "mergeStrategy": "replace",
+            },
             "config_key_not_allowed",
         ),
         (
@@ -196,6 +206,19 @@ def test_each_route_beyond_the_default_bounds_is_refused(
         ("thread/start", {"sandbox": "workspace-write", "approvalPolicy": "on-request"}),
         ("thread/start", {"config": {"model_reasoning_effort": "low", "notice": {"a": True}}}),
         ("thread/start", {"cwd": HOME + "/project"}),
+        # What the TUI's hidden title thread sends: everything switched off.
+        (
+            "thread/start",
+            {
+                "config": {
+                    "default_permissions": ":read-only",
+                    "features.code_mode_only": False,
+                    "tools": {"update_plan": {"enabled": False}},
+                    "mcp_servers": {},
+                    "skills": {"include_instructions": False},
+                }
+            },
+        ),
         ("thread/settings/update", {"threadId": "t", "permissions": ":workspace"}),
         ("thread/settings/update", {"threadId": "t", "approvalPolicy": {"granular": {}}}),
         ("turn/start", {"threadId": "t", "input": [{"type": "text", "text": "hi"}]}),
