@@ -82,6 +82,10 @@ RUN groupadd --system --gid 10001 gateway \
 
 COPY --from=codex /opt/codex /opt/codex
 RUN ln -s /opt/codex/bin/codex /usr/local/bin/codex
+# codex's requirements (sandbox modes, approval policies), matching the gateway's default
+# protocol policy: root-owned and read-only, so no session's child can loosen it.
+COPY --chown=0:0 --chmod=0444 tools/codex/requirements.toml /etc/codex/requirements.toml
+RUN chmod 0755 /etc/codex
 COPY --from=build /opt/venv /opt/venv
 
 ENV PATH="/opt/venv/bin:${PATH}" \

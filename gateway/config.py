@@ -116,6 +116,23 @@ class RestoreLimits:
     max_ratio: int = 0
 
 
+SANDBOX_MODES = ("read-only", "workspace-write", "danger-full-access")
+APPROVAL_POLICIES = ("untrusted", "on-request", "never", "granular")
+FS_ACCESS = ("home", "off", "any")
+
+
+@attrs.frozen
+class PolicySettings:
+    """What a client may ask of its session's codex (``gateway/policy``, docs/security.md)."""
+
+    max_sandbox: str = "workspace-write"
+    approval_policies: tuple[str, ...] = APPROVAL_POLICIES
+    fs_access: str = "home"
+    allow_shell_command: bool = True
+    deny_methods: tuple[str, ...] = ()
+    extra_methods: tuple[str, ...] = ()
+
+
 @attrs.frozen
 class Config:
     """Everything ``serve`` needs, validated."""
@@ -151,6 +168,7 @@ class Config:
     metrics_listen_addr: str | None
     child_isolation: str = "auto"
     child_uid_range: tuple[int, int] = (100000, 165535)
+    policy: PolicySettings = PolicySettings()
 
 
 @attrs.frozen
@@ -214,6 +232,12 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("CXG_METRICS_LISTEN_ADDR", None, str),
     _Var("CXG_CHILD_ISOLATION", "auto", str),
     _Var("CXG_CHILD_UID_RANGE", "100000-165535", UidRangeText),
+    _Var("CXG_POLICY_MAX_SANDBOX", "workspace-write", str),
+    _Var("CXG_POLICY_APPROVAL_POLICIES", ",".join(APPROVAL_POLICIES), CsvList),
+    _Var("CXG_POLICY_FS", "home", str),
+    _Var("CXG_POLICY_ALLOW_SHELL_COMMAND", "true", bool),
+    _Var("CXG_POLICY_DENY_METHODS", "", CsvList),
+    _Var("CXG_POLICY_EXTRA_METHODS", "", CsvList),
 )
 SECRET_NAMES = tuple(var.name for var in VARIABLES if var.secret)
 # Each secret may instead be given as the path of a file (``CXG_<NAME>_FILE``), so that it is in
@@ -456,6 +480,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     if isolation not in _ISOLATION_MODES:
         raise ConfigError(f"CXG_CHILD_ISOLATION must be auto, required or off; got {isolation!r}")
 
+    policy = _policy_settings(values)
+
     agentserver = None
     if _group(
         values,
@@ -553,6 +579,33 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         metrics_listen_addr=values["CXG_METRICS_LISTEN_ADDR"],
         child_isolation=isolation,
         child_uid_range=values["CXG_CHILD_UID_RANGE"],
+        policy=policy,
+    )
+
+
+def _policy_settings(values: Mapping[str, Any]) -> PolicySettings:
+    sandbox = values["CXG_POLICY_MAX_SANDBOX"]
+    if sandbox not in SANDBOX_MODES:
+        raise ConfigError(
+            f"CXG_POLICY_MAX_SANDBOX must be one of {', '.join(SANDBOX_MODES)}; got {sandbox!r}"
+        )
+    approvals = values["CXG_POLICY_APPROVAL_POLICIES"]
+    unknown = [name for name in approvals if name not in APPROVAL_POLICIES]
+    if unknown or not approvals:
+        raise ConfigError(
+            "CXG_POLICY_APPROVAL_POLICIES must list some of "
+            f"{', '.join(APPROVAL_POLICIES)}; got {','.join(approvals)!r}"
+        )
+    fs_access = values["CXG_POLICY_FS"]
+    if fs_access not in FS_ACCESS:
+        raise ConfigError(f"CXG_POLICY_FS must be home, off or any; got {fs_access!r}")
+    return PolicySettings(
+        max_sandbox=sandbox,
+        approval_policies=approvals,
+        fs_access=fs_access,
+        allow_shell_command=values["CXG_POLICY_ALLOW_SHELL_COMMAND"],
+        deny_methods=values["CXG_POLICY_DENY_METHODS"],
+        extra_methods=values["CXG_POLICY_EXTRA_METHODS"],
     )
 
 

@@ -33,7 +33,6 @@ import trio
 from gateway import metrics
 from gateway.auth.authenticators import build_authenticator
 from gateway.config import Config
-from gateway.policy import ClientPolicy
 from gateway.preflight import PreflightState, package_version, run_preflight
 from gateway.sessions.budget import InflightBudget
 from gateway.sessions.isolation import ChildIsolation, IsolationMode, UidRange, harden_process
@@ -209,8 +208,8 @@ async def run_daemon(
 ) -> None:
     """Serve until ``stop`` is set (or, without one, until SIGTERM/SIGINT); then drain.
 
-    ``policy_for`` builds each client's access policy from its workspace id (default: the
-    policy package's own ``ClientPolicy``).
+    ``policy_for`` builds each client's access policy from its session (default: the
+    operator's ``CXG_POLICY_*`` settings, bounded to that session's own home).
     """
     try:
         await _run_daemon(config, stop, policy_for, task_status)
@@ -275,7 +274,7 @@ async def _run_daemon(
                     authenticator,
                     config,
                     budget=InflightBudget(config.ws_inflight_budget),
-                    policy_for=policy_for or (lambda _workspace: ClientPolicy()),
+                    policy_for=policy_for,
                 )
                 http_stopped = trio.Event()
                 urls: list[str] = await root.start(

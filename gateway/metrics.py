@@ -56,3 +56,8 @@ BUILD_INFO = Gauge(
     "Always 1: this gateway's version and the codex version its start-up check found.",
     ["version", "codex_version"],
 )
+POLICY_REFUSALS = Counter(
+    "cxg_policy_refusals_total",
+    "Client messages refused by the protocol policy, by rule.",
+    ["rule"],
+)

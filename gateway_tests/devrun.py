@@ -126,6 +126,8 @@ def main() -> None:
     environ.setdefault("CXG_LOG_FORMAT", "text")
     codex_bin = find_real_codex() if args.codex == "real" else FAKES / "codex"
     environ.setdefault("CXG_CODEX_BIN", str(codex_bin))
+    # The fake codex's own test methods (fake/echo, ...) pass the protocol policy.
+    environ.setdefault("CXG_POLICY_EXTRA_METHODS", "fake/*")
 
     token = mint_hmac_token(secret.encode(), args.workspace)
     status = 0

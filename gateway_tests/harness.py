@@ -67,6 +67,8 @@ def gateway_env(tmp_path: Path, codex_bin: Path | str, **overrides: str) -> dict
         "CXG_LOG_FORMAT": "text",
         "CXG_CHILD_STOP_GRACE": "5s",
         "CXG_CHECKPOINT_INTERVAL": "0",
+        # The fake codex's own test methods (fake/echo, fake/close, ...).
+        "CXG_POLICY_EXTRA_METHODS": "fake/*",
     }
     env.update(overrides)
     return env

@@ -21,6 +21,7 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
+from gateway.config import load_config
 from gateway.policy import ClientPolicy, Refusal
 from gateway.sessions import frames
 from gateway.sessions.budget import InflightBudget
@@ -239,18 +240,16 @@ class _RefuseFakePid(ClientPolicy):
         if isinstance(message, str) and json.loads(message).get("method") == "fake/pid":
             request_id = json.loads(message)["id"]
             error = {"id": request_id, "error": {"code": -32600, "message": "not allowed"}}
-            return Refusal(json.dumps(error), {"method": "fake/pid"})
+            return Refusal("test_rule", json.dumps(error), {"method": "fake/pid"})
         return None
 
 
 async def test_a_refused_message_gets_the_policys_answer_and_never_reaches_the_child(
     nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
 ) -> None:
-    gateway = await start_gateway(
-        nursery,
-        gateway_env(tmp_path, fake_codex_bin),
-        policy_for=lambda _workspace: _RefuseFakePid(),
-    )
+    env = gateway_env(tmp_path, fake_codex_bin)
+    refusing = _RefuseFakePid.for_session(load_config(env), home="/nowhere", codex_home="/nowhere")
+    gateway = await start_gateway(nursery, env, policy_for=lambda _session: refusing)
     try:
         async with connect(gateway, "ws_policy") as rpc:
             refused = await rpc.call("fake/pid")

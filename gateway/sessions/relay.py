@@ -476,7 +476,8 @@ class ClientRelay:
         parts.clear()
         waited = False
         if refusal is not None:
-            log.warning("relay.message_refused", **dict(refusal.log_fields))
+            metrics.POLICY_REFUSALS.labels(rule=refusal.rule).inc()
+            log.warning("policy.refused", **dict(refusal.log_fields))
             if refusal.response is not None:
                 await self._to_client(frames.server_text(refusal.response))
                 waited = True

@@ -207,6 +207,8 @@ class Session:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        # This task's context is copied from the web handler's: name the workspace in its logs.
+        structlog.contextvars.bind_contextvars(workspace_id=self.workspace_id)
         try:
             await relay.run(url, headers, task_status=task_status)
         finally:

@@ -29,6 +29,7 @@ from gateway.sessions.handshake import RequestHead, plain_response, upgrade_prob
 from gateway.sessions.manager import SessionManager, Unavailable
 from gateway.sessions.outcome import SessionStartError
 from gateway.sessions.relay import CLOSE_TIMEOUT, ClientRelay
+from gateway.sessions.session import Session
 from gateway.sessions.sockets import close_socket, drain_to_eof, send_all, take_socket
 from gateway.store.base import archive_key
 
@@ -37,7 +38,9 @@ log = structlog.get_logger(__name__)
 # A refusal is sent, then the client has this long to read it and hang up.
 REFUSAL_LINGER = 1.0
 
-PolicyFactory = Callable[[str], ClientPolicy]
+# Builds a client's access policy from the session it attaches to (tests and the bench may
+# give their own).
+PolicyFactory = Callable[[Session], ClientPolicy]
 
 
 # What a client is told when its connect fails on our side. Fixed sentences: the detail (an
@@ -87,13 +90,20 @@ class WebSocketEndpoint:
         config: Config,
         *,
         budget: InflightBudget,
-        policy_for: PolicyFactory = lambda _workspace: ClientPolicy(),
+        policy_for: PolicyFactory | None = None,
     ) -> None:
         self._manager = manager
         self._authenticator = authenticator
         self._config = config
         self._budget = budget
-        self._policy_for = policy_for
+        self._policy_for = policy_for or self._session_policy
+
+    def _session_policy(self, session: Session) -> ClientPolicy:
+        """The operator's policy, bounded to ``session``'s own home and CODEX_HOME."""
+        directories = session.directories
+        return ClientPolicy.for_session(
+            self._config, home=str(directories.home), codex_home=str(directories.codex_home)
+        )
 
     async def serve(self, stream: trio.SocketStream, request: RequestHead, rest: bytes) -> None:
         """Serve one connection whose first request is ``request`` (``rest``: bytes after it)."""
@@ -162,7 +172,7 @@ class WebSocketEndpoint:
                 max_message_size=config.ws_max_message_size,
                 ping_interval=config.ws_ping_interval,
                 budget=self._budget,
-                policy=self._policy_for(identity.workspace_id),
+                policy=self._policy_for(session),
             )
             await session.attach_client(relay)
         except Unavailable as exc:

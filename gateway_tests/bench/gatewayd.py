@@ -29,7 +29,6 @@ import trio
 from gateway.config import load_config
 from gateway.daemon import run_daemon
 from gateway.logs import configure_logging
-from gateway.policy import ClientPolicy, Refusal
 from gateway.sessions import session as session_module
 from gateway.sessions.child import ChildSpec, CodexChild, run_codex_child
 
@@ -84,23 +83,12 @@ _METHODS: dict[str, bool] = {
 }
 
 
-class MeasuredPolicy(ClientPolicy):
-    """The access policy's cost without its rules: parse each text message, look up its method."""
-
-    def check(self, message: str | bytes) -> Refusal | None:
-        """Parse and look up; refuse nothing."""
-        if isinstance(message, str):
-            parsed = json.loads(message)
-            if isinstance(parsed, dict):
-                _METHODS.get(parsed.get("method", ""), False)
-        return None
-
-
 async def _main() -> None:
     config = load_config(dict(os.environ))
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(
-            partial(run_daemon, config, policy_for=lambda _workspace: MeasuredPolicy())
+            # The operator's default access policy is on, as in production.
+            partial(run_daemon, config)
         )
         print(json.dumps({"urls": urls, "pid": os.getpid()}), flush=True)
 

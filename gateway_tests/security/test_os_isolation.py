@@ -102,6 +102,10 @@ async def pod(tmp_path: Path, real_codex_bin: Path) -> AsyncIterator[Pod]:
             # Live checkpoints all along: every attack below runs while the gateway reads the
             # attacker's home (with the child's own file ids).
             CXG_CHECKPOINT_INTERVAL="1s",
+            # The protocol policy at its widest: what is tried here must be stopped by the
+            # operating system alone (the policy is the second layer, tested in test_policy.py).
+            CXG_POLICY_FS="any",
+            CXG_POLICY_MAX_SANDBOX="danger-full-access",
         )
     )
     del env["CXG_ADMIN_SECRET"]
