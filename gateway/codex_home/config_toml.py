@@ -118,8 +118,8 @@ def merge_with_existing(existing: Mapping[str, Any], managed: Mapping[str, Any])
 
     Kept from ``existing``: every key the gateway does not manage (user settings, other model
     providers, other projects' trust). Forced: the active provider, the model, the MCP startup
-    grace, our feature flags and trusted paths. ``mcp_servers`` is replaced whole, so executors that went away since the
-    archive was saved do not linger with expired tokens.
+    grace, our feature flags and trusted paths. ``mcp_servers`` is replaced whole, so executors
+    that went away since the archive was saved do not linger with expired tokens.
     """
     merged: dict[str, Any] = {k: v for k, v in existing.items() if k != "mcp_servers"}
     merged["model_provider"] = managed["model_provider"]
