@@ -1,6 +1,10 @@
 """The ``codex-app-gateway`` command line: ``serve``, ``mint-token`` and the helper commands.
 
 Usage errors exit 2 with one line naming the problem; runtime failures exit 1.
+
+Each command imports what it needs when it runs: codex spawns ``env-mcp`` once per executor and
+waits for its ``tools/list`` before a thread's first model request, so that command must not pay
+for the daemon's configuration, token or web modules.
 """
 
 from __future__ import annotations
@@ -10,11 +14,6 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
-
-import trio
-
-from gateway.auth.tokens import TokenError, mint_hmac_token
-from gateway.config import ConfigError, load_config, require_authenticator
 
 PROG = "codex-app-gateway"
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -28,6 +27,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from gateway.config import ConfigError, load_config, require_authenticator
+
     environ = dict(os.environ)
     # As upstream: the flags win when given; otherwise the environment; otherwise the default.
     if args.listen_addr is not None:
@@ -56,6 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _mint_token(args: argparse.Namespace) -> int:
+    from gateway.auth.tokens import TokenError, mint_hmac_token
+
     secret = os.environ.get("CXG_INBOUND_HMAC_SECRET", "")
     if not secret:
         print(f"{PROG} mint-token: CXG_INBOUND_HMAC_SECRET is not set", file=sys.stderr)
