@@ -1,6 +1,10 @@
 """The ``codex-app-gateway`` command line: ``serve``, ``mint-token`` and the helper commands.
 
 Usage errors exit 2 with one line naming the problem; runtime failures exit 1.
+
+Each command imports what it needs when it runs: codex spawns ``env-mcp`` once per executor and
+waits for its ``tools/list`` before a thread's first model request, so that command must not pay
+for the daemon's configuration, token or web modules.
 """
 
 from __future__ import annotations
@@ -11,11 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-import trio
-
-from gateway.auth.tokens import TokenError, mint_hmac_token
-from gateway.config import ConfigError, load_config, require_authenticator, resolve_secret_files
-from gateway.preflight import package_version
+from gateway.version import package_version
 
 PROG = "codex-app-gateway"
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -29,6 +29,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from gateway.config import ConfigError, load_config, require_authenticator
+
     environ = dict(os.environ)
     # As upstream: the flags win when given; otherwise the environment; otherwise the default.
     if args.listen_addr is not None:
@@ -67,6 +71,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _mint_token(args: argparse.Namespace) -> int:
+    from gateway.auth.tokens import TokenError, mint_hmac_token
+    from gateway.config import ConfigError, resolve_secret_files
+
     try:
         secret = resolve_secret_files(os.environ).get("CXG_INBOUND_HMAC_SECRET", "")
     except ConfigError as exc:

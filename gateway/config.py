@@ -92,6 +92,9 @@ class ExecGatewaySettings:
     internal_secret: Secret
     captoken_secret: Secret
     captoken_ttl: float
+    # How long codex waits for one env-mcp to answer ``tools/list`` before a first turn goes
+    # without that executor (config.toml ``startup_timeout_sec``).
+    startup_timeout: float = 10.0
 
 
 @attrs.frozen
@@ -205,6 +208,7 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("CXG_EXEC_GATEWAY_INTERNAL_URL", None, str),
     _Var("CXG_EXEC_GATEWAY_INTERNAL_SECRET", None, Secret, secret=True),
     _Var("CXG_CAPTOKEN_HMAC_SECRET", None, Secret, secret=True),
+    _Var("CXG_EXECUTOR_STARTUP_TIMEOUT", "10s", Seconds),
     _Var("CXG_MODEL_PROVIDER", "modelserver", str),
     _Var("CXG_MODEL", "gpt-5.5", str),
     _Var("CXG_MODEL_PROVIDER_BASE_URL", "http://llmproxy:8085/v1", str),
@@ -466,6 +470,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     for name in (
         "CXG_CHILD_READY_TIMEOUT",
         "CXG_DRAIN_BUDGET",
+        "CXG_EXECUTOR_STARTUP_TIMEOUT",
         "CXG_IDLE_SHUTDOWN",
         "CXG_S3_TIMEOUT",
     ):
@@ -535,6 +540,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             internal_secret=values["CXG_EXEC_GATEWAY_INTERNAL_SECRET"],
             captoken_secret=values["CXG_CAPTOKEN_HMAC_SECRET"],
             captoken_ttl=values["CXG_CAPTOKEN_TTL"],
+            startup_timeout=values["CXG_EXECUTOR_STARTUP_TIMEOUT"],
         )
 
     return Config(

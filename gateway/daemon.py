@@ -33,13 +33,14 @@ import trio
 from gateway import metrics
 from gateway.auth.authenticators import build_authenticator
 from gateway.config import Config
-from gateway.preflight import PreflightState, package_version, run_preflight
+from gateway.preflight import PreflightState, run_preflight
 from gateway.sessions.budget import InflightBudget
 from gateway.sessions.isolation import ChildIsolation, IsolationMode, UidRange, harden_process
 from gateway.sessions.manager import SessionManager
 from gateway.sessions.session import SessionServices
 from gateway.sessions.wiring import credentials_factory, executors_factory, open_persistence
 from gateway.store.base import ObjectStore, StoreNotFenced, StoreUnavailable
+from gateway.version import package_version
 from gateway.web.admin import AdminRoutes
 from gateway.web.app import Readiness, build_app, build_metrics_app
 from gateway.web.server import (

@@ -182,6 +182,8 @@ def executor_servers_for(
                 # codex must wait longer than env-mcp's own limit, which kills the command and
                 # still answers; otherwise codex gives up first and the remote process lingers.
                 tool_timeout_sec=int(SHELL_TIME_LIMIT_SECONDS) + TOOL_TIMEOUT_MARGIN_SECONDS,
+                # Explicit, so a hung env-mcp cannot hold the first turn for codex's 30 s default.
+                startup_timeout_sec=settings.startup_timeout,
             )
         )
     return tuple(servers)

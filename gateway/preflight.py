@@ -10,7 +10,6 @@ liveness stays up, so an operator can fix the bucket or the image without a rest
 from __future__ import annotations
 
 import subprocess
-from importlib import metadata
 
 import attrs
 import structlog
@@ -18,6 +17,7 @@ import trio
 
 from gateway import metrics
 from gateway.store.base import ObjectStore, StoreError
+from gateway.version import package_version
 
 log = structlog.get_logger(__name__)
 
@@ -27,14 +27,6 @@ RETRY_FIRST_SECONDS = 0.5
 RETRY_MAX_SECONDS = 15.0
 # What `codex --version` may print that we keep (the first line, bounded).
 _VERSION_MAX_CHARS = 200
-
-
-def package_version() -> str:
-    """This gateway's version, from the installed package's metadata."""
-    try:
-        return metadata.version("codex-app-gateway")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class CheckFailed(Exception):

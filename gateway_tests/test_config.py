@@ -336,6 +336,7 @@ def test_full_configuration_is_structured_into_groups() -> None:
     assert config.exec_gateway.internal_url == "http://exec-gw:6060"
     assert config.exec_gateway.captoken_secret.reveal() == "captoken-hmac-secret"
     assert config.exec_gateway.captoken_ttl == 24 * 3600
+    assert config.exec_gateway.startup_timeout == 10
     assert config.s3 is not None
     assert config.s3.endpoint == "http://minio:9000"
     assert config.s3.secret_access_key.reveal() == "s3-secret-access-key"
@@ -410,7 +411,14 @@ def test_an_s3_endpoint_without_a_bucket_asks_for_the_bucket() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["CXG_IDLE_SHUTDOWN", "CXG_CHILD_READY_TIMEOUT", "CXG_DRAIN_BUDGET", "CXG_S3_TIMEOUT"]
+    "name",
+    [
+        "CXG_IDLE_SHUTDOWN",
+        "CXG_CHILD_READY_TIMEOUT",
+        "CXG_DRAIN_BUDGET",
+        "CXG_S3_TIMEOUT",
+        "CXG_EXECUTOR_STARTUP_TIMEOUT",
+    ],
 )
 def test_durations_that_must_be_positive_refuse_zero(name: str) -> None:
     assert name in config_error({name: "0s"})
@@ -421,6 +429,12 @@ def test_negative_durations_are_refused(name: str) -> None:
     message = config_error({name: "-5m"})
     assert name in message
     assert "-5m" in message
+
+
+def test_the_executor_startup_timeout_is_a_go_duration() -> None:
+    config = load_config({**FULL, "CXG_EXECUTOR_STARTUP_TIMEOUT": "2500ms"})
+    assert config.exec_gateway is not None
+    assert config.exec_gateway.startup_timeout == 2.5
 
 
 def test_a_tiny_message_size_is_refused() -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from gateway.codex_home.config_toml import (
     DISABLED_LOCAL_TOOLS,
+    MCP_STARTUP_GRACE_MS,
     CodexConfig,
     McpServer,
     ModelProvider,
@@ -45,6 +46,7 @@ def executor(exe_id: str, token: str = CAP_TOKEN) -> McpServer:
             "trn_ab12cd34",
         ),
         env={token_env: token},
+        startup_timeout_sec=10.0,
     )
 
 
@@ -163,6 +165,26 @@ def test_the_token_is_not_in_an_mcp_server_repr() -> None:
     assert CAP_TOKEN not in repr(executor("exe_alpha"))
 
 
+def test_codex_is_told_not_to_start_a_turn_before_its_mcp_servers() -> None:
+    # codex's default (1000 ms from the first turn) leaves a slow executor out of that turn.
+    assert MCP_STARTUP_GRACE_MS == 0
+    assert parsed()["mcp_optional_startup_grace_ms"] == 0
+    assert parsed(CodexConfig(model="m", provider=PROVIDER))["mcp_optional_startup_grace_ms"] == 0
+
+
+def test_each_executor_has_an_explicit_startup_timeout() -> None:
+    # Without it a hung env-mcp holds the first turn for codex's 30 s default.
+    for server in parsed()["mcp_servers"].values():
+        assert server["startup_timeout_sec"] == 10.0
+
+
+def test_a_server_without_a_startup_timeout_leaves_it_to_codex() -> None:
+    server = McpServer(name="s", command="c", args=())
+    document = parsed(CodexConfig(model="m", provider=PROVIDER, mcp_servers=(server,)))
+    assert "startup_timeout_sec" not in document["mcp_servers"]["s"]
+    assert "required" not in document["mcp_servers"]["s"]
+
+
 def test_no_mcp_servers_table_without_executors() -> None:
     assert "mcp_servers" not in parsed(CodexConfig(model="m", provider=PROVIDER))
 
@@ -213,6 +235,7 @@ model = "old-model"
 model_provider = "openai"
 approval_policy = "never"
 model_reasoning_effort = "high"
+mcp_optional_startup_grace_ms = 30000
 
 [model_providers.modelserver]
 name = "modelserver"
@@ -265,6 +288,14 @@ def test_merge_forces_the_managed_keys() -> None:
     assert document["features"]["shell_tool"] is False
     assert document["features"]["unified_exec"] is False
     assert document["features"]["apply_patch_freeform"] is False
+    assert document["mcp_optional_startup_grace_ms"] == 0
+
+
+@pytest.mark.parametrize("grace", ["1000", "-1", '"0"', "{ ms = 5 }"])
+def test_a_restored_startup_grace_is_overwritten(grace: str) -> None:
+    document = parsed(CONFIG, f"mcp_optional_startup_grace_ms = {grace}\nkeep = 1\n")
+    assert document["mcp_optional_startup_grace_ms"] == 0
+    assert document["keep"] == 1
 
 
 def test_merge_replaces_the_active_provider_block_whole() -> None:

@@ -122,7 +122,7 @@ def envmcp_command(exe_id: str, bridge_url: str, token_env: str, *extra: str) ->
 
 @asynccontextmanager
 async def running_envmcp(
-    command: Sequence[str], env: Mapping[str, str]
+    command: Sequence[str], env: Mapping[str, str], stderr: Any = None
 ) -> AsyncIterator[McpStdioClient]:
     """Start env-mcp; on exit close its stdin (its clean-exit path) and wait for it."""
     async with trio.open_nursery() as nursery:
@@ -132,6 +132,7 @@ async def running_envmcp(
                 list(command),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
+                stderr=stderr,
                 env={**os.environ, **env},
                 check=False,
             )
@@ -424,6 +425,41 @@ async def test_unreachable_bridge_is_a_clear_tool_error() -> None:
                 result = await client.call_shell(["echo", "hello"])
     assert result["isError"] is True
     assert "could not reach the bridge" in result_text(result)
+
+
+# What a stdio MCP server does not need before its first tool call (issue: codex leaves a server
+# that is slow to answer tools/list out of a thread's first model request).
+NOT_IMPORTED_AT_START = (
+    "gateway.envmcp.bridge",
+    "gateway.envmcp.shell",
+    "trio_websocket",
+    "gateway.config",
+    "gateway.auth",
+    "gateway.captoken",
+)
+
+
+async def test_tools_list_is_answered_without_importing_the_bridge(tmp_path: Path) -> None:
+    # The gateway's own self command (gateway.daemon.self_command) plus -X importtime.
+    command = [sys.executable, "-X", "importtime", "-m", "gateway", "env-mcp"]
+    command += envmcp_command("exe_alpha", "ws://127.0.0.1:9/bridge/exe_alpha", TOKEN_ENV)[3:]
+    stderr_path = tmp_path / "importtime.txt"
+    with stderr_path.open("wb") as stderr:
+        async with running_envmcp(command, {TOKEN_ENV: "tok"}, stderr=stderr) as client:
+            with trio.fail_after(60):
+                await client.initialize()
+                tools = await client.request("tools/list")
+    assert [tool["name"] for tool in tools["result"]["tools"]] == ["shell"]
+    lines = stderr_path.read_text().splitlines()
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in lines
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "gateway.envmcp.server" in imported  # the check reads the right output
+    for module in NOT_IMPORTED_AT_START:
+        early = sorted(name for name in imported if name == module or name.startswith(module + "."))
+        assert early == [], f"{module} imported before the first tool call"
 
 
 async def test_mcp_surface_lists_one_shell_tool_and_no_prompts_or_resources(

@@ -6,6 +6,9 @@ workspace has, renders config.toml with ``executor_mcp_servers``' entries, and s
 with ``["echo", "hello"]``; codex spawns ``env-mcp``, which dials the fake exec gateway's
 bridge with its capability token; the fake verifies it and relays to a real ``codex
 exec-server``. The tool's output must come back to the model and the turn must complete.
+
+Each turn starts straight after ``thread/start``, as a user who types at once: the thread's
+first model request must already offer the executor (codex-protocol.md §12).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx2
 import trio
 import trio_websocket
@@ -31,6 +35,7 @@ from gateway_tests.fakes.fake_model_server import (
     FakeModelServer,
     FunctionCallReply,
     TextReply,
+    announced_mcp_namespaces,
     function_call_outputs,
     output_text,
 )
@@ -87,15 +92,8 @@ class AppServerClient:
         await self.request("initialize", {"clientInfo": {"name": "envmcp-e2e", "version": "1"}})
         await self._ws.send_message(json.dumps({"method": "initialized"}))
         thread = await self.request("thread/start", {})
-        # codex starts MCP servers with the thread and may not wait for them before the first
-        # model request; the turn starts once the executor's server says it is ready.
-        await self.wait_for(
-            lambda m: (
-                m.get("method") == "mcpServer/startupStatus/updated"
-                and m.get("params", {}).get("name") == "exe_alpha"
-                and m.get("params", {}).get("status") in ("ready", "failed")
-            )
-        )
+        # At once, as a user who types straight away: codex must hold the first model request
+        # until the executor's env-mcp has listed its tools (mcp_optional_startup_grace_ms = 0).
         started = await self.request(
             "turn/start",
             {"threadId": thread["thread"]["id"], "input": [{"type": "text", "text": text}]},
@@ -126,9 +124,9 @@ async def run_turn_with_servers(
     tmp_path: Path,
     model: FakeModelServer,
     servers: tuple[McpServer, ...],
-    command: list[str],
+    command: list[str] | None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Render config.toml with ``servers``, script the tool call, and run one turn."""
+    """Render config.toml with ``servers``, script the tool call (if any), and run one turn."""
     codex_home = tmp_path / "codex-home"
     codex_home.mkdir()
     config = CodexConfig(
@@ -138,15 +136,16 @@ async def run_turn_with_servers(
         mcp_servers=servers,
     )
     (codex_home / "config.toml").write_text(render_config_toml(config))
-    model.script.append(
-        FunctionCallReply(
-            namespace="mcp__exe_alpha",
-            name="shell",
-            arguments={"command": command},
-            call_id="call_shell_1",
+    if command is not None:
+        model.script.append(
+            FunctionCallReply(
+                namespace="mcp__exe_alpha",
+                name="shell",
+                arguments={"command": command},
+                call_id="call_shell_1",
+            )
         )
-    )
-    model.script.append(TextReply("The command ran."))
+    model.script.append(TextReply("The command ran." if command else "Plain chat."))
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
             run_app_server, real_codex_bin, codex_home, {"CODEX_API_KEY": API_KEY}
@@ -158,6 +157,14 @@ async def run_turn_with_servers(
                 result = await AppServerClient(ws).run_turn("Say hello on the executor.")
         nursery.cancel_scope.cancel()
     return result
+
+
+def assert_first_request_offers(model: FakeModelServer, namespace: str) -> None:
+    """The thread's first model request lists ``namespace`` (as a tool or a deferred one)."""
+    requests = model.responses_requests()
+    assert requests, "the turn never reached the model"
+    offered = announced_mcp_namespaces(requests[0].body)
+    assert namespace in offered, f"first model request offered {sorted(offered)}, not {namespace}"
 
 
 def tool_output_seen_by_model(model: FakeModelServer) -> str:
@@ -188,9 +195,8 @@ async def test_real_codex_runs_echo_hello_on_the_executor(
     )
 
     assert turn["status"] == "completed", turn
-    # The executor's tools were announced to the model under its namespace (codex 0.169.0
-    # lists MCP namespaces as deferred tools in the request's input rather than in ``tools``).
-    assert "mcp__exe_alpha" in json.dumps(model.responses_requests()[0].body)
+    # The turn started at once, and its first model request already offered the executor.
+    assert_first_request_offers(model, "mcp__exe_alpha")
     # env-mcp dialled the bridge with a token the exec gateway accepted...
     assert [a.status for a in exec_gateway.bridge_attempts] == [101]
     # ...and hello came back to the model in the next request.
@@ -204,6 +210,71 @@ async def test_real_codex_runs_echo_hello_on_the_executor(
         if n.get("method") == "item/completed" and n["params"]["item"].get("type") == "mcpToolCall"
     ]
     assert mcp_items and mcp_items[0].get("server") == "exe_alpha"
+
+
+def _started_through(shell_script: str, server: McpServer, **changes: Any) -> McpServer:
+    """``server`` run through ``sh -c shell_script`` (which gets the original argv as "$@")."""
+    return attrs.evolve(
+        server,
+        command="/bin/sh",
+        args=("-c", shell_script, server.command, *server.args),
+        **changes,
+    )
+
+
+async def test_an_executor_slower_than_codexs_default_grace_is_in_the_first_request(
+    real_codex_bin: Path,
+    tmp_path: Path,
+    model: FakeModelServer,
+    exec_gateway: FakeExecGateway,
+) -> None:
+    # env-mcp answering tools/list 2.5 s after spawn: codex's default grace (1000 ms) would leave
+    # it out of the first request; the rendered grace of 0 makes codex wait for it.
+    async with httpx2.AsyncClient() as http:
+        (server,) = await executor_mcp_servers(
+            exec_settings(exec_gateway), http, WORKSPACE, SELF_COMMAND
+        )
+    slow = _started_through('sleep 2.5; exec "$0" "$@"', server)
+
+    turn, _ = await run_turn_with_servers(real_codex_bin, tmp_path, model, (slow,), ["true"])
+
+    assert turn["status"] == "completed", turn
+    assert_first_request_offers(model, "mcp__exe_alpha")
+    assert [a.status for a in exec_gateway.bridge_attempts] == [101]
+
+
+async def test_a_hung_executor_delays_the_first_turn_only_by_its_startup_timeout(
+    real_codex_bin: Path,
+    tmp_path: Path,
+    model: FakeModelServer,
+    exec_gateway: FakeExecGateway,
+) -> None:
+    # A server that never answers initialize: it reads stdin until codex closes it, and keeps
+    # its stdout open (a closed one is a crash, which costs codex nothing).
+    async with httpx2.AsyncClient() as http:
+        (server,) = await executor_mcp_servers(
+            exec_settings(exec_gateway), http, WORKSPACE, SELF_COMMAND
+        )
+    script = """exec "$0" -c 'import sys; sys.stdin.buffer.read()'"""
+    hung = _started_through(script, server, startup_timeout_sec=3.0)
+
+    started = trio.current_time()
+    turn, notifications = await run_turn_with_servers(
+        real_codex_bin, tmp_path, model, (hung,), None
+    )
+    elapsed = trio.current_time() - started
+
+    assert turn["status"] == "completed", turn
+    offered = announced_mcp_namespaces(model.responses_requests()[0].body)
+    assert "mcp__exe_alpha" not in offered
+    statuses = [
+        n["params"]["status"]
+        for n in notifications
+        if n.get("method") == "mcpServer/startupStatus/updated"
+    ]
+    assert statuses[-1] == "failed", statuses
+    # Held for the entry's 3 s, not codex's 30 s default (spawn and turn take a few seconds).
+    assert 3.0 <= elapsed < 20.0, elapsed
 
 
 async def test_a_refused_token_reaches_the_model_as_a_tool_error(

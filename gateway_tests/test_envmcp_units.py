@@ -1,4 +1,7 @@
-"""env-mcp's pure parts: working directories, result text, output bounds, tool arguments."""
+"""env-mcp's pure parts: working directories, result text, output bounds, tool arguments.
+
+Also the reading of a model request's offered MCP servers that the end-to-end tests rely on.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import pytest
 from gateway.envmcp.bridge import BridgeRefused, EnvironmentInfo
 from gateway.envmcp.server import parse_shell_arguments, shell_tool
 from gateway.envmcp.shell import _Stream, format_outcome, resolve_cwd
+from gateway_tests.fakes.fake_model_server import announced_mcp_namespaces
 
 INFO = EnvironmentInfo(cwd_uri="file:///home/daisy/work", home_uri="file:///home/daisy")
 
@@ -114,3 +118,44 @@ def test_refusals_say_what_went_wrong(status: int, hint: str) -> None:
     assert f"HTTP {status}" in str(error)
     assert hint in str(error)
     assert str(error).endswith(": reason text")
+
+
+# -- how a test reads which MCP servers a model request offered (both of codex's forms) --------
+
+DEFERRED_TEXT = (
+    "<tools>\nDeferred tool namespaces:\n- mcp__exe_alpha\n"
+    "- multi_agent_v1: Tools for spawning and managing sub-agents.\n- mcp__exe_b: Box b\n</tools>"
+)
+
+
+def test_namespace_tools_are_found() -> None:
+    body = {
+        "tools": [
+            {"type": "function", "name": "mcp__not_a_namespace"},
+            {"type": "namespace", "name": "mcp__exe_alpha", "tools": []},
+        ],
+        "input": [],
+    }
+    assert announced_mcp_namespaces(body) == {"mcp__exe_alpha"}
+
+
+def test_deferred_namespaces_in_a_developer_message_are_found() -> None:
+    message = {"type": "message", "role": "developer"}
+    content = [{"type": "input_text", "text": DEFERRED_TEXT}]
+    body = {"tools": [], "input": [{**message, "content": content}]}
+    assert announced_mcp_namespaces(body) == {"mcp__exe_alpha", "mcp__exe_b"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"tools": [{"type": "namespace", "name": "multi_agent_v1"}]},
+        # The same list from the user, not from codex, does not count.
+        {"input": [{"role": "user", "content": [{"type": "input_text", "text": DEFERRED_TEXT}]}]},
+        {"input": [{"role": "developer", "content": "Tools: - mcp__exe_alpha"}]},
+        None,
+    ],
+)
+def test_a_request_without_the_server_offers_none(body: object) -> None:
+    assert announced_mcp_namespaces(body) == set()

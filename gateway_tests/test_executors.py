@@ -39,6 +39,7 @@ def settings(
         internal_secret=Secret("in-s3cret"),
         captoken_secret=Secret(CAP_SECRET.decode()),
         captoken_ttl=3600.0,
+        startup_timeout=7.5,
     )
 
 
@@ -96,6 +97,8 @@ def test_entry_has_the_upstream_shape() -> None:
     assert server.default_tools_approval_mode == "approve"
     # codex waits longer than env-mcp's own limit, so env-mcp's kill-and-answer comes first.
     assert server.tool_timeout_sec is not None and server.tool_timeout_sec > 600
+    # Explicit, from the settings: not codex's 30 s default, and never ``required``.
+    assert server.startup_timeout_sec == 7.5
     token = server.env["CXG_BRIDGE_TOKEN_EXE_ALPHA"]
     assert token not in " ".join(server.args)
     payload = verify_cap_token(token, CAP_SECRET)

@@ -18,7 +18,11 @@ from gateway_tests.executor_fixtures import API_KEY, CAP_SECRET, WORKSPACE
 from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway
 from gateway_tests.fakes.fake_model_server import FakeModelServer, FunctionCallReply, TextReply
 from gateway_tests.harness import Rpc, closed_port, connect, gateway_env, start_gateway
-from gateway_tests.test_envmcp_e2e import TURN_TIMEOUT, tool_output_seen_by_model
+from gateway_tests.test_envmcp_e2e import (
+    TURN_TIMEOUT,
+    assert_first_request_offers,
+    tool_output_seen_by_model,
+)
 
 
 def _env(
@@ -44,17 +48,9 @@ def _exec_vars(gateway: FakeExecGateway) -> dict[str, str]:
     }
 
 
-async def _turn(rpc: Rpc, text: str, *, wait_for_server: str | None) -> dict[str, Any]:
+async def _turn(rpc: Rpc, text: str) -> dict[str, Any]:
+    """A thread and one turn started straight after it, as a user who types at once."""
     thread = await rpc.result("thread/start", {})
-    if wait_for_server is not None:
-        # codex starts MCP servers with the thread; the turn starts once the executor is ready.
-        await rpc.wait_for(
-            "mcpServer/startupStatus/updated",
-            lambda m: (
-                m["params"].get("name") == wait_for_server
-                and m["params"].get("status") in ("ready", "failed")
-            ),
-        )
     started = await rpc.result(
         "turn/start",
         {"threadId": thread["thread"]["id"], "input": [{"type": "text", "text": text}]},
@@ -87,8 +83,10 @@ async def test_session_codex_runs_echo_hello_on_the_workspace_executor(
     try:
         with trio.fail_after(TURN_TIMEOUT):
             async with connect(gateway, WORKSPACE) as rpc:
-                turn = await _turn(rpc, "Say hello on the executor.", wait_for_server="exe_alpha")
+                turn = await _turn(rpc, "Say hello on the executor.")
         assert turn["status"] == "completed"
+        # The first model request of the thread already offered the executor.
+        assert_first_request_offers(model, "mcp__exe_alpha")
         # env-mcp dialled the bridge with a cap token the exec gateway accepted...
         assert [a.status for a in exec_gateway.bridge_attempts] == [101]
         # ...and the executor's answer reached the model in the next request.
@@ -117,7 +115,7 @@ async def test_exec_gateway_down_at_spawn_gives_no_executors_and_chat_still_work
     try:
         with trio.fail_after(TURN_TIMEOUT):
             async with connect(gateway, "ws_noexec") as rpc:
-                turn = await _turn(rpc, "Just chat.", wait_for_server=None)
+                turn = await _turn(rpc, "Just chat.")
                 config = tomllib.loads(
                     (tmp_path / "sessions" / "ws_noexec" / "codex-home" / "config.toml").read_text()
                 )

@@ -368,6 +368,7 @@ def test_production_env_is_a_valid_daemon_configuration(
     assert config.s3 is not None and config.s3.bucket == "codex-app-gateway-prod"
     assert config.s3.path_style is True and config.s3.region == "eu-west-1"
     assert config.exec_gateway is not None and config.exec_gateway.captoken_ttl == 3600
+    assert config.exec_gateway.startup_timeout == 15
     assert config.admin_secret and config.inbound_hmac_secret and config.model.static_api_key
     assert config.project_trusted_paths == ("/workspace", "/data")
     assert config.allowed_origins == ("https://agentserver.example.com",)

@@ -9,7 +9,7 @@ import jsonschema
 import trio
 import yaml
 
-from gateway.preflight import package_version
+from gateway.version import package_version
 from gateway.web.admin import AdminRoutes
 from gateway.web.app import Readiness, build_app
 from gateway_tests.conftest import REPO

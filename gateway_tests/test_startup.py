@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx2
 import trio
 
-from gateway.preflight import package_version
+from gateway.version import package_version
 from gateway_tests.s3_server import MotoServer
 from gateway_tests.s3_server import moto_server as moto_server
 from gateway_tests.test_daemon_process import (

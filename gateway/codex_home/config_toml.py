@@ -18,6 +18,11 @@ import tomli_w
 
 # codex's own shell and patch tools run inside the pod; executors replace them (upstream §5.3).
 DISABLED_LOCAL_TOOLS = {"shell_tool": False, "unified_exec": False, "apply_patch_freeform": False}
+# codex waits only this long (from the first turn) for MCP servers still starting before its first
+# model request, and leaves out any not ready by then: a user who types at once would get a first
+# turn without executors. 0 makes it wait for each server's own ``startup_timeout_sec`` instead,
+# which the gateway keeps short, so a hung server delays the first turn by that much at most.
+MCP_STARTUP_GRACE_MS = 0
 
 
 @attrs.frozen
@@ -52,6 +57,8 @@ class McpServer:
     env: Mapping[str, str] = attrs.field(factory=dict, repr=False)
     default_tools_approval_mode: str | None = "approve"
     tool_timeout_sec: int | None = None
+    # Seconds codex gives the server to start and answer its first ``tools/list``.
+    startup_timeout_sec: float | None = None
 
 
 @attrs.frozen
@@ -84,6 +91,7 @@ def managed_document(config: CodexConfig) -> dict[str, Any]:
     document: dict[str, Any] = {
         "model_provider": config.provider.id,
         "model": config.model,
+        "mcp_optional_startup_grace_ms": MCP_STARTUP_GRACE_MS,
         "model_providers": {config.provider.id: provider},
         "projects": {path: {"trust_level": "trusted"} for path in config.trusted_paths},
         "features": dict(DISABLED_LOCAL_TOOLS),
@@ -95,6 +103,8 @@ def managed_document(config: CodexConfig) -> dict[str, Any]:
             entry["env"] = dict(server.env)
         if server.default_tools_approval_mode:
             entry["default_tools_approval_mode"] = server.default_tools_approval_mode
+        if server.startup_timeout_sec is not None:
+            entry["startup_timeout_sec"] = server.startup_timeout_sec
         if server.tool_timeout_sec is not None:
             entry["tool_timeout_sec"] = server.tool_timeout_sec
         servers[server.name] = entry
@@ -107,13 +117,14 @@ def merge_with_existing(existing: Mapping[str, Any], managed: Mapping[str, Any])
     """Overlay the gateway's keys on a config codex may have written to.
 
     Kept from ``existing``: every key the gateway does not manage (user settings, other model
-    providers, other projects' trust). Forced: the active provider, the model, our feature flags
-    and trusted paths. ``mcp_servers`` is replaced whole, so executors that went away since the
-    archive was saved do not linger with expired tokens.
+    providers, other projects' trust). Forced: the active provider, the model, the MCP startup
+    grace, our feature flags and trusted paths. ``mcp_servers`` is replaced whole, so executors
+    that went away since the archive was saved do not linger with expired tokens.
     """
     merged: dict[str, Any] = {k: v for k, v in existing.items() if k != "mcp_servers"}
     merged["model_provider"] = managed["model_provider"]
     merged["model"] = managed["model"]
+    merged["mcp_optional_startup_grace_ms"] = managed["mcp_optional_startup_grace_ms"]
     for table in ("model_providers", "projects", "features"):
         current = merged.get(table)
         combined = dict(current) if isinstance(current, Mapping) else {}

@@ -4,6 +4,10 @@ Built on the ``mcp`` package's low-level server (it runs on anyio, hence on Trio
 the protocol: ``initialize`` with version negotiation, ``ping``, concurrent requests and
 ``notifications/cancelled`` — a cancelled call kills its remote process on the way out.
 Prompt and resource lists exist and are empty, as upstream.
+
+The bridge and shell modules (and their WebSocket client) are imported at the first tool call,
+not at start: codex includes this server in a thread's first model request only once it has
+answered ``tools/list``, so start-up imports only what a stdio MCP server needs.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import itertools
 import logging
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import mcp_types as types
@@ -21,8 +25,8 @@ from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
 
-from gateway.envmcp.bridge import BridgeError, open_exec_server
-from gateway.envmcp.shell import ShellOutcome, resolve_cwd, run_shell
+if TYPE_CHECKING:
+    from gateway.envmcp.shell import ShellOutcome
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +168,9 @@ class ShellToolServer:
     async def _run(
         self, argv: list[str], cwd: str | None, progress: Any, stop: trio.Event
     ) -> ShellOutcome:
+        from gateway.envmcp.bridge import BridgeError, open_exec_server
+        from gateway.envmcp.shell import ShellOutcome, resolve_cwd, run_shell
+
         settings = self.settings
         process_id = next(self._process_ids)
         log.info("shell call %s on executor %s", process_id, settings.exe_id)

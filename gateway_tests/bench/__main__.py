@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from gateway_tests.bench import coldstart, persistence, relay, report, scale, storm
+from gateway_tests.bench import coldstart, envmcp, persistence, relay, report, scale, storm
 from gateway_tests.bench.common import RESULTS_DIR, Options, Results
 
 SECTIONS = {
@@ -21,6 +21,7 @@ SECTIONS = {
     "scale": scale.run,
     "persistence": persistence.run,
     "storm": storm.run,
+    "envmcp": envmcp.run,
 }
 
 

@@ -107,6 +107,40 @@ def function_call_outputs(body: Any) -> list[dict[str, Any]]:
     return [i for i in items if isinstance(i, dict) and i.get("type") == "function_call_output"]
 
 
+DEFERRED_NAMESPACES_HEADING = "Deferred tool namespaces:"
+
+
+def announced_mcp_namespaces(body: Any) -> set[str]:
+    """The ``mcp__<server>`` namespaces a Responses request offers the model, in either form.
+
+    codex 0.169.0 lists an MCP server as a ``{"type": "namespace", "name": "mcp__<server>"}``
+    entry of ``tools``, or — for models with tool search — as a line ``- mcp__<server>`` under
+    ``Deferred tool namespaces:`` in a developer message of ``input`` (codex-protocol.md §12).
+    """
+    if not isinstance(body, dict):
+        return set()
+    found = {
+        tool["name"]
+        for tool in body.get("tools") or []
+        if isinstance(tool, dict) and tool.get("type") == "namespace" and "name" in tool
+    }
+    for item in body.get("input") or []:
+        if not (isinstance(item, dict) and item.get("role") == "developer"):
+            continue
+        content = item.get("content")
+        parts = [content] if isinstance(content, str) else content or []
+        for part in parts:
+            text = part if isinstance(part, str) else part.get("text", "")
+            if not isinstance(text, str) or DEFERRED_NAMESPACES_HEADING not in text:
+                continue
+            # "- mcp__exe_alpha" or "- other_namespace: what it does", one per line.
+            for line in text.split(DEFERRED_NAMESPACES_HEADING, 1)[1].splitlines()[1:]:
+                if not line.startswith("- "):
+                    break
+                found.add(line[2:].split(":", 1)[0].strip())
+    return {name for name in found if name.startswith("mcp__")}
+
+
 def output_text(item: Mapping[str, Any]) -> str:
     """The text of a ``function_call_output`` item (a string, or a list of ``input_text``)."""
     output = item.get("output")
