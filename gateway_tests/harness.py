@@ -135,6 +135,22 @@ class RunningGateway:
         await self.stopped.wait()
 
 
+async def real_codex_env(tmp_path: Path, real_codex_bin: Path, **overrides: str) -> dict[str, str]:
+    """``gateway_env`` for the real codex as the child, with an unreachable model provider.
+
+    The generous ready timeout is for a real codex on a busy machine.
+    """
+    return gateway_env(
+        tmp_path,
+        real_codex_bin,
+        **{
+            "CXG_MODEL_PROVIDER_BASE_URL": f"http://127.0.0.1:{await closed_port()}/v1",
+            "CXG_CHILD_READY_TIMEOUT": "60s",
+            **overrides,
+        },
+    )
+
+
 # What the ``launch_gateway`` fixture gives a test: ``await launch(codex_bin=None, **env)``.
 LaunchGateway = Callable[..., Awaitable["RunningGateway"]]
 

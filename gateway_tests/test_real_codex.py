@@ -19,10 +19,9 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from gateway_tests.harness import (
     RunningGateway,
-    closed_port,
     connect,
     eventually,
-    gateway_env,
+    real_codex_env,
     start_gateway,
     token_for,
 )
@@ -37,12 +36,7 @@ async def gateway(
     nursery: trio.Nursery, tmp_path: Path, real_codex_bin: Path
 ) -> AsyncIterator[RunningGateway]:
     """A gateway whose sessions run the real codex, with an unreachable model provider."""
-    env = gateway_env(
-        tmp_path,
-        real_codex_bin,
-        CXG_MODEL_PROVIDER_BASE_URL=f"http://127.0.0.1:{await closed_port()}/v1",
-        CXG_CHILD_READY_TIMEOUT="60s",
-    )
+    env = await real_codex_env(tmp_path, real_codex_bin)
     running = await start_gateway(nursery, env)
     yield running
     await running.shutdown()

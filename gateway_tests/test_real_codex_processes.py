@@ -17,10 +17,9 @@ import trio
 from gateway.sessions.process_tree import read_stat
 from gateway_tests.harness import (
     RunningGateway,
-    closed_port,
     connect,
     eventually,
-    gateway_env,
+    real_codex_env,
     start_gateway,
 )
 from gateway_tests.process_trees import is_running
@@ -32,12 +31,7 @@ STEP_TIMEOUT = 30.0
 async def gateway(
     nursery: trio.Nursery, tmp_path: Path, real_codex_bin: Path
 ) -> AsyncIterator[RunningGateway]:
-    env = gateway_env(
-        tmp_path,
-        real_codex_bin,
-        CXG_MODEL_PROVIDER_BASE_URL=f"http://127.0.0.1:{await closed_port()}/v1",
-        CXG_CHILD_READY_TIMEOUT="60s",
-    )
+    env = await real_codex_env(tmp_path, real_codex_bin)
     running = await start_gateway(nursery, env)
     yield running
     await running.shutdown()

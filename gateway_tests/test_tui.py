@@ -20,8 +20,7 @@ import trio
 from gateway_tests.harness import (
     POLL_INTERVAL,
     RunningGateway,
-    closed_port,
-    gateway_env,
+    real_codex_env,
     start_gateway,
     token_for,
 )
@@ -44,11 +43,9 @@ async def gateway(
     nursery: trio.Nursery, tmp_path: Path, real_codex_bin: Path
 ) -> AsyncIterator[RunningGateway]:
     """A gateway with the real codex as its child and an unreachable model provider."""
-    env = gateway_env(
+    env = await real_codex_env(
         tmp_path,
         real_codex_bin,
-        CXG_MODEL_PROVIDER_BASE_URL=f"http://127.0.0.1:{await closed_port()}/v1",
-        CXG_CHILD_READY_TIMEOUT="60s",
         CXG_MODEL=MODEL,
     )
     running = await start_gateway(nursery, env)

@@ -20,9 +20,8 @@ import trio
 from gateway_tests.harness import (
     Rpc,
     RunningGateway,
-    closed_port,
     connect,
-    gateway_env,
+    real_codex_env,
     start_gateway,
 )
 from gateway_tests.reliability.support import CountsRecorder
@@ -35,12 +34,7 @@ async def gateway(
     nursery: trio.Nursery, tmp_path: Path, real_codex_bin: Path
 ) -> AsyncIterator[RunningGateway]:
     """The real codex as the child, default policy, an unreachable model."""
-    env = gateway_env(
-        tmp_path,
-        real_codex_bin,
-        CXG_MODEL_PROVIDER_BASE_URL=f"http://127.0.0.1:{await closed_port()}/v1",
-        CXG_CHILD_READY_TIMEOUT="60s",
-    )
+    env = await real_codex_env(tmp_path, real_codex_bin)
     env.pop("CXG_POLICY_EXTRA_METHODS")  # the real codex: nothing beyond the defaults
     running = await start_gateway(nursery, env)
     yield running
