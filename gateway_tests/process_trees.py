@@ -30,12 +30,17 @@ def make_tree_launcher(directory: Path, pid_file: Path, *, last_words: str | Non
     and exits 101: what a dying child writes last.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    # The child may run under a uid of its own (isolation): it must be able to append here.
+    pid_file.touch()
+    pid_file.chmod(0o666)
     path = directory / "codex-tree"
     out = shlex.quote(str(pid_file))
     fake = f"{shlex.quote(str(fake_codex_python()))} {shlex.quote(str(FAKE_CODEX_SCRIPT))}"
     quiet = "</dev/null >/dev/null 2>&1"
     lines = [
         "#!/bin/sh",
+        # The daemon's start-up check runs `codex --version`: no tree for that one.
+        f'if [ "$1" = "--version" ]; then exec {fake} "$@"; fi',
         f"sh -c 'trap \"\" TERM; exec sleep 1000' {quiet} &",
         f'echo "ignores_term $!" >> {out}',
         f"setsid sleep 1000 {quiet} &",

@@ -209,6 +209,31 @@ async def run_codex_child(
     stderr = _LineReader(process.stderr)
     stdout = _LineReader(process.stdout)
     drain = _Drain()
+    try:
+        return await _supervise(spec, process, token, stdout, stderr, drain, task_status)
+    except BaseExceptionGroup as group:
+        # The relays' nursery wraps a start failure; callers see the one ChildStartError.
+        start_errors, _ = group.split(ChildStartError)
+        if start_errors is not None:
+            raise _first_leaf(start_errors) from None
+        raise
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+async def _supervise(
+    spec: ChildSpec,
+    process: ChildProcess,
+    token: str,
+    stdout: _LineReader,
+    stderr: _LineReader,
+    drain: _Drain,
+    task_status: trio.TaskStatus[CodexChild],
+) -> int:
+    """Wait for readiness, relay output, report started, then wait for the exit; stop the tree."""
     async with trio.open_nursery() as relays:
         try:
             with trio.move_on_after(spec.ready_timeout) as banner_scope:
