@@ -22,6 +22,7 @@ from gateway.auth.tokens import mint_hmac_token
 from gateway.config import Config, ConfigError, load_config, require_authenticator
 from gateway.daemon import run_daemon
 from gateway.logs import configure_logging
+from gateway.sessions.isolation import IsolationError
 from gateway.web.server import BindError
 from gateway_tests.conftest import FAKES, REPO, find_real_codex
 from gateway_tests.fakes.fake_model_server import FakeModelServer
@@ -88,7 +89,7 @@ async def _run(args: argparse.Namespace, environ: dict[str, str], token: str) ->
         configure_logging(config.log_level, config.log_format)
         try:
             urls: list[str] = await nursery.start(_serve, config, nursery.cancel_scope)
-        except BindError as exc:
+        except (BindError, IsolationError) as exc:
             print(f"make run: {exc}", file=sys.stderr)
             nursery.cancel_scope.cancel()
             return 2
@@ -118,6 +119,9 @@ def main() -> None:
     args.workspace = args.workspace or ("dev-real" if args.codex == "real" else "dev")
     run_dir = Path(args.run_dir or f".run/{args.codex}").resolve()
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Passable, not listable: where the gateway runs children under their own uids (as root),
+    # they must reach their session directories below this one.
+    run_dir.chmod(0o711)
     environ = dict(os.environ)
     secret = environ.setdefault("CXG_INBOUND_HMAC_SECRET", secrets.token_hex(32))
     environ.setdefault("CXG_LISTEN_ADDR", args.listen_addr)
