@@ -30,6 +30,7 @@ from gateway.sessions.relay import FrameTracker
 from gateway.web import server as front_door
 from gateway_tests.fakes.launchers import make_fake_codex_launcher
 from gateway_tests.harness import (
+    POLL_INTERVAL,
     RunningGateway,
     connect,
     gateway_env,
@@ -351,9 +352,13 @@ async def test_a_child_that_does_not_read_holds_its_clients_back_within_the_budg
                     for client in writers:
                         senders.start_soon(flood, client)
                     # 6 clients x 4 frames of 4 MiB = 96 MiB offered; the child reads nothing.
-                    for _ in range(20):
-                        await trio.sleep(0.1)
-                        assert await _inflight(gateway) <= budget
+                    # Wait for the budget to be in use (a whole frame held), checking on every
+                    # look that it is never exceeded.
+                    with trio.fail_after(20):
+                        while (held := await _inflight(gateway)) < len(blob):
+                            assert held <= budget
+                            await trio.sleep(POLL_INTERVAL)
+                    assert await _inflight(gateway) <= budget
                     # Backpressure: most of what was offered is still with the senders.
                     assert sent[0] < 6 * 4
                     os.kill(pid, signal.SIGCONT)
