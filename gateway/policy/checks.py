@@ -142,9 +142,16 @@ def _check_paths(
 
 def sandbox_mode(ctx: Context, field: str, value: object) -> Violation | None:
     """A ``SandboxMode`` string within ``CXG_POLICY_MAX_SANDBOX``."""
+    return _ranked_within_max(ctx, field, value, SANDBOX_RANK)
+
+
+def _ranked_within_max(
+    ctx: Context, field: str, value: object, ranks: Mapping[str, int]
+) -> Violation | None:
+    """A name whose rank in ``ranks`` is at most the maximum sandbox's (absent: no choice)."""
     if value is None:
         return None
-    rank = SANDBOX_RANK.get(value) if isinstance(value, str) else None
+    rank = ranks.get(value) if isinstance(value, str) else None
     if rank is None or rank > SANDBOX_RANK[ctx.settings.max_sandbox]:
         return _sandbox_violation(ctx, field, value)
     return None
@@ -175,12 +182,7 @@ def sandbox_policy(ctx: Context, field: str, value: object) -> Violation | None:
 
 def permission_profile(ctx: Context, field: str, value: object) -> Violation | None:
     """A built-in permission profile id within the maximum."""
-    if value is None:
-        return None
-    rank = _PROFILE_RANK.get(value) if isinstance(value, str) else None
-    if rank is None or rank > SANDBOX_RANK[ctx.settings.max_sandbox]:
-        return _sandbox_violation(ctx, field, value)
-    return None
+    return _ranked_within_max(ctx, field, value, _PROFILE_RANK)
 
 
 def approval_policy(ctx: Context, field: str, value: object) -> Violation | None:
