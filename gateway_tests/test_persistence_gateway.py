@@ -81,6 +81,19 @@ async def listed_threads(rpc: Any) -> set[str]:
     return {thread["id"] for thread in (await rpc.result("thread/list", {}))["data"]}
 
 
+def thread_row(database_path: Path, thread_id: str) -> tuple[Any, ...] | None:
+    """The columns of a thread's row in codex's state database that decide its listing."""
+    database = sqlite3.connect(f"file:{database_path}?mode=ro", uri=True)
+    try:
+        row: tuple[Any, ...] | None = database.execute(
+            "SELECT has_user_event, first_user_message, archived FROM threads WHERE id = ?",
+            (thread_id,),
+        ).fetchone()
+        return row
+    finally:
+        database.close()
+
+
 def holds_thread(bucket: BucketView, workspace_id: str, thread_id: str) -> Callable[[], bool]:
     """A predicate: the stored archive holds a file named after ``thread_id``."""
 
@@ -168,13 +181,28 @@ async def test_real_codex_thread_survives_sigkill_of_the_whole_daemon_on_a_new_n
             await rpc.wait_for("item/completed", is_user_message(text))
             await rpc.result("turn/interrupt", {"threadId": thread_id, "turnId": turn["id"]})
 
-            def checkpoint_holds_the_message() -> bool:
+            # codex records the message in the rollout first and marks the thread listable in
+            # its state database a moment later; what survives must be both, as the live
+            # child shows them once the thread is listed.
+            with trio.fail_after(STEP_TIMEOUT):
+                while thread_id not in await listed_threads(rpc):
+                    await trio.sleep(0.1)
+            live_home = rollout.parents[4]
+            listed_row = thread_row(live_home / "state_5.sqlite", thread_id)
+
+            def checkpoint_holds_the_listed_thread() -> bool:
                 members = bucket.members("ws_kill") or {}
-                return any(
+                in_rollout = any(
                     thread_id in name and text.encode() in data for name, data in members.items()
                 )
+                database = members.get("state_5.sqlite")
+                if not in_rollout or database is None:
+                    return False
+                copy = tmp_path / "checkpointed_state.sqlite"
+                copy.write_bytes(database)
+                return thread_row(copy, thread_id) == listed_row
 
-            await eventually(checkpoint_holds_the_message, within=STEP_TIMEOUT)
+            await eventually(checkpoint_holds_the_listed_thread, within=STEP_TIMEOUT)
             doomed = [daemon.process.pid, *descendants(daemon.process.pid)]
             assert len(doomed) >= 2, "the codex child should be running"
             for pid in doomed:
