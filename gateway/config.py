@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any, NewType
 from urllib.parse import urlsplit
@@ -137,6 +138,32 @@ class PolicySettings:
 
 
 @attrs.frozen
+class ReplicaSettings:
+    """Replica mode (``CXG_PEER_ADDR`` set): several pods share the store, one owner each.
+
+    The heartbeat interval and the self-fencing bound derive from ``takeover_after`` so that
+    an owner always fences itself (kills its children, closes its clients) before any peer can
+    judge it silent and take its workspaces: see docs/operations.md.
+    """
+
+    pod_name: str
+    peer_addr: str
+    peer_listen_addr: str
+    peer_secret: Secret
+    takeover_after: float = 25.0
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """How often this pod rewrites its heartbeat object (and reads its peers')."""
+        return self.takeover_after / 5
+
+    @property
+    def fence_after(self) -> float:
+        """Without a renewed heartbeat for this long, this pod fences itself."""
+        return self.takeover_after * 3 / 5
+
+
+@attrs.frozen
 class Config:
     """Everything ``serve`` needs, validated."""
 
@@ -172,6 +199,8 @@ class Config:
     child_isolation: str = "auto"
     child_uid_range: tuple[int, int] = (100000, 165535)
     policy: PolicySettings = PolicySettings()
+    # None: the single-pod daemon (no ownership records, no internal listener).
+    replicas: ReplicaSettings | None = None
 
 
 @attrs.frozen
@@ -242,6 +271,11 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("CXG_POLICY_ALLOW_SHELL_COMMAND", "true", bool),
     _Var("CXG_POLICY_DENY_METHODS", "", CsvList),
     _Var("CXG_POLICY_EXTRA_METHODS", "", CsvList),
+    _Var("CXG_PEER_ADDR", None, str),
+    _Var("CXG_POD_NAME", "", str),
+    _Var("CXG_PEER_LISTEN_ADDR", ":8087", str),
+    _Var("CXG_PEER_SECRET", None, Secret, secret=True),
+    _Var("CXG_OWNER_TAKEOVER_AFTER", "25s", Seconds),
 )
 SECRET_NAMES = tuple(var.name for var in VARIABLES if var.secret)
 # Each secret may instead be given as the path of a file (``CXG_<NAME>_FILE``), so that it is in
@@ -543,6 +577,8 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             startup_timeout=values["CXG_EXECUTOR_STARTUP_TIMEOUT"],
         )
 
+    replicas = _replica_settings(values, has_s3=s3 is not None)
+
     return Config(
         listen_addr=values["CXG_LISTEN_ADDR"],
         codex_bin=values["CXG_CODEX_BIN"],
@@ -586,6 +622,59 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
         child_isolation=isolation,
         child_uid_range=values["CXG_CHILD_UID_RANGE"],
         policy=policy,
+        replicas=replicas,
+    )
+
+
+# A pod name is part of object keys and log lines: what Kubernetes allows for a pod name.
+_POD_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+# Below this, one slow store round trip could make a live owner look dead.
+_MIN_TAKEOVER_SECONDS = 5.0
+
+
+def _replica_settings(values: Mapping[str, Any], *, has_s3: bool) -> ReplicaSettings | None:
+    """Replica mode's settings, or ``None`` when ``CXG_PEER_ADDR`` is unset."""
+    peer_addr = values["CXG_PEER_ADDR"]
+    if not peer_addr:
+        return None
+    match = _LISTEN.match(peer_addr.strip())
+    if match is None or not match.group("host").strip("[]") or int(match.group("port")) > 65535:
+        raise ConfigError(
+            "CXG_PEER_ADDR must be the HOST:PORT other replicas reach this one at "
+            f"(e.g. $(POD_IP):8087), got {peer_addr!r}"
+        )
+    try:
+        split_listen_addr(values["CXG_PEER_LISTEN_ADDR"])
+    except ValueError as exc:
+        raise ConfigError(f"CXG_PEER_LISTEN_ADDR: {exc}") from None
+    if not has_s3:
+        raise ConfigError(
+            "CXG_PEER_ADDR (replica mode) needs the S3 store: set CXG_S3_BUCKET; the local "
+            "directory store is one pod's disk"
+        )
+    secret = values["CXG_PEER_SECRET"]
+    if not secret:
+        raise ConfigError(
+            "CXG_PEER_ADDR (replica mode) needs CXG_PEER_SECRET, the same on every replica"
+        )
+    pod_name = values["CXG_POD_NAME"] or socket.gethostname()
+    if not _POD_NAME.fullmatch(pod_name):
+        raise ConfigError(
+            f"CXG_POD_NAME must be a Kubernetes pod name (lower-case letters, digits, '-' and "
+            f"'.'), got {pod_name!r}"
+        )
+    takeover = values["CXG_OWNER_TAKEOVER_AFTER"]
+    if takeover < _MIN_TAKEOVER_SECONDS:
+        raise ConfigError(
+            f"CXG_OWNER_TAKEOVER_AFTER must be at least {_MIN_TAKEOVER_SECONDS:g}s, got "
+            f"{takeover:g}s"
+        )
+    return ReplicaSettings(
+        pod_name=pod_name,
+        peer_addr=peer_addr.strip(),
+        peer_listen_addr=values["CXG_PEER_LISTEN_ADDR"],
+        peer_secret=secret,
+        takeover_after=takeover,
     )
 
 

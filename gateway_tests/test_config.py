@@ -39,7 +39,12 @@ OTHER_SECRETS = {
     "CXG_CODEX_API_KEY": "sk-static-codex-api-key",
     "CXG_ADMIN_SECRET": "admin-secret",
 }
-FULL = {**AGENTSERVER, **EXEC_GATEWAY, **S3, **OTHER_SECRETS}
+REPLICAS = {
+    "CXG_PEER_ADDR": "10.0.0.7:8087",
+    "CXG_POD_NAME": "codex-app-gateway-0",
+    "CXG_PEER_SECRET": "peer-secret-of-at-least-thirty-two-bytes",
+}
+FULL = {**AGENTSERVER, **EXEC_GATEWAY, **S3, **OTHER_SECRETS, **REPLICAS}
 SECRET_NAMES = sorted(var.name for var in VARIABLES if var.secret)
 
 
@@ -572,3 +577,41 @@ def test_config_is_immutable() -> None:
     with pytest.raises(AttributeError):
         config.tmp_root = "/elsewhere"  # type: ignore[misc]
     assert isinstance(config, Config)
+
+
+# -- replica mode ----------------------------------------------------------------------------
+
+
+def test_replica_mode_is_off_without_a_peer_address() -> None:
+    assert load_config({**S3, **OTHER_SECRETS}).replicas is None
+
+
+def test_replica_mode_reads_its_variables_and_derives_its_timings() -> None:
+    replicas = load_config({**FULL, "CXG_OWNER_TAKEOVER_AFTER": "10s"}).replicas
+    assert replicas is not None
+    assert replicas.pod_name == "codex-app-gateway-0"
+    assert replicas.peer_addr == "10.0.0.7:8087"
+    assert replicas.peer_listen_addr == ":8087"
+    assert replicas.takeover_after == 10.0
+    assert replicas.heartbeat_interval == 2.0
+    assert replicas.fence_after == 6.0
+    assert replicas.fence_after + replicas.heartbeat_interval < replicas.takeover_after
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"CXG_PEER_ADDR": ":8087"}, "CXG_PEER_ADDR must be the HOST:PORT"),
+        ({"CXG_PEER_ADDR": "10.0.0.7"}, "CXG_PEER_ADDR must be the HOST:PORT"),
+        ({"CXG_PEER_LISTEN_ADDR": "8087"}, "CXG_PEER_LISTEN_ADDR"),
+        ({"CXG_PEER_SECRET": ""}, "needs CXG_PEER_SECRET"),
+        ({"CXG_POD_NAME": "Pod_0"}, "CXG_POD_NAME must be a Kubernetes pod name"),
+        ({"CXG_POD_NAME": "../etc"}, "CXG_POD_NAME must be a Kubernetes pod name"),
+        ({"CXG_OWNER_TAKEOVER_AFTER": "2s"}, "CXG_OWNER_TAKEOVER_AFTER must be at least 5s"),
+        ({"CXG_S3_BUCKET": "", "CXG_S3_ENDPOINT": ""}, "needs the S3 store"),
+    ],
+)
+def test_replica_mode_refuses_what_it_cannot_run_with(change: dict[str, str], named: str) -> None:
+    message = config_error({**FULL, **change})
+    assert named in message
+    assert FULL["CXG_PEER_SECRET"] not in message

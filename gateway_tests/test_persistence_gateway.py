@@ -185,7 +185,7 @@ async def test_real_codex_thread_survives_sigkill_of_the_whole_daemon_on_a_new_n
             # its state database a moment later; what survives must be both, as the live
             # child shows them once the thread is listed.
             with trio.fail_after(STEP_TIMEOUT):
-                while thread_id not in await listed_threads(rpc):
+                while thread_id not in await listed_threads(rpc):  # noqa: ASYNC110 - codex notifies nothing when the thread becomes listable
                     await trio.sleep(0.1)
             live_home = rollout.parents[4]
             listed_row = thread_row(live_home / "state_5.sqlite", thread_id)
