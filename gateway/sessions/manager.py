@@ -17,6 +17,7 @@ import attrs
 import structlog
 import trio
 
+from gateway.replicas.placement import NotOwnedHere
 from gateway.sessions.directories import SessionDirectories
 from gateway.sessions.outcome import (
     Outcome,
@@ -104,8 +105,16 @@ class SessionManager:
 
     # -- attaching --------------------------------------------------------------------------
 
-    async def attach(self, workspace_id: str) -> Session:
-        """Return the workspace's running session, starting it if needed."""
+    async def attach(self, workspace_id: str, *, epoch: int | None = None) -> Session:
+        """Return the workspace's running session, starting it if needed.
+
+        ``epoch``: a connect forwarded by a peer pod for that ownership epoch; it is served only
+        while this pod holds the workspace at exactly that epoch (else ``NotOwnedHere``), and
+        never makes this pod claim the workspace.
+        """
+        placement = self._services.placement
+        if epoch is not None and not placement.holds(workspace_id, epoch):
+            raise NotOwnedHere()
         while True:
             entry = self._sessions.get(workspace_id)
             if entry is None:
@@ -130,6 +139,8 @@ class SessionManager:
                 await entry.settled.wait()
                 raise started
             if started is not None and not started.stopping:
+                if epoch is not None and started.epoch != epoch:
+                    raise NotOwnedHere()
                 return started
 
     def _start(self, workspace_id: str, adopt: Unsaved | None) -> _Entry:

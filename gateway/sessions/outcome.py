@@ -19,6 +19,8 @@ class StopReason(enum.Enum):
     CHILD_EXITED = (1011, "codex app-server exited")
     START_FAILED = (1011, "session failed to start")
     SUPERSEDED = (1012, "a newer snapshot of this workspace exists elsewhere")
+    # Replica mode: another pod owns the workspace; the connect is forwarded there.
+    OWNED_ELSEWHERE = (1012, "workspace is served by another pod")
 
     @property
     def close_code(self) -> int:

@@ -35,6 +35,7 @@ from gateway import metrics
 from gateway.codex_home.config_toml import CodexConfig, McpServer, ModelProvider, render_config_toml
 from gateway.codex_home.persistence import HostileArchive, Persistence, ReadAs
 from gateway.config import Config
+from gateway.replicas.placement import OwnedElsewhere, Placement, SolePlacement
 from gateway.sessions.child import ChildSpec, CodexChild, build_child_env, run_codex_child
 from gateway.sessions.directories import SessionDirectories
 from gateway.sessions.isolation import ChildIdentity, ChildIsolation, IsolationError, UidRange
@@ -90,6 +91,8 @@ class SessionServices:
     executors: ExecutorsFactory
     inherited_env: dict[str, str] = attrs.field(repr=False)
     isolation: ChildIsolation = attrs.field(factory=lambda: ChildIsolation(False, UidRange(1, 1)))
+    # Which pod serves each workspace (replica mode); one pod owns everything otherwise.
+    placement: Placement = attrs.field(factory=SolePlacement)
 
 
 class Session:
@@ -117,6 +120,8 @@ class Session:
         )
         #: The uid/gid this session's child runs under (None: the gateway's own).
         self.identity: ChildIdentity | None = None
+        #: The ownership epoch this session runs under (always 0 on a single pod).
+        self.epoch: int | None = None
         self.started_at = time.time()
         self.child: CodexChild | None = None
         self.last_activity = trio.current_time()
@@ -246,6 +251,8 @@ class Session:
         child_ran = False
         try:
             try:
+                # First of all: is this pod the workspace's owner? Nothing is touched if not.
+                self.epoch = await self._services.placement.claim(self.workspace_id)
                 self.identity = self._services.isolation.allocate()
                 self._saver.read_as = self._read_as()
                 credentials = await self._prepare()
@@ -278,9 +285,14 @@ class Session:
     ) -> None:
         """The one start-failure path, before or after the restore: the connect gets ``error``."""
         # The detail is logged by the connect it fails, under that request id.
-        log.warning("session.start_failed", status=error.status)
-        metrics.SESSION_STARTS.labels(result="failed").inc()
-        self._stop_reason = StopReason.START_FAILED
+        if isinstance(error, OwnedElsewhere):
+            # Not a failure: the connect goes to the owner, and no crash is counted.
+            log.info("session.owned_elsewhere", pod=error.owner.pod, epoch=error.owner.epoch)
+            self._stop_reason = StopReason.OWNED_ELSEWHERE
+        else:
+            log.warning("session.start_failed", status=error.status)
+            metrics.SESSION_STARTS.labels(result="failed").inc()
+            self._stop_reason = StopReason.START_FAILED
         task_status.started(error)
 
     async def _prepare(self) -> ModelCredentials:
