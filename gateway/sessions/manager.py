@@ -187,15 +187,24 @@ class SessionManager:
             entry.started_event.set()
             outcome = session.outcome
             if outcome is not None:
-                self._note_end(session.workspace_id, outcome, trio.current_time() - began)
+                refused = (
+                    isinstance(entry.started, SessionStartError) and entry.started.status == 500
+                )
+                self._note_end(
+                    session.workspace_id, outcome, trio.current_time() - began, refused=refused
+                )
             # An unsaved home stays in the table until a new session adopts it.
             leaves = outcome is not None and not isinstance(outcome.save, Unsaved)
             if self._sessions.get(session.workspace_id) is entry and leaves:
                 del self._sessions[session.workspace_id]
             entry.settled.set()
 
-    def _note_end(self, workspace_id: str, outcome: Outcome, lifetime: float) -> None:
-        if outcome.reason in (StopReason.CHILD_EXITED, StopReason.START_FAILED):
+    def _note_end(
+        self, workspace_id: str, outcome: Outcome, lifetime: float, *, refused: bool
+    ) -> None:
+        # A refused archive (500) is not a crash: each connect gets the refusal itself, which
+        # names the object to look at, at no cost (the refusal is remembered by generation).
+        if outcome.reason in (StopReason.CHILD_EXITED, StopReason.START_FAILED) and not refused:
             record = self._crashes.setdefault(workspace_id, _CrashRecord())
             if lifetime > CRASH_FORGET_SECONDS:
                 record.count = 0
