@@ -23,6 +23,7 @@ from gateway.codex_home.persistence import (
     PersistenceUnavailable,
     RefusalMemo,
     StaleSnapshot,
+    UnrestorableHome,
     open_object_store,
 )
 from gateway.config import RestoreLimits, S3Settings, load_config
@@ -272,14 +273,16 @@ async def test_stale_writer_is_rejected_and_newer_snapshot_survives(
 
 async def test_stale_large_writer_is_rejected(s3_store: RecordingStore, tmp_path: Path) -> None:
     """The multipart path fences too (moto ignores conditions on completion; see the store)."""
+    # Limits that admit a file larger than one part.
+    roomy = Persistence(s3_store, RestoreLimits(max_total_bytes=64 << 20, max_entries=50))
     home = make_home(tmp_path / "a")
-    first = await persistence(s3_store).save(WS, home, Generation(stored=None))
+    first = await roomy.save(WS, home, Generation(stored=None))
     (home / "history.jsonl").write_text("changed\n")
-    await persistence(s3_store).save(WS, home, first)
+    await roomy.save(WS, home, first)
 
     (home / "random.bin").write_bytes(os.urandom(MIN_PART_SIZE + 4096))
     with pytest.raises(StaleSnapshot):
-        await persistence(s3_store).save(WS, home, first)
+        await roomy.save(WS, home, first)
 
 
 async def test_store_down_at_restore_is_unavailable_and_starts_nothing(
@@ -519,3 +522,35 @@ def test_the_refusal_memo_is_bounded_and_forgets_the_least_recent() -> None:
     assert [memo.get(f"k{i}", "g") for i in (0, 2, 3)] == ["refused 0", "refused 2", "refused 3"]
     assert memo.get("k0", "other generation") is None
     assert len(memo) == 2
+
+
+@pytest.mark.parametrize("past", ["entries", "entry_bytes", "total_bytes", "ratio"])
+async def test_a_home_past_the_restore_limits_is_not_saved_over_a_restorable_snapshot(
+    past: str, s3_store: RecordingStore, moto_server: MotoServer, tmp_path: Path
+) -> None:
+    limits = RestoreLimits(max_total_bytes=4 << 20, max_entries=20, max_ratio=10)
+    saver = Persistence(s3_store, limits, max_entry_bytes=1 << 20)
+    saver.archive_limits = attrs.evolve(saver.archive_limits, ratio_floor=64 << 10)
+    home = make_home(tmp_path / "a")
+    saved = await saver.save(WS, home, Generation(stored=None))
+    before = await stored_bytes(moto_server)
+
+    if past == "entries":
+        for index in range(20):
+            (home / f"note-{index}.txt").write_text("x")
+    elif past == "entry_bytes":
+        (home / "large.bin").write_bytes(os.urandom((1 << 20) + 1))
+    elif past == "total_bytes":
+        for index in range(5):
+            (home / f"part-{index}.bin").write_bytes(os.urandom(1 << 20))
+    else:
+        # Compresses far beyond ten times: restoring it would be refused as a bomb.
+        (home / "zeros.bin").write_bytes(bytes(1 << 20))
+
+    with pytest.raises(UnrestorableHome, match="restore limits") as refused:
+        await saver.save(WS, home, saved)
+    assert KEY in str(refused.value)
+    assert await stored_bytes(moto_server) == before
+    # What is stored still restores, under the very same limits.
+    restored = await saver.restore(WS, tmp_path / "b" / "codex-home")
+    assert restored.stored == saved.stored

@@ -358,16 +358,25 @@ def write_archive(
     *,
     chunk_size: int = CHUNK_SIZE,
     level: int = DEFAULT_COMPRESSLEVEL,
+    restorable_within: ArchiveLimits | None = None,
 ) -> int:
     """Write ``entries`` as a tar.gz stream to ``emit``; return the compressed size.
 
     Files that vanish between listing and reading are left out (they were deleted while the
     home was live, which is what a later snapshot would show anyway).
+
+    ``restorable_within``: the limits a restore will apply. An archive that would break them
+    (entries, bytes per entry, total, the ratio bound once the compressed size is known) raises
+    ``UnsafeEntry`` before the stream ends, so it is never stored over a snapshot that can be
+    restored.
     """
+    budget = None if restorable_within is None else ExtractBudget(restorable_within)
     sink = GzipChunkWriter(emit, chunk_size=chunk_size, level=level)
     with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as archive:  # type: ignore[call-overload]
         for entry in entries:
             if entry.kind is EntryKind.DIRECTORY:
+                if budget is not None:
+                    budget.count_directory()
                 archive.addfile(_tarinfo(entry, 0))
                 continue
             assert entry.source is not None, "file entries need a source"
@@ -379,8 +388,19 @@ def write_archive(
                 size = os.fstat(file.fileno()).st_size
                 if entry.trim_partial_line and size:
                     size = _last_newline_size(file, size)
+                if budget is not None:
+                    budget.count_directory()  # an entry, whatever its kind
+                    budget.charge(entry.name, size)
                 archive.addfile(_tarinfo(entry, size), _ExactReader(file, size))
     sink.close()
+    if budget is not None and restorable_within is not None:
+        expandable = restorable_within.max_expanded_bytes(sink.bytes_out)
+        if budget.total_bytes > expandable:
+            raise UnsafeEntry(
+                f"{budget.total_bytes} bytes of files compress to {sink.bytes_out} bytes, more "
+                f"than the restore's ratio bound allows ({restorable_within.max_ratio} times, "
+                "CXG_RESTORE_MAX_RATIO)"
+            )
     return sink.bytes_out
 
 

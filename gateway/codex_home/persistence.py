@@ -23,6 +23,8 @@ Errors (all ``PersistenceError``; each message names the object key):
   (save).
 * ``StaleSnapshot`` (also a ``PreconditionFailed``): a newer snapshot exists; this writer must
   stop saving over it.
+* ``UnrestorableHome``: the home is past the restore limits (``CXG_RESTORE_MAX_*``), so the
+  archive is not stored: a snapshot nobody could restore must never replace one that can be.
 * ``PersistenceError`` itself: a local problem (disk full, target directory not empty).
 """
 
@@ -74,6 +76,10 @@ class HostileArchive(PersistenceError):
 
 class PersistenceUnavailable(PersistenceError, StoreUnavailable):
     """The object store could not be reached or refused the request (maps to HTTP 503)."""
+
+
+class UnrestorableHome(PersistenceError):
+    """The home is past the restore limits: stored, it could never be restored, so it is not."""
 
 
 class StaleSnapshot(PersistenceError, PreconditionFailed):
@@ -278,7 +284,12 @@ class Persistence:
                 read_as(scratch) if read_as is not None else nullcontext(),
             ):
                 entries = snapshot.snapshot_entries(codex_home, self.policy, scratch, recorded_home)
-                return archive.write_archive(entries, emit, level=self.compresslevel)
+                return archive.write_archive(
+                    entries,
+                    emit,
+                    level=self.compresslevel,
+                    restorable_within=self.archive_limits,
+                )
 
         async def upload(chunks: AsyncIterable[bytes]) -> str:
             return await self.store.write(key, chunks, expected_generation=expected.stored)
@@ -293,6 +304,11 @@ class Persistence:
         except StoreUnavailable as exc:
             raise PersistenceUnavailable(
                 f"saving {key} to {self.store.describe()} failed: {exc}"
+            ) from exc
+        except archive.BadArchive as exc:
+            raise UnrestorableHome(
+                f"not saving {key}: the home could not be restored under the restore limits "
+                f"({exc}); the stored snapshot is kept, and so is the local home"
             ) from exc
         except (OSError, sqlite3.Error) as exc:
             raise PersistenceError(f"snapshotting {codex_home} for {key} failed: {exc}") from exc
