@@ -97,6 +97,8 @@ async def test_a_stopped_session_leaves_no_process_or_zombie_below_the_daemon(
     launcher = make_tree_launcher(tmp_path / "bin", pid_file)
     with trio.fail_after(STEP_TIMEOUT * 2):
         async with serve_process(daemon_env(tmp_path, launcher)) as (daemon, url):
+            # The start-up checks run `codex --version` as a child of their own: let them end.
+            await daemon.wait_for_log("startup.checks_passed")
             async with client(url, token_for("ws_reaped")) as rpc:
                 child = int((await rpc.result("fake/pid"))["pid"])
                 await eventually(lambda: len(read_pids(pid_file)) == len(GRANDCHILDREN))
