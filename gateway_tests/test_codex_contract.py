@@ -21,15 +21,16 @@ from typing import Any
 import jsonschema
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
-from gateway_tests.test_fake_codex import (
+from gateway_tests.app_server_process import (
     UPGRADE_HEADERS,
     Client,
     FakeProcess,
     child_env,
     running_fake,
 )
+from gateway_tests.harness import bearer, rejected_connect
 
 TOKEN = "contract-capability-token"
 AUTH_ARGS = (
@@ -188,11 +189,8 @@ async def test_banner_health_and_origin(codex: Path, tmp_path: Path) -> None:
 async def test_capability_token_is_enforced(codex: Path, tmp_path: Path) -> None:
     async with serving(codex, tmp_path / "home", *AUTH_ARGS) as server:
         with trio.fail_after(20):
-            for headers in (None, [(b"authorization", b"Bearer wrong-token")]):
-                with pytest.raises(ConnectionRejected) as rejected:
-                    async with open_websocket_url(server.url, extra_headers=headers):
-                        pass
-                assert rejected.value.status_code == 401
+            for headers in ([], bearer("wrong-token")):
+                assert (await rejected_connect(server.url, headers)).status_code == 401
             async with client(server) as rpc:
                 assert "threadId" not in await rpc.result("thread/loaded/list")
 

@@ -29,15 +29,20 @@ from gateway.clients.execgateway import ConnectedExecutor
 from gateway.codex_home.config_toml import CodexConfig, McpServer, ModelProvider, render_config_toml
 from gateway.config import ExecGatewaySettings, Secret
 from gateway.executors import executor_mcp_servers, executor_servers_for
-from gateway_tests.executor_fixtures import API_KEY, CAP_SECRET, WORKSPACE
+from gateway_tests.executor_fixtures import (
+    API_KEY,
+    CAP_SECRET,
+    TURN_TIMEOUT,
+    WORKSPACE,
+    assert_first_request_offers,
+    shell_call,
+    tool_output_seen_by_model,
+)
 from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway
 from gateway_tests.fakes.fake_model_server import (
     FakeModelServer,
-    FunctionCallReply,
     TextReply,
     announced_mcp_namespaces,
-    function_call_outputs,
-    output_text,
 )
 from gateway_tests.fakes.launchers import fake_codex_python
 from gateway_tests.real_app_server import run_app_server
@@ -45,7 +50,6 @@ from gateway_tests.real_app_server import run_app_server
 # How the daemon tells codex to run this gateway (``gateway.daemon.self_command``); the entries
 # append ``env-mcp`` and its flags, so this goes through the real command line.
 SELF_COMMAND = (str(fake_codex_python()), "-m", "gateway")
-TURN_TIMEOUT = 90
 _BANNER = re.compile(rb"listening on:\s*(ws://[0-9.]+:\d+)")
 
 
@@ -137,14 +141,7 @@ async def run_turn_with_servers(
     )
     (codex_home / "config.toml").write_text(render_config_toml(config))
     if command is not None:
-        model.script.append(
-            FunctionCallReply(
-                namespace="mcp__exe_alpha",
-                name="shell",
-                arguments={"command": command},
-                call_id="call_shell_1",
-            )
-        )
+        model.script.append(shell_call(command))
     model.script.append(TextReply("The command ran." if command else "Plain chat."))
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
@@ -157,25 +154,6 @@ async def run_turn_with_servers(
                 result = await AppServerClient(ws).run_turn("Say hello on the executor.")
         nursery.cancel_scope.cancel()
     return result
-
-
-def assert_first_request_offers(model: FakeModelServer, namespace: str) -> None:
-    """The thread's first model request lists ``namespace`` (as a tool or a deferred one)."""
-    requests = model.responses_requests()
-    assert requests, "the turn never reached the model"
-    offered = announced_mcp_namespaces(requests[0].body)
-    assert namespace in offered, f"first model request offered {sorted(offered)}, not {namespace}"
-
-
-def tool_output_seen_by_model(model: FakeModelServer) -> str:
-    outputs = [
-        item
-        for request in model.responses_requests()
-        for item in function_call_outputs(request.body)
-        if item.get("call_id") == "call_shell_1"
-    ]
-    assert outputs, "the tool's result never reached the model"
-    return output_text(outputs[0])
 
 
 async def test_real_codex_runs_echo_hello_on_the_executor(

@@ -22,13 +22,12 @@ import tarfile
 import tempfile
 import tomllib
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.auth.authenticators import (
@@ -60,21 +59,11 @@ from gateway.credentials.modelserver import (
 )
 from gateway.executors import executor_mcp_servers
 from gateway.store.local import LocalDirectoryStore
-from gateway_tests.reliability.support import SOAK, CountsRecorder, Scale
+from gateway_tests.reliability.support import SOAK, CountsRecorder, Scale, bounded
 
 EXAMPLES = 2000 if SOAK else 150
 #: How each property's examples ended, by outcome (reported by the last test of the module).
 OUTCOMES: Counter[str] = Counter()
-
-
-def bounded(examples: int) -> Callable[[Any], Any]:
-    """Hypothesis settings of this suite: bounded examples, no deadline, no example database."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-    )
 
 
 # Environment values: any text, including the lone surrogates os.environ uses for undecodable
