@@ -102,6 +102,38 @@ async def running_fake(
             await proc.wait()
 
 
+async def http_get(port: int, path: str, *headers: tuple[str, str]) -> tuple[int, bytes]:
+    """One raw HTTP/1.1 request; returns (status, body).
+
+    Reads the head and a Content-Length body: the real server keeps the connection open, so
+    reading to EOF would hang (the fake closes after answering).
+    """
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}\r\n".encode()
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(body) < length:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            body += chunk
+    return int(head.split(b" ")[1]), body
+
+
 UPGRADE_HEADERS = (
     ("Upgrade", "websocket"),
     ("Connection", "Upgrade"),

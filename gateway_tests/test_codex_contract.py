@@ -28,6 +28,7 @@ from gateway_tests.app_server_process import (
     Client,
     FakeProcess,
     child_env,
+    http_get,
     running_fake,
 )
 from gateway_tests.harness import bearer, rejected_connect
@@ -107,35 +108,6 @@ def response_schema(schema_dir: Path, method: str) -> dict[str, Any]:
     assert path.exists(), f"no schema {name} for {method}"
     schema: dict[str, Any] = json.loads(path.read_text())
     return schema
-
-
-async def http_get(port: int, path: str, *headers: tuple[str, str]) -> tuple[int, bytes]:
-    """One HTTP/1.1 request; reads the head and a Content-Length body (the real server keeps
-    the connection open, so reading to EOF would hang)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}\r\n".encode()
-        )
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        while len(body) < length:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
-            body += chunk
-    return int(head.split(b" ")[1]), body
 
 
 @asynccontextmanager

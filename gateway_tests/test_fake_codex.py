@@ -22,27 +22,13 @@ from gateway_tests.app_server_process import (
     Client,
     FakeProcess,
     child_env,
+    http_get,
     running_fake,
 )
 from gateway_tests.fakes.launchers import make_fake_codex_launcher
 from gateway_tests.harness import rejected_connect
 
 MAX_MESSAGE = 128 * 1024 * 1024
-
-
-async def http_get(port: int, path: str, *headers: tuple[str, str]) -> tuple[int, bytes]:
-    """One raw HTTP/1.1 request; returns (status, body). The fake closes after answering."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}\r\n".encode()
-        )
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), body
 
 
 @asynccontextmanager
