@@ -67,6 +67,16 @@ class CountsRecorder:
         self.values[key] = self.values.get(key, 0) + amount
 
 
+def write_counts(terminalreporter: Any, title: str, counts: dict[str, dict[str, Any]]) -> None:
+    """Print ``counts`` (by test id) as a section ``title`` of pytest's terminal summary."""
+    if not counts:
+        return
+    write: Callable[..., None] = terminalreporter.write_line
+    terminalreporter.section(title)
+    for nodeid, values in counts.items():
+        write(f"{nodeid}: " + ", ".join(f"{key}={value}" for key, value in values.items()))
+
+
 async def until(predicate: Callable[[], Awaitable[bool]], *, within: float = 10.0) -> None:
     """Wait until an async ``predicate()`` holds, for states only visible by asking.
 
