@@ -249,10 +249,16 @@ class Rpc:
 
 
 @asynccontextmanager
-async def connect_url(url: str, token: str, *, initialize: bool = True) -> AsyncIterator[Rpc]:
-    """Open a client WebSocket to ``url`` presenting ``token`` (initialized unless told not)."""
+async def connect_url(
+    url: str, token: str | None = None, *, initialize: bool = True
+) -> AsyncIterator[Rpc]:
+    """Open a client WebSocket to ``url``, presenting ``token`` if given; initialize it.
+
+    ``url`` is a gateway's (``connect`` is the short form) or an app-server's run directly.
+    """
+    headers = bearer(token) if token is not None else []
     async with open_websocket_url(
-        url, extra_headers=bearer(token), max_message_size=MAX_MESSAGE, connect_timeout=30
+        url, extra_headers=headers, max_message_size=MAX_MESSAGE, connect_timeout=30
     ) as ws:
         rpc = Rpc(ws)
         if initialize:

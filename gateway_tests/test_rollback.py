@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from trio_websocket import open_websocket_url
 
-from gateway_tests.harness import LaunchGateway, Rpc, connect
+from gateway_tests.harness import LaunchGateway, connect, connect_url
 from gateway_tests.real_app_server import run_app_server
 from gateway_tests.real_codex_turns import STEP_TIMEOUT, record_user_message
 
@@ -89,9 +88,7 @@ async def test_a_home_saved_here_resumes_in_the_go_layout(
     server = await nursery.start(run_app_server, real_codex_bin, go_home, {})
     try:
         with trio.fail_after(STEP_TIMEOUT * 2):
-            async with open_websocket_url(server.url) as ws:
-                rpc = Rpc(ws)
-                await rpc.initialize()
+            async with connect_url(server.url) as rpc:
                 listed = await rpc.result("thread/list", {})
                 assert thread_id in {t["id"] for t in listed["data"]}
                 resumed = await rpc.call("thread/resume", {"threadId": thread_id})
