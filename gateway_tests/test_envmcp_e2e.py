@@ -63,6 +63,12 @@ def exec_settings(gateway: FakeExecGateway) -> ExecGatewaySettings:
     )
 
 
+async def workspace_servers(gateway: FakeExecGateway) -> tuple[McpServer, ...]:
+    """The ``[mcp_servers]`` entries the gateway renders for WORKSPACE's executors at spawn."""
+    async with httpx2.AsyncClient() as http:
+        return await executor_mcp_servers(exec_settings(gateway), http, WORKSPACE, SELF_COMMAND)
+
+
 class AppServerClient:
     """The app-server protocol, just enough for a thread and a turn."""
 
@@ -162,10 +168,7 @@ async def test_real_codex_runs_echo_hello_on_the_executor(
     model: FakeModelServer,
     exec_gateway: FakeExecGateway,
 ) -> None:
-    async with httpx2.AsyncClient() as http:
-        servers = await executor_mcp_servers(
-            exec_settings(exec_gateway), http, WORKSPACE, SELF_COMMAND
-        )
+    servers = await workspace_servers(exec_gateway)
     assert [s.name for s in servers] == ["exe_alpha"]
 
     turn, notifications = await run_turn_with_servers(
@@ -208,10 +211,7 @@ async def test_an_executor_slower_than_codexs_default_grace_is_in_the_first_requ
 ) -> None:
     # env-mcp answering tools/list 2.5 s after spawn: codex's default grace (1000 ms) would leave
     # it out of the first request; the rendered grace of 0 makes codex wait for it.
-    async with httpx2.AsyncClient() as http:
-        (server,) = await executor_mcp_servers(
-            exec_settings(exec_gateway), http, WORKSPACE, SELF_COMMAND
-        )
+    (server,) = await workspace_servers(exec_gateway)
     slow = _started_through('sleep 2.5; exec "$0" "$@"', server)
 
     turn, _ = await run_turn_with_servers(real_codex_bin, tmp_path, model, (slow,), ["true"])
@@ -229,10 +229,7 @@ async def test_a_hung_executor_delays_the_first_turn_only_by_its_startup_timeout
 ) -> None:
     # A server that never answers initialize: it reads stdin until codex closes it, and keeps
     # its stdout open (a closed one is a crash, which costs codex nothing).
-    async with httpx2.AsyncClient() as http:
-        (server,) = await executor_mcp_servers(
-            exec_settings(exec_gateway), http, WORKSPACE, SELF_COMMAND
-        )
+    (server,) = await workspace_servers(exec_gateway)
     script = """exec "$0" -c 'import sys; sys.stdin.buffer.read()'"""
     hung = _started_through(script, server, startup_timeout_sec=3.0)
 
