@@ -3,10 +3,12 @@ temp directories the children's uids can reach.
 
 Fixtures every module may use are defined (or imported) here, never imported from one test
 module into another: the in-process ``gateway`` (fake codex, test defaults) and
-``launch_gateway`` for gateways with other variables or another codex; the moto server and a
+``launch_gateway`` for gateways with other variables or another codex; ``real_gateway`` and
+``launch_real_gateway`` for the real codex as the child, no model reachable; the moto server and a
 fresh bucket (``gateway_tests.s3_server``); a versioned ``bucket`` view and an ``outage`` proxy
 in front of moto (``gateway_tests.s3_control``); the fake model server and exec gateway of the
-executor tests (``gateway_tests.executor_fixtures``).
+executor tests (``gateway_tests.executor_fixtures``); the TUI tests' gateway and fake model
+(``gateway_tests.tui``).
 """
 
 from __future__ import annotations
@@ -21,10 +23,18 @@ import pytest
 import trio
 
 from gateway.config import S3Settings
+from gateway.web.websocket import PolicyFactory
 from gateway_tests.executor_fixtures import exec_gateway, model
-from gateway_tests.harness import LaunchGateway, RunningGateway, gateway_env, start_gateway
+from gateway_tests.harness import (
+    LaunchGateway,
+    RunningGateway,
+    gateway_env,
+    real_codex_vars,
+    start_gateway,
+)
 from gateway_tests.s3_control import BucketView, S3Outage
 from gateway_tests.s3_server import MotoServer, closed_port_settings, moto_server, s3_settings
+from gateway_tests.tui import tui_gateway, tui_model
 
 __all__ = [
     "bucket",
@@ -33,11 +43,15 @@ __all__ = [
     "fake_codex_bin",
     "gateway",
     "launch_gateway",
+    "launch_real_gateway",
     "model",
     "moto_server",
     "outage",
     "real_codex_bin",
+    "real_gateway",
     "s3_settings",
+    "tui_gateway",
+    "tui_model",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,13 +153,21 @@ async def launch_gateway(
     """Start in-process gateways (``await launch_gateway(codex_bin=..., CXG_X="...")``).
 
     Each uses ``gateway_env`` under ``tmp_path`` (the fake codex unless ``codex_bin`` is
-    given) with the variables given, and is drained and stopped when the test ends.
+    given) with the variables given, and ``policy_for`` if given, and is drained and stopped
+    when the test ends.
     """
     started: list[RunningGateway] = []
 
-    async def launch(codex_bin: Path | str | None = None, **env: str) -> RunningGateway:
+    async def launch(
+        codex_bin: Path | str | None = None,
+        *,
+        policy_for: PolicyFactory | None = None,
+        **env: str,
+    ) -> RunningGateway:
         running = await start_gateway(
-            nursery, gateway_env(tmp_path, codex_bin or fake_codex_bin, **env)
+            nursery,
+            gateway_env(tmp_path, codex_bin or fake_codex_bin, **env),
+            policy_for=policy_for,
         )
         started.append(running)
         return running
@@ -159,3 +181,22 @@ async def launch_gateway(
 async def gateway(launch_gateway: LaunchGateway) -> RunningGateway:
     """An in-process gateway with the fake codex as its child and the test defaults."""
     return await launch_gateway()
+
+
+@pytest.fixture
+def launch_real_gateway(launch_gateway: LaunchGateway, real_codex_bin: Path) -> LaunchGateway:
+    """``launch_gateway`` with the real codex as the child and ``real_codex_vars``.
+
+    ``await launch_real_gateway(CXG_X="...")``; the variables given win over those defaults.
+    """
+
+    async def launch(**env: str) -> RunningGateway:
+        return await launch_gateway(real_codex_bin, **await real_codex_vars(**env))
+
+    return launch
+
+
+@pytest.fixture
+async def real_gateway(launch_real_gateway: LaunchGateway) -> RunningGateway:
+    """An in-process gateway whose sessions run the real codex, with an unreachable model."""
+    return await launch_real_gateway()

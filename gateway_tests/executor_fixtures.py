@@ -1,6 +1,7 @@
 """The fake model server and the fake exec gateway (with a real exec-server) of executor tests.
 
-Registered for every test module by ``conftest.py``.
+The fixtures are registered for every test module by ``conftest.py``; with them come the model's
+scripted ``shell`` call on ``exe_alpha`` and the checks of what the model was offered and got.
 """
 
 from __future__ import annotations
@@ -12,11 +13,20 @@ import pytest
 import trio
 
 from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway, run_exec_server
-from gateway_tests.fakes.fake_model_server import FakeModelServer
+from gateway_tests.fakes.fake_model_server import (
+    FakeModelServer,
+    FunctionCallReply,
+    announced_mcp_namespaces,
+    function_call_outputs,
+    output_text,
+)
 
 CAP_SECRET = b"cap-s3cret"
 WORKSPACE = "ws_e2e"
 API_KEY = "sk-e2e"
+# A turn with a real codex that spawns env-mcp and reaches a real exec-server.
+TURN_TIMEOUT = 90
+SHELL_CALL_ID = "call_shell_1"
 
 
 @pytest.fixture
@@ -42,3 +52,33 @@ async def exec_gateway(real_codex_bin: Path, tmp_path: Path) -> AsyncIterator[Fa
         await nursery.start(gateway.serve)
         yield gateway
         nursery.cancel_scope.cancel()
+
+
+def shell_call(command: list[str]) -> FunctionCallReply:
+    """The model's reply that has codex run ``command`` with ``exe_alpha``'s ``shell`` tool."""
+    return FunctionCallReply(
+        namespace="mcp__exe_alpha",
+        name="shell",
+        arguments={"command": command},
+        call_id=SHELL_CALL_ID,
+    )
+
+
+def assert_first_request_offers(model: FakeModelServer, namespace: str) -> None:
+    """The thread's first model request lists ``namespace`` (as a tool or a deferred one)."""
+    requests = model.responses_requests()
+    assert requests, "the turn never reached the model"
+    offered = announced_mcp_namespaces(requests[0].body)
+    assert namespace in offered, f"first model request offered {sorted(offered)}, not {namespace}"
+
+
+def tool_output_seen_by_model(model: FakeModelServer) -> str:
+    """The output of the ``shell_call`` as the model's next request carries it back."""
+    outputs = [
+        item
+        for request in model.responses_requests()
+        for item in function_call_outputs(request.body)
+        if item.get("call_id") == SHELL_CALL_ID
+    ]
+    assert outputs, "the tool's result never reached the model"
+    return output_text(outputs[0])

@@ -11,7 +11,7 @@ import itertools
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,29 @@ def token_for(workspace_id: str) -> str:
     return mint_hmac_token(HMAC_SECRET.encode(), workspace_id)
 
 
+async def admin_sessions(http_url: str) -> list[dict[str, Any]]:
+    """``GET /admin/sessions`` of the daemon serving at ``http_url`` (in-process or not)."""
+    async with httpx2.AsyncClient(timeout=60) as http:
+        response = await http.get(
+            f"{http_url}/admin/sessions", headers={"Authorization": f"Bearer {ADMIN_SECRET}"}
+        )
+    response.raise_for_status()
+    sessions: list[dict[str, Any]] = response.json()["sessions"]
+    return sessions
+
+
+async def admin_restart(
+    http_url: str, workspace_id: str, token: str = ADMIN_SECRET
+) -> httpx2.Response:
+    """``POST /admin/sessions/restart`` of ``workspace_id`` on the daemon at ``http_url``."""
+    async with httpx2.AsyncClient(timeout=60) as http:
+        return await http.post(
+            f"{http_url}/admin/sessions/restart",
+            json={"workspaceId": workspace_id},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+
+
 @attrs.define
 class RunningGateway:
     """A daemon running in the test's nursery."""
@@ -104,14 +127,7 @@ class RunningGateway:
 
     async def sessions(self) -> list[dict[str, Any]]:
         """``GET /admin/sessions``."""
-        async with httpx2.AsyncClient() as http:
-            response = await http.get(
-                f"{self.http_url}/admin/sessions",
-                headers={"Authorization": f"Bearer {ADMIN_SECRET}"},
-            )
-        response.raise_for_status()
-        sessions: list[dict[str, Any]] = response.json()["sessions"]
-        return sessions
+        return await admin_sessions(self.http_url)
 
     async def session(self, workspace_id: str) -> dict[str, Any] | None:
         """The admin listing's entry for one workspace."""
@@ -122,12 +138,7 @@ class RunningGateway:
 
     async def restart(self, workspace_id: str, token: str = ADMIN_SECRET) -> httpx2.Response:
         """``POST /admin/sessions/restart``."""
-        async with httpx2.AsyncClient(timeout=60) as http:
-            return await http.post(
-                f"{self.http_url}/admin/sessions/restart",
-                json={"workspaceId": workspace_id},
-                headers={"Authorization": f"Bearer {token}"},
-            )
+        return await admin_restart(self.http_url, workspace_id, token)
 
     async def shutdown(self) -> None:
         """Drain and stop the daemon, waiting until it has."""
@@ -135,23 +146,26 @@ class RunningGateway:
         await self.stopped.wait()
 
 
-async def real_codex_env(tmp_path: Path, real_codex_bin: Path, **overrides: str) -> dict[str, str]:
-    """``gateway_env`` for the real codex as the child, with an unreachable model provider.
+async def real_codex_vars(**overrides: str) -> dict[str, str]:
+    """The variables of a gateway whose child is the real codex, with an unreachable model.
 
-    The generous ready timeout is for a real codex on a busy machine.
+    The model provider is a closed loopback port (a turn records the user message, then keeps
+    retrying until it is interrupted); the generous ready timeout is for a busy machine.
     """
-    return gateway_env(
-        tmp_path,
-        real_codex_bin,
-        **{
-            "CXG_MODEL_PROVIDER_BASE_URL": f"http://127.0.0.1:{await closed_port()}/v1",
-            "CXG_CHILD_READY_TIMEOUT": "60s",
-            **overrides,
-        },
-    )
+    return {
+        "CXG_MODEL_PROVIDER_BASE_URL": f"http://127.0.0.1:{await closed_port()}/v1",
+        "CXG_CHILD_READY_TIMEOUT": "60s",
+        **overrides,
+    }
 
 
-# What the ``launch_gateway`` fixture gives a test: ``await launch(codex_bin=None, **env)``.
+async def real_codex_env(tmp_path: Path, real_codex_bin: Path, **overrides: str) -> dict[str, str]:
+    """``gateway_env`` for the real codex as the child, with ``real_codex_vars``."""
+    return gateway_env(tmp_path, real_codex_bin, **await real_codex_vars(**overrides))
+
+
+# What the ``launch_gateway`` fixture gives a test:
+# ``await launch(codex_bin=None, *, policy_for=None, **env)``.
 LaunchGateway = Callable[..., Awaitable["RunningGateway"]]
 
 
@@ -235,20 +249,28 @@ class Rpc:
 
 
 @asynccontextmanager
-async def connect(
-    gateway: RunningGateway, workspace_id: str, *, initialize: bool = True
+async def connect_url(
+    url: str, token: str | None = None, *, initialize: bool = True
 ) -> AsyncIterator[Rpc]:
-    """Open a client WebSocket to ``gateway`` as ``workspace_id``."""
+    """Open a client WebSocket to ``url``, presenting ``token`` if given; initialize it.
+
+    ``url`` is a gateway's (``connect`` is the short form) or an app-server's run directly.
+    """
+    headers = bearer(token) if token is not None else []
     async with open_websocket_url(
-        gateway.ws_url,
-        extra_headers=[(b"authorization", f"Bearer {token_for(workspace_id)}".encode())],
-        max_message_size=MAX_MESSAGE,
-        connect_timeout=30,
+        url, extra_headers=headers, max_message_size=MAX_MESSAGE, connect_timeout=30
     ) as ws:
         rpc = Rpc(ws)
         if initialize:
             await rpc.initialize()
         yield rpc
+
+
+def connect(
+    gateway: RunningGateway, workspace_id: str, *, initialize: bool = True
+) -> AbstractAsyncContextManager[Rpc]:
+    """Open a client WebSocket to ``gateway`` as ``workspace_id`` (a development token)."""
+    return connect_url(gateway.ws_url, token_for(workspace_id), initialize=initialize)
 
 
 async def rejected_connect(

@@ -80,3 +80,38 @@ def is_running(pid: int, start_time: int) -> bool:
     """Whether the process that started at ``start_time`` is still there (and not a zombie)."""
     stat = read_stat(pid)
     return stat is not None and stat.alive and stat.start_time == start_time
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children of all its threads, and theirs), from /proc.
+
+    A process that exits meanwhile is simply not listed.
+    """
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        current = pending.pop(0)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child != pid and child not in found:
+                    found.append(child)
+                    pending.append(child)
+    return found
+
+
+def secrets_in_processes(pid: int, secrets: list[str]) -> list[str]:
+    """``/proc/<pid>/{environ,cmdline}`` files of ``pid`` and below that hold one of ``secrets``."""
+    found = []
+    for process in (pid, *descendants(pid)):
+        for name in ("environ", "cmdline"):
+            try:
+                data = Path(f"/proc/{process}/{name}").read_bytes()
+            except OSError:
+                continue  # a short-lived `cat` that has exited meanwhile
+            if any(secret.encode() in data for secret in secrets):
+                found.append(f"/proc/{process}/{name}")
+    return found

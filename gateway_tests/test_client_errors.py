@@ -11,24 +11,17 @@ from pathlib import Path
 
 import pytest
 import trio
-from trio_websocket import ConnectionRejected, open_websocket_url
+from trio_websocket import ConnectionRejected
 
+from gateway_tests.daemon_process import daemon_env, serve_process, ws_url
 from gateway_tests.fakes.launchers import make_fake_codex_launcher
-from gateway_tests.harness import closed_port, token_for
-from gateway_tests.test_daemon_process import daemon_env, serve_process, ws_url
+from gateway_tests.harness import bearer, closed_port, rejected_connect, token_for
 
 CONNECT_TIMEOUT = 30.0
 
 
 async def _rejected(url: str, token: str) -> ConnectionRejected:
-    with pytest.raises(ConnectionRejected) as rejected:
-        async with open_websocket_url(
-            ws_url(url),
-            extra_headers=[(b"authorization", f"Bearer {token}".encode())],
-            connect_timeout=CONNECT_TIMEOUT,
-        ):
-            pass
-    return rejected.value
+    return await rejected_connect(ws_url(url), bearer(token), within=CONNECT_TIMEOUT)
 
 
 def _header(rejected: ConnectionRejected, name: bytes) -> str | None:

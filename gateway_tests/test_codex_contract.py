@@ -21,15 +21,17 @@ from typing import Any
 import jsonschema
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
-from gateway_tests.test_fake_codex import (
+from gateway_tests.app_server_process import (
     UPGRADE_HEADERS,
     Client,
     FakeProcess,
     child_env,
+    http_get,
     running_fake,
 )
+from gateway_tests.harness import bearer, rejected_connect
 
 TOKEN = "contract-capability-token"
 AUTH_ARGS = (
@@ -108,35 +110,6 @@ def response_schema(schema_dir: Path, method: str) -> dict[str, Any]:
     return schema
 
 
-async def http_get(port: int, path: str, *headers: tuple[str, str]) -> tuple[int, bytes]:
-    """One HTTP/1.1 request; reads the head and a Content-Length body (the real server keeps
-    the connection open, so reading to EOF would hang)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}\r\n".encode()
-        )
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        while len(body) < length:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
-            body += chunk
-    return int(head.split(b" ")[1]), body
-
-
 @asynccontextmanager
 async def serving(codex: Path, home: Path, *args: str) -> AsyncIterator[FakeProcess]:
     """``codex app-server --listen ws://127.0.0.1:0 ARGS`` with the gateway's kind of config."""
@@ -188,11 +161,8 @@ async def test_banner_health_and_origin(codex: Path, tmp_path: Path) -> None:
 async def test_capability_token_is_enforced(codex: Path, tmp_path: Path) -> None:
     async with serving(codex, tmp_path / "home", *AUTH_ARGS) as server:
         with trio.fail_after(20):
-            for headers in (None, [(b"authorization", b"Bearer wrong-token")]):
-                with pytest.raises(ConnectionRejected) as rejected:
-                    async with open_websocket_url(server.url, extra_headers=headers):
-                        pass
-                assert rejected.value.status_code == 401
+            for headers in ([], bearer("wrong-token")):
+                assert (await rejected_connect(server.url, headers)).status_code == 401
             async with client(server) as rpc:
                 assert "threadId" not in await rpc.result("thread/loaded/list")
 

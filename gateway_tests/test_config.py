@@ -17,16 +17,11 @@ from gateway.config import (
     require_authenticator,
     split_listen_addr,
 )
+from gateway_tests.config_samples import EXEC_GATEWAY
 
 AGENTSERVER = {
     "CXG_AGENTSERVER_INTERNAL_URL": "http://agentserver.ns.svc:8080/",
     "CXG_AGENTSERVER_INTERNAL_SECRET": "agentserver-internal-secret",
-}
-EXEC_GATEWAY = {
-    "CXG_EXEC_GATEWAY_URL": "ws://exec-gw:6060/",
-    "CXG_EXEC_GATEWAY_INTERNAL_URL": "http://exec-gw:6060",
-    "CXG_EXEC_GATEWAY_INTERNAL_SECRET": "exec-gateway-internal-secret",
-    "CXG_CAPTOKEN_HMAC_SECRET": "captoken-hmac-secret",
 }
 S3 = {
     "CXG_S3_BUCKET": "codex-homes",

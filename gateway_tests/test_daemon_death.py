@@ -11,13 +11,12 @@ import signal
 import subprocess
 from pathlib import Path
 
-import httpx2
 import trio
 
 from gateway.sessions.process_tree import children_of, read_stat
-from gateway_tests.harness import ADMIN_SECRET, eventually, token_for
+from gateway_tests.daemon_process import client, daemon_env, serve_process
+from gateway_tests.harness import admin_restart, eventually, token_for
 from gateway_tests.process_trees import GRANDCHILDREN, is_running, make_tree_launcher, read_pids
-from gateway_tests.test_daemon_process import client, daemon_env, serve_process
 
 STEP_TIMEOUT = 30.0
 
@@ -104,12 +103,7 @@ async def test_a_stopped_session_leaves_no_process_or_zombie_below_the_daemon(
                 await eventually(lambda: len(read_pids(pid_file)) == len(GRANDCHILDREN))
                 grandchildren = read_pids(pid_file)
                 assert children_of(daemon.process.pid) == [child]
-                async with httpx2.AsyncClient(timeout=60) as http:
-                    response = await http.post(
-                        f"{url}/admin/sessions/restart",
-                        json={"workspaceId": "ws_reaped"},
-                        headers={"Authorization": f"Bearer {ADMIN_SECRET}"},
-                    )
+                response = await admin_restart(url, "ws_reaped")
                 assert response.status_code == 204
             # The child was reaped by the daemon; nothing of the session is left below it,
             # not even a zombie, and none of the grandchildren runs anywhere.

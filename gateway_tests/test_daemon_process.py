@@ -8,215 +8,37 @@ and no secret ever reaches the daemon's output.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import tarfile
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx2
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from gateway.cli import build_parser
-from gateway_tests.conftest import REPO
+from gateway_tests.daemon_process import (
+    EXIT_MARGIN,
+    base_env,
+    client,
+    daemon_env,
+    one_line,
+    run_cli,
+    serve_process,
+    ws_url,
+)
 from gateway_tests.fakes.fake_agentserver import FakeAgentserver
 from gateway_tests.fakes.launchers import make_fake_codex_launcher
 from gateway_tests.harness import (
     ADMIN_SECRET,
     HMAC_SECRET,
-    MAX_MESSAGE,
-    Rpc,
-    gateway_env,
+    admin_restart,
+    admin_sessions,
+    bearer,
+    closed_port,
+    rejected_connect,
     token_for,
 )
-
-# How long a daemon may take to start listening (interpreter start-up and imports included).
-START_TIMEOUT = 30.0
-# Slack on top of CXG_DRAIN_BUDGET for the interpreter to exit after the drain.
-EXIT_MARGIN = 3.0
-# A one-shot command (help, mint-token, a refused start) ends well within this.
-CLI_TIMEOUT = 30.0
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    """A clean process environment: nothing inherited but what a shell needs."""
-    env = {name: os.environ[name] for name in ("PATH", "LANG", "TZ") if name in os.environ}
-    env["HOME"] = os.environ.get("HOME", "/")
-    env.update(extra)
-    return env
-
-
-def gateway_command(*args: str, prefix: Sequence[str] = ()) -> list[str]:
-    """``python -m gateway ARGS…`` with this interpreter (the repository's virtualenv).
-
-    ``prefix`` runs it through a wrapper (``setpriv …``, to bound its capabilities).
-    """
-    return [*prefix, sys.executable, "-m", "gateway", *args]
-
-
-async def run_cli(
-    args: Sequence[str], env: Mapping[str, str], *, prefix: Sequence[str] = ()
-) -> subprocess.CompletedProcess[bytes]:
-    """Run a one-shot command (``mint-token``, ``--help``, a failing ``serve``) to its end."""
-    with trio.fail_after(CLI_TIMEOUT):
-        return await trio.run_process(
-            gateway_command(*args, prefix=prefix),
-            env=dict(env),
-            cwd=REPO,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-
-
-class DaemonProcess:
-    """A ``serve`` process whose stderr (JSON log lines) is read continuously.
-
-    The pipe is always drained (a daemon blocked on a full pipe would hang the test), every line
-    is kept, and waiters are woken on each new line or when the process exits.
-    """
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.lines: list[str] = []
-        self.records: list[dict[str, Any]] = []
-        self.exited = trio.Event()
-        self._changed = trio.Event()
-
-    @property
-    def output(self) -> str:
-        """Everything the daemon wrote to stderr so far."""
-        return "\n".join(self.lines)
-
-    async def pump(self) -> None:
-        """Read stderr to EOF, then reap the process."""
-        assert self.process.stderr is not None
-        buffer = b""
-        while chunk := await self.process.stderr.receive_some(65536):
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            for raw in complete:
-                self._add(raw)
-        if buffer:
-            self._add(buffer)
-        await self.process.wait()
-        self.exited.set()
-        self._wake()
-
-    def _add(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace")
-        self.lines.append(line)
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            self.records.append(record)
-        self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_for_log(self, event: str, **fields: Any) -> dict[str, Any]:
-        """The first log record named ``event`` whose fields include ``fields``."""
-        while True:
-            for record in self.records:
-                if record.get("event") == event and all(
-                    record.get(key) == value for key, value in fields.items()
-                ):
-                    return record
-            if self.exited.is_set():
-                raise AssertionError(f"daemon exited before logging {event}:\n{self.output}")
-            await self._changed.wait()
-
-    async def wait_exit(self) -> int:
-        """The exit status, once the process has exited and its output is read."""
-        await self.exited.wait()
-        assert self.process.returncode is not None
-        return self.process.returncode
-
-
-@asynccontextmanager
-async def serve_process(
-    env: Mapping[str, str], *args: str, prefix: Sequence[str] = ()
-) -> AsyncIterator[tuple[DaemonProcess, str]]:
-    """Run ``python -m gateway serve ARGS…`` and yield it with its base HTTP URL.
-
-    The URL comes from the ``daemon.serving`` log line (the daemon listens on port 0). On the
-    way out a still-running daemon is killed, so a failing test never leaves one behind.
-    """
-    process = await trio.lowlevel.open_process(
-        gateway_command("serve", *args, prefix=prefix),
-        env=dict(env),
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    daemon = DaemonProcess(process)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(daemon.pump)
-            with trio.fail_after(START_TIMEOUT):
-                serving = await daemon.wait_for_log("daemon.serving")
-            yield daemon, serving["urls"][0]
-            if process.returncode is None:
-                process.kill()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
-
-
-def daemon_env(tmp_path: Path, codex_bin: Path, **overrides: str) -> dict[str, str]:
-    """The harness's daemon environment, logging JSON, on top of a clean process environment."""
-    return base_env(**gateway_env(tmp_path, codex_bin, CXG_LOG_FORMAT="json", **overrides))
-
-
-def ws_url(http_url: str) -> str:
-    """The WebSocket URL of a daemon serving at ``http_url``."""
-    return "ws://" + http_url.removeprefix("http://") + "/"
-
-
-@asynccontextmanager
-async def client(http_url: str, token: str) -> AsyncIterator[Rpc]:
-    """An initialized JSON-RPC client connected through the daemon with ``token``."""
-    async with open_websocket_url(
-        ws_url(http_url),
-        extra_headers=[(b"authorization", f"Bearer {token}".encode())],
-        max_message_size=MAX_MESSAGE,
-        connect_timeout=30,
-    ) as ws:
-        rpc = Rpc(ws)
-        await rpc.initialize()
-        yield rpc
-
-
-async def closed_with(rpc: Rpc) -> int:
-    """Read until the connection closes; return the close code."""
-    try:
-        while True:
-            await rpc.ws.get_message()
-    except ConnectionClosed as closed:
-        assert closed.reason is not None
-        return closed.reason.code
-
-
-def one_line(stream: bytes) -> str:
-    """The single line a usage or configuration error must consist of."""
-    lines = stream.decode().strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
-
 
 # -- SIGTERM ------------------------------------------------------------------------------------
 
@@ -242,16 +64,14 @@ async def test_sigterm_closes_clients_with_1001_saves_every_session_and_exits_0(
         daemon.process.send_signal(signal.SIGTERM)
         signalled = trio.current_time()
         with trio.fail_after(5):
-            codes = [await closed_with(one), await closed_with(two)]
+            codes = [(await one.closed()).code, (await two.closed()).code]
         assert codes == [1001, 1001]
 
         # The children ignore SIGTERM for the 2 s grace: the drain is still under way.
         readyz = await http.get(f"{url}/readyz")
         assert readyz.status_code == 503
-        with pytest.raises(ConnectionRejected) as rejected:
-            async with client(url, token_for("ws_term_c")):
-                pass
-        assert rejected.value.status_code == 503
+        rejected = await rejected_connect(ws_url(url), bearer(token_for("ws_term_c")))
+        assert rejected.status_code == 503
 
         with trio.fail_after(budget + EXIT_MARGIN):
             status = await daemon.wait_exit()
@@ -365,11 +185,7 @@ async def test_minted_token_is_accepted_by_the_daemon(tmp_path: Path, fake_codex
     async with serve_process(env) as (daemon, url):
         async with client(url, token) as rpc:
             assert (await rpc.result("thread/start", {}))["thread"]["id"]
-        async with httpx2.AsyncClient(timeout=10) as http:
-            listing = await http.get(
-                f"{url}/admin/sessions", headers={"Authorization": f"Bearer {ADMIN_SECRET}"}
-            )
-        assert [s["workspaceId"] for s in listing.json()["sessions"]] == ["ws_minted"]
+        assert [s["workspaceId"] for s in await admin_sessions(url)] == ["ws_minted"]
         daemon.process.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
             assert await daemon.wait_exit() == 0
@@ -394,9 +210,7 @@ async def test_no_secret_reaches_the_log_over_a_whole_session(
     agentserver.add_verify_token(remote_token, user_id="u1", workspace_id="ws_secret")
     agentserver.connect_modelserver("ws_secret")
     agentserver_url: str = await nursery.start(agentserver.serve)
-    with trio.socket.socket() as unused:
-        await unused.bind(("127.0.0.1", 0))
-        dead_port = unused.getsockname()[1]
+    dead_port = await closed_port()
     secrets = {
         "CXG_AGENTSERVER_INTERNAL_SECRET": internal_secret,
         "CXG_INBOUND_HMAC_SECRET": HMAC_SECRET,
@@ -427,12 +241,7 @@ async def test_no_secret_reaches_the_log_over_a_whole_session(
                 await rpc.wait_for("turn/completed")
         async with client(url, hmac_token) as rpc:
             await rpc.result("thread/list", {})
-        async with httpx2.AsyncClient(timeout=30) as http:
-            restarted = await http.post(
-                f"{url}/admin/sessions/restart",
-                json={"workspaceId": "ws_secret"},
-                headers={"Authorization": f"Bearer {ADMIN_SECRET}"},
-            )
+        restarted = await admin_restart(url, "ws_secret")
         assert restarted.status_code == 204
         async with client(url, remote_token) as rpc:
             await rpc.result("thread/list", {})

@@ -8,26 +8,26 @@ from pathlib import Path
 import pytest
 import trio
 from structlog.testing import capture_logs
-from trio_websocket import ConnectionRejected, open_websocket_url
+from trio_websocket import open_websocket_url
 
 from gateway.auth.tokens import workspace_id_of_dir
 from gateway.config import S3Settings
-from gateway_tests import s3_server
+from gateway_tests.config_samples import EXEC_GATEWAY
 from gateway_tests.fakes.fake_agentserver import FakeAgentserver
-from gateway_tests.harness import connect, gateway_env, start_gateway
+from gateway_tests.harness import (
+    LaunchGateway,
+    bearer,
+    connect,
+    rejected_connect,
+    token_for,
+)
 from gateway_tests.s3_control import archive_files, s3_env
 from gateway_tests.s3_server import MotoServer
-from gateway_tests.test_config import EXEC_GATEWAY
-
-moto_server = s3_server.moto_server
-s3_settings = s3_server.s3_settings
 
 
-async def test_no_exec_gateway_is_said_once_at_start(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
-) -> None:
+async def test_no_exec_gateway_is_said_once_at_start(launch_gateway: LaunchGateway) -> None:
     with capture_logs() as logs:
-        running = await start_gateway(nursery, gateway_env(tmp_path, fake_codex_bin))
+        running = await launch_gateway()
         async with connect(running, "ws_a"), connect(running, "ws_b"):
             pass
         await running.shutdown()
@@ -37,12 +37,10 @@ async def test_no_exec_gateway_is_said_once_at_start(
 
 
 async def test_a_configured_exec_gateway_is_not_reported_missing(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+    launch_gateway: LaunchGateway,
 ) -> None:
     with capture_logs() as logs:
-        running = await start_gateway(
-            nursery, gateway_env(tmp_path, fake_codex_bin, **EXEC_GATEWAY)
-        )
+        running = await launch_gateway(**EXEC_GATEWAY)
         await running.shutdown()
     assert not [entry for entry in logs if entry["event"] == "config.no_executors"]
     assert [entry for entry in logs if entry["event"] == "daemon.serving"]
@@ -54,15 +52,12 @@ GO_TYPICAL_ID = "team a@corp:ws 日本 #1"
 
 
 async def test_a_go_typical_id_keeps_the_go_object_key_and_gets_a_safe_directory(
-    nursery: trio.Nursery,
-    tmp_path: Path,
-    fake_codex_bin: Path,
+    launch_gateway: LaunchGateway,
     s3_settings: S3Settings,
     moto_server: MotoServer,
 ) -> None:
-    env = {**gateway_env(tmp_path, fake_codex_bin), **s3_env(s3_settings)}
-    running = await start_gateway(nursery, env)
-    root = Path(env["CXG_TMP_ROOT"])
+    running = await launch_gateway(**s3_env(s3_settings))
+    root = Path(running.config.tmp_root)
     try:
         with trio.fail_after(30):
             async with connect(running, GO_TYPICAL_ID) as rpc:
@@ -99,20 +94,17 @@ AST_TOKEN = "ast_0a1b2c3d_s3cr3tpart"
 
 @pytest.mark.parametrize("opt_in", ["", "true"])
 async def test_hmac_tokens_through_the_gateway_need_the_opt_in_next_to_the_verifier(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path, opt_in: str
+    launch_gateway: LaunchGateway, nursery: trio.Nursery, opt_in: str
 ) -> None:
     agentserver = FakeAgentserver(internal_secret=AGENTSERVER_SECRET)
     agentserver.add_verify_token(AST_TOKEN, user_id="u", workspace_id="ws_ast")
     agentserver_url = await nursery.start(agentserver.serve)
-    env = gateway_env(
-        tmp_path,
-        fake_codex_bin,
-        CXG_AGENTSERVER_INTERNAL_URL=agentserver_url,
-        CXG_AGENTSERVER_INTERNAL_SECRET=AGENTSERVER_SECRET,
-        CXG_ALLOW_HMAC_TOKENS=opt_in,
-    )
     with capture_logs() as logs:
-        running = await start_gateway(nursery, env)
+        running = await launch_gateway(
+            CXG_AGENTSERVER_INTERNAL_URL=agentserver_url,
+            CXG_AGENTSERVER_INTERNAL_SECRET=AGENTSERVER_SECRET,
+            CXG_ALLOW_HMAC_TOKENS=opt_in,
+        )
     try:
         [line] = [entry for entry in logs if entry["event"] == "auth.authenticators"]
         assert line["live"] == (["agentserver", "hmac"] if opt_in else ["agentserver"])
@@ -121,10 +113,8 @@ async def test_hmac_tokens_through_the_gateway_need_the_opt_in_next_to_the_verif
                 async with connect(running, "ws_hmac") as rpc:
                     assert (await rpc.result("fake/pid"))["pid"] > 0
             else:
-                with pytest.raises(ConnectionRejected) as rejected:
-                    async with connect(running, "ws_hmac"):
-                        pass
-                assert rejected.value.status_code == 401
+                rejected = await rejected_connect(running.ws_url, bearer(token_for("ws_hmac")))
+                assert rejected.status_code == 401
             # agentserver's own tokens work either way.
             headers = [(b"authorization", f"Bearer {AST_TOKEN}".encode())]
             async with open_websocket_url(running.ws_url, extra_headers=headers):

@@ -29,15 +29,20 @@ from gateway.clients.execgateway import ConnectedExecutor
 from gateway.codex_home.config_toml import CodexConfig, McpServer, ModelProvider, render_config_toml
 from gateway.config import ExecGatewaySettings, Secret
 from gateway.executors import executor_mcp_servers, executor_servers_for
-from gateway_tests.executor_fixtures import API_KEY, CAP_SECRET, WORKSPACE
+from gateway_tests.executor_fixtures import (
+    API_KEY,
+    CAP_SECRET,
+    TURN_TIMEOUT,
+    WORKSPACE,
+    assert_first_request_offers,
+    shell_call,
+    tool_output_seen_by_model,
+)
 from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway
 from gateway_tests.fakes.fake_model_server import (
     FakeModelServer,
-    FunctionCallReply,
     TextReply,
     announced_mcp_namespaces,
-    function_call_outputs,
-    output_text,
 )
 from gateway_tests.fakes.launchers import fake_codex_python
 from gateway_tests.real_app_server import run_app_server
@@ -45,7 +50,6 @@ from gateway_tests.real_app_server import run_app_server
 # How the daemon tells codex to run this gateway (``gateway.daemon.self_command``); the entries
 # append ``env-mcp`` and its flags, so this goes through the real command line.
 SELF_COMMAND = (str(fake_codex_python()), "-m", "gateway")
-TURN_TIMEOUT = 90
 _BANNER = re.compile(rb"listening on:\s*(ws://[0-9.]+:\d+)")
 
 
@@ -57,6 +61,12 @@ def exec_settings(gateway: FakeExecGateway) -> ExecGatewaySettings:
         captoken_secret=Secret(CAP_SECRET.decode()),
         captoken_ttl=600.0,
     )
+
+
+async def workspace_servers(gateway: FakeExecGateway) -> tuple[McpServer, ...]:
+    """The ``[mcp_servers]`` entries the gateway renders for WORKSPACE's executors at spawn."""
+    async with httpx2.AsyncClient() as http:
+        return await executor_mcp_servers(exec_settings(gateway), http, WORKSPACE, SELF_COMMAND)
 
 
 class AppServerClient:
@@ -137,14 +147,7 @@ async def run_turn_with_servers(
     )
     (codex_home / "config.toml").write_text(render_config_toml(config))
     if command is not None:
-        model.script.append(
-            FunctionCallReply(
-                namespace="mcp__exe_alpha",
-                name="shell",
-                arguments={"command": command},
-                call_id="call_shell_1",
-            )
-        )
+        model.script.append(shell_call(command))
     model.script.append(TextReply("The command ran." if command else "Plain chat."))
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
@@ -159,35 +162,13 @@ async def run_turn_with_servers(
     return result
 
 
-def assert_first_request_offers(model: FakeModelServer, namespace: str) -> None:
-    """The thread's first model request lists ``namespace`` (as a tool or a deferred one)."""
-    requests = model.responses_requests()
-    assert requests, "the turn never reached the model"
-    offered = announced_mcp_namespaces(requests[0].body)
-    assert namespace in offered, f"first model request offered {sorted(offered)}, not {namespace}"
-
-
-def tool_output_seen_by_model(model: FakeModelServer) -> str:
-    outputs = [
-        item
-        for request in model.responses_requests()
-        for item in function_call_outputs(request.body)
-        if item.get("call_id") == "call_shell_1"
-    ]
-    assert outputs, "the tool's result never reached the model"
-    return output_text(outputs[0])
-
-
 async def test_real_codex_runs_echo_hello_on_the_executor(
     real_codex_bin: Path,
     tmp_path: Path,
     model: FakeModelServer,
     exec_gateway: FakeExecGateway,
 ) -> None:
-    async with httpx2.AsyncClient() as http:
-        servers = await executor_mcp_servers(
-            exec_settings(exec_gateway), http, WORKSPACE, SELF_COMMAND
-        )
+    servers = await workspace_servers(exec_gateway)
     assert [s.name for s in servers] == ["exe_alpha"]
 
     turn, notifications = await run_turn_with_servers(
@@ -230,10 +211,7 @@ async def test_an_executor_slower_than_codexs_default_grace_is_in_the_first_requ
 ) -> None:
     # env-mcp answering tools/list 2.5 s after spawn: codex's default grace (1000 ms) would leave
     # it out of the first request; the rendered grace of 0 makes codex wait for it.
-    async with httpx2.AsyncClient() as http:
-        (server,) = await executor_mcp_servers(
-            exec_settings(exec_gateway), http, WORKSPACE, SELF_COMMAND
-        )
+    (server,) = await workspace_servers(exec_gateway)
     slow = _started_through('sleep 2.5; exec "$0" "$@"', server)
 
     turn, _ = await run_turn_with_servers(real_codex_bin, tmp_path, model, (slow,), ["true"])
@@ -251,10 +229,7 @@ async def test_a_hung_executor_delays_the_first_turn_only_by_its_startup_timeout
 ) -> None:
     # A server that never answers initialize: it reads stdin until codex closes it, and keeps
     # its stdout open (a closed one is a crash, which costs codex nothing).
-    async with httpx2.AsyncClient() as http:
-        (server,) = await executor_mcp_servers(
-            exec_settings(exec_gateway), http, WORKSPACE, SELF_COMMAND
-        )
+    (server,) = await workspace_servers(exec_gateway)
     script = """exec "$0" -c 'import sys; sys.stdin.buffer.read()'"""
     hung = _started_through(script, server, startup_timeout_sec=3.0)
 

@@ -14,29 +14,28 @@ from typing import Any
 
 import trio
 
-from gateway_tests.executor_fixtures import API_KEY, CAP_SECRET, WORKSPACE
-from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway
-from gateway_tests.fakes.fake_model_server import FakeModelServer, FunctionCallReply, TextReply
-from gateway_tests.harness import Rpc, closed_port, connect, gateway_env, start_gateway
-from gateway_tests.test_envmcp_e2e import (
+from gateway_tests.executor_fixtures import (
+    API_KEY,
+    CAP_SECRET,
     TURN_TIMEOUT,
+    WORKSPACE,
     assert_first_request_offers,
+    shell_call,
     tool_output_seen_by_model,
 )
+from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway
+from gateway_tests.fakes.fake_model_server import FakeModelServer, TextReply
+from gateway_tests.harness import LaunchGateway, Rpc, closed_port, connect
 
 
-def _env(
-    tmp_path: Path, codex: Path, model_server: FakeModelServer, **exec_vars: str
-) -> dict[str, str]:
-    return gateway_env(
-        tmp_path,
-        codex,
-        CXG_MODEL_PROVIDER_BASE_URL=f"{model_server.base_url}/v1",
-        CXG_CODEX_API_KEY=API_KEY,
-        CXG_MODEL="gateway-test-model",
-        CXG_CHILD_READY_TIMEOUT="60s",
-        **exec_vars,
-    )
+def _model_vars(model_server: FakeModelServer) -> dict[str, str]:
+    """The real codex child's model: the fake model server, with the key it accepts."""
+    return {
+        "CXG_MODEL_PROVIDER_BASE_URL": f"{model_server.base_url}/v1",
+        "CXG_CODEX_API_KEY": API_KEY,
+        "CXG_MODEL": "gateway-test-model",
+        "CXG_CHILD_READY_TIMEOUT": "60s",
+    }
 
 
 def _exec_vars(gateway: FakeExecGateway) -> dict[str, str]:
@@ -62,43 +61,30 @@ async def _turn(rpc: Rpc, text: str) -> dict[str, Any]:
 
 
 async def test_session_codex_runs_echo_hello_on_the_workspace_executor(
-    nursery: trio.Nursery,
-    tmp_path: Path,
+    launch_gateway: LaunchGateway,
     real_codex_bin: Path,
     model: FakeModelServer,
     exec_gateway: FakeExecGateway,
 ) -> None:
-    model.script.append(
-        FunctionCallReply(
-            namespace="mcp__exe_alpha",
-            name="shell",
-            arguments={"command": ["echo", "hello"]},
-            call_id="call_shell_1",
-        )
-    )
+    model.script.append(shell_call(["echo", "hello"]))
     model.script.append(TextReply("The command ran."))
-    gateway = await start_gateway(
-        nursery, _env(tmp_path, real_codex_bin, model, **_exec_vars(exec_gateway))
-    )
-    try:
-        with trio.fail_after(TURN_TIMEOUT):
-            async with connect(gateway, WORKSPACE) as rpc:
-                turn = await _turn(rpc, "Say hello on the executor.")
-        assert turn["status"] == "completed"
-        # The first model request of the thread already offered the executor.
-        assert_first_request_offers(model, "mcp__exe_alpha")
-        # env-mcp dialled the bridge with a cap token the exec gateway accepted...
-        assert [a.status for a in exec_gateway.bridge_attempts] == [101]
-        # ...and the executor's answer reached the model in the next request.
-        output = tool_output_seen_by_model(model)
-        assert "hello" in output
-        assert "[exit_code=0]" in output
-    finally:
-        await gateway.shutdown()
+    gateway = await launch_gateway(real_codex_bin, **_model_vars(model), **_exec_vars(exec_gateway))
+    with trio.fail_after(TURN_TIMEOUT):
+        async with connect(gateway, WORKSPACE) as rpc:
+            turn = await _turn(rpc, "Say hello on the executor.")
+    assert turn["status"] == "completed"
+    # The first model request of the thread already offered the executor.
+    assert_first_request_offers(model, "mcp__exe_alpha")
+    # env-mcp dialled the bridge with a cap token the exec gateway accepted...
+    assert [a.status for a in exec_gateway.bridge_attempts] == [101]
+    # ...and the executor's answer reached the model in the next request.
+    output = tool_output_seen_by_model(model)
+    assert "hello" in output
+    assert "[exit_code=0]" in output
 
 
 async def test_exec_gateway_down_at_spawn_gives_no_executors_and_chat_still_works(
-    nursery: trio.Nursery,
+    launch_gateway: LaunchGateway,
     tmp_path: Path,
     real_codex_bin: Path,
     model: FakeModelServer,
@@ -111,17 +97,14 @@ async def test_exec_gateway_down_at_spawn_gives_no_executors_and_chat_still_work
         "CXG_CAPTOKEN_HMAC_SECRET": CAP_SECRET.decode(),
     }
     model.script.append(TextReply("Plain chat works."))
-    gateway = await start_gateway(nursery, _env(tmp_path, real_codex_bin, model, **down))
-    try:
-        with trio.fail_after(TURN_TIMEOUT):
-            async with connect(gateway, "ws_noexec") as rpc:
-                turn = await _turn(rpc, "Just chat.")
-                config = tomllib.loads(
-                    (tmp_path / "sessions" / "ws_noexec" / "codex-home" / "config.toml").read_text()
-                )
-        assert turn["status"] == "completed"
-        assert "mcp_servers" not in config
-        assert config["features"]["shell_tool"] is False
-        assert model.responses_requests(), "the turn never reached the model"
-    finally:
-        await gateway.shutdown()
+    gateway = await launch_gateway(real_codex_bin, **_model_vars(model), **down)
+    with trio.fail_after(TURN_TIMEOUT):
+        async with connect(gateway, "ws_noexec") as rpc:
+            turn = await _turn(rpc, "Just chat.")
+            config = tomllib.loads(
+                (tmp_path / "sessions" / "ws_noexec" / "codex-home" / "config.toml").read_text()
+            )
+    assert turn["status"] == "completed"
+    assert "mcp_servers" not in config
+    assert config["features"]["shell_tool"] is False
+    assert model.responses_requests(), "the turn never reached the model"

@@ -22,13 +22,21 @@ import yaml
 
 from gateway.config import VARIABLES, load_config, require_authenticator
 from gateway.durations import parse_go_duration
+from gateway_tests.helm_render import (
+    CHART,
+    NAMESPACE,
+    SECRET_DIR,
+    by_kind,
+    container,
+    env_of,
+    fake_environ,
+    manifests,
+    render,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-CHART = REPO / "helm" / "codex-app-gateway"
 PRODUCTION_VALUES = Path(__file__).resolve().parent / "data" / "helm" / "production-values.yaml"
 DOCKERFILE = REPO / "Dockerfile"
-RELEASE = "cxg"
-NAMESPACE = "agents"
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a recent one.
 KUBE_VERSIONS = ("1.27.0", "1.35.0")
@@ -49,7 +57,6 @@ CHART_OWN_DEFAULTS = {
     "CXG_MAX_SESSIONS",
     "CXG_CHILD_ISOLATION",
 }
-SECRET_DIR = "/etc/codex-app-gateway/secrets"
 # What one real codex 0.169.0 app-server child takes at rest, and the daemon itself.
 CHILD_MEMORY_BYTES = 140 * 1024 * 1024
 DAEMON_MEMORY_BYTES = 512 * 1024 * 1024
@@ -60,58 +67,6 @@ DAEMON_MEMORY_BYTES = 512 * 1024 * 1024
 
 def production_values() -> dict[str, Any]:
     return helm.values_from_yaml(PRODUCTION_VALUES.read_text())
-
-
-def render(values: dict[str, Any] | None = None) -> dict[str, str]:
-    with helm.Chart.load(CHART) as chart:
-        return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
-
-
-def manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
-    """Every Kubernetes object in a render (NOTES.txt and empty templates left out)."""
-    objects: list[dict[str, Any]] = []
-    for path, text in sorted(rendered.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
-    return objects
-
-
-def by_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [obj for obj in objects if obj["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
-    return found[0]
-
-
-def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    containers = by_kind(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
-    assert [c["name"] for c in containers] == ["gateway"]
-    return containers[0]
-
-
-def env_of(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    entries = container(objects)["env"]
-    names = [entry["name"] for entry in entries]
-    assert len(names) == len(set(names)), f"duplicate env entries: {names}"
-    return {entry["name"]: entry for entry in entries}
-
-
-def fake_environ(env: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """The process environment the pod would get, with a stand-in for each secret's value.
-
-    A secret given as a file (``CXG_<NAME>_FILE``) stands in as ``CXG_<NAME>``, as the daemon
-    reads it.
-    """
-    environ: dict[str, str] = {}
-    for name, entry in env.items():
-        if name.endswith("_FILE") and entry["value"].startswith(SECRET_DIR + "/"):
-            environ[name.removesuffix("_FILE")] = f"stand-in-file-{entry['value']}"
-        elif "valueFrom" in entry:
-            ref = entry["valueFrom"]["secretKeyRef"]
-            environ[name] = f"stand-in-{ref['name']}-{ref['key']}"
-        else:
-            environ[name] = entry["value"]
-    return environ
 
 
 @pytest.fixture(scope="module")

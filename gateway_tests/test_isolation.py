@@ -27,7 +27,7 @@ from gateway.sessions.isolation import (
     missing_capabilities,
     untraversable_ancestor,
 )
-from gateway_tests.test_daemon_process import base_env, one_line, run_cli
+from gateway_tests.daemon_process import base_env, one_line, run_cli
 
 ALL_FIVE = sum(1 << bit for bit in (0, 1, 5, 6, 7))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from gateway_tests.harness import connect, eventually, gateway_env, start_gateway, token_for
+from gateway_tests.harness import LaunchGateway, connect, eventually, token_for
 
 
 async def _raw_upgrade(host: str, port: int, workspace_id: str) -> trio.SocketStream:
@@ -31,51 +31,39 @@ async def _raw_upgrade(host: str, port: int, workspace_id: str) -> trio.SocketSt
     return stream
 
 
-async def test_live_client_answers_pings_and_stays_connected(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
-) -> None:
-    gateway = await start_gateway(
-        nursery, gateway_env(tmp_path, fake_codex_bin, CXG_WS_PING_INTERVAL="200ms")
-    )
-    try:
-        async with connect(gateway, "ws_alive") as rpc:
-            # Quiet for many ping intervals: trio-websocket answers the pings by itself.
-            with trio.move_on_after(1.5):
-                await rpc.ws.get_message()
-            reply = await rpc.result("fake/echo", {"payload": "still here"})
-            assert reply["payload"] == "still here"
-    finally:
-        await gateway.shutdown()
+async def test_live_client_answers_pings_and_stays_connected(launch_gateway: LaunchGateway) -> None:
+    gateway = await launch_gateway(CXG_WS_PING_INTERVAL="200ms")
+    async with connect(gateway, "ws_alive") as rpc:
+        # Quiet for many ping intervals: trio-websocket answers the pings by itself.
+        with trio.move_on_after(1.5):
+            await rpc.ws.get_message()
+        reply = await rpc.result("fake/echo", {"payload": "still here"})
+        assert reply["payload"] == "still here"
 
 
 async def test_dead_client_is_dropped_and_its_child_connection_closed(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+    launch_gateway: LaunchGateway, tmp_path: Path
 ) -> None:
-    gateway = await start_gateway(
-        nursery, gateway_env(tmp_path, fake_codex_bin, CXG_WS_PING_INTERVAL="200ms")
-    )
-    try:
-        async with connect(gateway, "ws_dead") as rpc:
-            await rpc.result("fake/echo", {"payload": "start the session"})
-        host, port = gateway.http_url.removeprefix("http://").split(":")
-        silent = await _raw_upgrade(host, int(port), "ws_dead")
-        closes = tmp_path / "sessions" / "ws_dead" / "codex-home" / "fake-codex-closes.jsonl"
+    gateway = await launch_gateway(CXG_WS_PING_INTERVAL="200ms")
+    async with connect(gateway, "ws_dead") as rpc:
+        await rpc.result("fake/echo", {"payload": "start the session"})
+    host, port = gateway.http_url.removeprefix("http://").split(":")
+    silent = await _raw_upgrade(host, int(port), "ws_dead")
+    closes = tmp_path / "sessions" / "ws_dead" / "codex-home" / "fake-codex-closes.jsonl"
 
-        def child_leg_closed_twice() -> bool:
-            # The first close is the warm-up client's; the second is the dead client's leg.
-            return closes.exists() and len(closes.read_text().splitlines()) >= 2
+    def child_leg_closed_twice() -> bool:
+        # The first close is the warm-up client's; the second is the dead client's leg.
+        return closes.exists() and len(closes.read_text().splitlines()) >= 2
 
-        with trio.fail_after(10):
-            # The gateway hangs up on the silent peer: the socket reaches EOF or is reset.
-            try:
-                while await silent.receive_some(65536):
-                    pass
-            except trio.BrokenResourceError:
+    with trio.fail_after(10):
+        # The gateway hangs up on the silent peer: the socket reaches EOF or is reset.
+        try:
+            while await silent.receive_some(65536):
                 pass
-        await eventually(child_leg_closed_twice)
-        last = json.loads(closes.read_text().splitlines()[-1])
-        assert last["code"] in (1000, 1001, 1006)
-        await silent.aclose()
-        assert (await gateway.session("ws_dead"))["clients"] == 0  # type: ignore[index]
-    finally:
-        await gateway.shutdown()
+        except trio.BrokenResourceError:
+            pass
+    await eventually(child_leg_closed_twice)
+    last = json.loads(closes.read_text().splitlines()[-1])
+    assert last["code"] in (1000, 1001, 1006)
+    await silent.aclose()
+    assert (await gateway.session("ws_dead"))["clients"] == 0  # type: ignore[index]

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from gateway.web.server import bind_addresses
 from gateway_tests.conftest import REPO
-from gateway_tests.harness import gateway_env, start_gateway
+from gateway_tests.harness import LaunchGateway
 
 
 def _private_network_namespace_works() -> bool:
@@ -114,16 +114,9 @@ def test_a_port_in_use_is_an_error_not_a_silent_ipv4_fallback() -> None:
     [("[::1]:0", "[::1]", "127.0.0.1"), ("127.0.0.1:0", "127.0.0.1", "[::1]")],
 )
 async def test_explicit_loopback_forms_listen_on_their_family_only(
-    nursery: trio.Nursery,
-    tmp_path: Path,
-    fake_codex_bin: Path,
-    listen_addr: str,
-    reachable: str,
-    unreachable: str,
+    launch_gateway: LaunchGateway, listen_addr: str, reachable: str, unreachable: str
 ) -> None:
-    running = await start_gateway(
-        nursery, gateway_env(tmp_path, fake_codex_bin, CXG_LISTEN_ADDR=listen_addr)
-    )
+    running = await launch_gateway(CXG_LISTEN_ADDR=listen_addr)
     port = running.http_url.rsplit(":", 1)[1]
     assert running.http_url == f"http://{reachable}:{port}"
     async with httpx2.AsyncClient(timeout=10) as http:

@@ -10,7 +10,8 @@ from typing import Any
 import yaml
 
 from gateway.config import load_config, require_authenticator
-from gateway_tests.test_helm_chart import REPO, env_of, fake_environ, manifests, render
+from gateway_tests.conftest import REPO
+from gateway_tests.helm_render import env_of, fake_environ, manifests, render
 
 GO_VALUES = Path(__file__).resolve().parent / "data" / "helm" / "go-values.yaml"
 SCRIPT = REPO / "tools" / "migrate_values.py"

@@ -27,6 +27,7 @@ from gateway.config import Config, load_config
 from gateway.credentials import SessionModelCredentials
 from gateway_tests.fakes.fake_agentserver import FakeAgentserver
 from gateway_tests.fakes.fake_model_server import FakeModelServer
+from gateway_tests.process_trees import secrets_in_processes
 from gateway_tests.real_app_server import AppServer, run_app_server
 
 SECRET = "agentserver-internal-secret"
@@ -126,33 +127,6 @@ class Rig:
     client: AppServerClient
     thread_id: str
     codex_home: Path
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it, from /proc (children of all its threads)."""
-    found = [pid]
-    for current in found:
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                children = (task / "children").read_text().split()
-            except OSError:
-                continue
-            found.extend(int(child) for child in children if int(child) not in found)
-    return found
-
-
-def secrets_in_processes(pid: int, secrets: list[str]) -> list[str]:
-    """``/proc/<pid>/{environ,cmdline}`` files under ``pid`` that contain one of ``secrets``."""
-    found = []
-    for process in descendants(pid):
-        for name in ("environ", "cmdline"):
-            try:
-                data = Path(f"/proc/{process}/{name}").read_bytes()
-            except OSError:
-                continue  # a short-lived `cat` that has exited meanwhile
-            if any(secret.encode() in data for secret in secrets):
-                found.append(f"/proc/{process}/{name}")
-    return found
 
 
 def assert_token_nowhere(

@@ -13,18 +13,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import pytest
 import trio
 
-import gateway.daemon
-from gateway.config import Config
 from gateway.credentials import SessionModelCredentials
-from gateway.sessions.session import ModelCredentials
+from gateway_tests.daemon_credentials import install_credentials
 from gateway_tests.fakes.fake_agentserver import FakeAgentserver
 from gateway_tests.fakes.fake_model_server import FakeModelServer
-from gateway_tests.harness import connect, gateway_env, start_gateway
-from gateway_tests.test_model_token import secrets_in_processes
+from gateway_tests.harness import LaunchGateway, connect
+from gateway_tests.process_trees import secrets_in_processes
 
 SECRET = "agentserver-internal-secret"
 WORKSPACE = "ws_model_token_gw"
@@ -36,26 +33,11 @@ def completes(turn_id: str) -> Callable[[dict[str, Any]], bool]:
     return lambda message: bool(message["params"]["turn"]["id"] == turn_id)
 
 
-def install_credentials(
-    monkeypatch: pytest.MonkeyPatch, made: list[SessionModelCredentials]
-) -> None:
-    """Make the daemon give every session a ``SessionModelCredentials``."""
-
-    def factory(
-        config: Config, http: httpx2.AsyncClient
-    ) -> Callable[[str, Path], ModelCredentials]:
-        def make(workspace_id: str, runtime_dir: Path) -> ModelCredentials:
-            creds = SessionModelCredentials(config, http, workspace_id, runtime_dir)
-            made.append(creds)
-            return creds
-
-        return make
-
-    monkeypatch.setattr(gateway.daemon, "credentials_factory", factory)
-
-
 async def test_rotations_through_the_gateway_keep_one_child(
-    nursery: trio.Nursery, tmp_path: Path, real_codex_bin: Path, monkeypatch: pytest.MonkeyPatch
+    launch_gateway: LaunchGateway,
+    nursery: trio.Nursery,
+    real_codex_bin: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     made: list[SessionModelCredentials] = []
     install_credentials(monkeypatch, made)
@@ -64,46 +46,40 @@ async def test_rotations_through_the_gateway_keep_one_child(
     model = FakeModelServer(accept=lambda token: agentserver.token_valid(WORKSPACE, token))
     agentserver_url = await nursery.start(agentserver.serve)
     model_url = await nursery.start(model.serve)
-    running = await start_gateway(
-        nursery,
-        gateway_env(
-            tmp_path,
-            real_codex_bin,
-            CXG_AGENTSERVER_INTERNAL_URL=agentserver_url,
-            CXG_AGENTSERVER_INTERNAL_SECRET=SECRET,
-            CXG_MODEL_PROVIDER_BASE_URL=f"{model_url}/v1",
-            CXG_CHILD_READY_TIMEOUT="60s",
-        ),
+    running = await launch_gateway(
+        real_codex_bin,
+        CXG_AGENTSERVER_INTERNAL_URL=agentserver_url,
+        CXG_AGENTSERVER_INTERNAL_SECRET=SECRET,
+        CXG_MODEL_PROVIDER_BASE_URL=f"{model_url}/v1",
+        CXG_CHILD_READY_TIMEOUT="60s",
     )
-    try:
-        async with connect(running, WORKSPACE) as rpc:
-            (creds,) = made
+    async with connect(running, WORKSPACE) as rpc:
+        (creds,) = made
+        entry = await running.session(WORKSPACE)
+        assert entry is not None
+        pid = entry["pid"]
+        thread = await rpc.result("thread/start", {})
+        thread_id = thread["thread"]["id"]
+
+        for rotation in range(3):
+            if rotation:
+                with trio.fail_after(20):
+                    await creds.wait_for_version(1 + rotation)
+            turn = await rpc.result(
+                "turn/start",
+                {"threadId": thread_id, "input": [{"type": "text", "text": f"r{rotation}"}]},
+            )
+            with trio.fail_after(TURN_TIMEOUT):
+                done = await rpc.wait_for("turn/completed", completes(turn["turn"]["id"]))
+            assert done["params"]["turn"]["status"] == "completed", done
             entry = await running.session(WORKSPACE)
-            assert entry is not None
-            pid = entry["pid"]
-            thread = await rpc.result("thread/start", {})
-            thread_id = thread["thread"]["id"]
+            assert entry is not None and entry["pid"] == pid
 
-            for rotation in range(3):
-                if rotation:
-                    with trio.fail_after(20):
-                        await creds.wait_for_version(1 + rotation)
-                turn = await rpc.result(
-                    "turn/start",
-                    {"threadId": thread_id, "input": [{"type": "text", "text": f"r{rotation}"}]},
-                )
-                with trio.fail_after(TURN_TIMEOUT):
-                    done = await rpc.wait_for("turn/completed", completes(turn["turn"]["id"]))
-                assert done["params"]["turn"]["status"] == "completed", done
-                entry = await running.session(WORKSPACE)
-                assert entry is not None and entry["pid"] == pid
-
-            accepted = [r.token for r in model.responses_requests()]
-            assert len(set(accepted)) == 3
-            tokens = agentserver.issued_tokens(WORKSPACE)
-            assert not secrets_in_processes(pid, tokens)
-    finally:
-        await running.shutdown()
+        accepted = [r.token for r in model.responses_requests()]
+        assert len(set(accepted)) == 3
+        tokens = agentserver.issued_tokens(WORKSPACE)
+        assert not secrets_in_processes(pid, tokens)
+    await running.shutdown()
 
     # Saved on shutdown: the archive holds CODEX_HOME only, never the token file or a token.
     assert not secrets_in_archive(running.archive_path(WORKSPACE), tokens)

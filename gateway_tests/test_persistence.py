@@ -36,8 +36,8 @@ from gateway.store.base import (
 )
 from gateway.store.local import LocalDirectoryStore
 from gateway.store.s3 import MIN_PART_SIZE, S3ObjectStore
+from gateway_tests.hostile_archives import GO_FIXTURE, HOSTILE, LIMITS
 from gateway_tests.s3_server import BUCKET, MotoServer
-from gateway_tests.test_archive import GO_FIXTURE, HOSTILE, LIMITS
 
 WS = "ws-42"
 KEY = archive_key(WS)

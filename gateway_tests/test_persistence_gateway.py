@@ -20,27 +20,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import structlog
 import trio
 from prometheus_client import REGISTRY
-from trio_websocket import ConnectionRejected
 
 from gateway.config import S3Settings
 from gateway.store.base import archive_key
+from gateway_tests.daemon_process import client, daemon_env, serve_process
 from gateway_tests.harness import (
     RunningGateway,
-    closed_port,
+    bearer,
     connect,
     eventually,
     gateway_env,
     process_environ,
+    real_codex_vars,
+    rejected_connect,
     start_gateway,
     token_for,
 )
-from gateway_tests.s3_control import BucketView, S3Outage, archive_files, s3_env
-from gateway_tests.s3_server import settings_for
-from gateway_tests.test_archive import (
+from gateway_tests.hostile_archives import (
     GO_FIXTURE,
     PARTIAL,
     add_file,
@@ -48,8 +47,10 @@ from gateway_tests.test_archive import (
     add_zeros,
     tar_gz,
 )
-from gateway_tests.test_daemon_process import client, daemon_env, serve_process
-from gateway_tests.test_real_codex import STEP_TIMEOUT, is_user_message
+from gateway_tests.process_trees import descendants
+from gateway_tests.real_codex_turns import STEP_TIMEOUT, record_user_message
+from gateway_tests.s3_control import BucketView, S3Outage, archive_files, s3_env
+from gateway_tests.s3_server import settings_for
 
 # Restore bounds of the daemon in the hostile-archive test.
 MAX_RESTORE_BYTES = 1 << 20
@@ -66,9 +67,9 @@ async def start_s3_gateway(
     **overrides: str,
 ) -> RunningGateway:
     """An in-process daemon under ``root`` whose store is ``settings``' bucket."""
-    env = gateway_env(root, codex_bin, **s3_env(settings))
-    env.update(overrides)
-    return await start_gateway(nursery, env)
+    return await start_gateway(
+        nursery, gateway_env(root, codex_bin, **s3_env(settings), **overrides)
+    )
 
 
 async def fake_pid(rpc: Any) -> int:
@@ -119,24 +120,6 @@ def thread_titles(database_path: Path) -> list[str]:
         database.close()
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children first), from /proc."""
-    found: list[int] = []
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:  # it exited meanwhile
-        return found
-    for task in tasks:
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for child in map(int, children):
-            found.append(child)
-            found.extend(descendants(child))
-    return found
-
-
 def fake_codex_children() -> list[int]:
     """Fake codex processes started by this (test) process."""
     running = []
@@ -161,25 +144,19 @@ async def test_real_codex_thread_survives_sigkill_of_the_whole_daemon_on_a_new_n
     bucket: BucketView,
 ) -> None:
     text = "remember me after the crash"
-    provider = f"http://127.0.0.1:{await closed_port()}/v1"
-    common = {
-        "CXG_MODEL_PROVIDER_BASE_URL": provider,
-        "CXG_CHILD_READY_TIMEOUT": "60s",
+    common = await real_codex_vars()
+    env = daemon_env(
+        tmp_path / "node1",
+        real_codex_bin,
+        CXG_CHECKPOINT_INTERVAL="1s",
+        **common,
         **s3_env(s3_settings),
-    }
-    env = daemon_env(tmp_path / "node1", real_codex_bin, CXG_CHECKPOINT_INTERVAL="1s", **common)
+    )
     with trio.fail_after(STEP_TIMEOUT * 3):
         async with serve_process(env) as (daemon, url), client(url, token_for("ws_kill")) as rpc:
             thread = (await rpc.result("thread/start", {}))["thread"]
             thread_id, rollout = thread["id"], Path(thread["path"])
-            turn = (
-                await rpc.result(
-                    "turn/start",
-                    {"threadId": thread_id, "input": [{"type": "text", "text": text}]},
-                )
-            )["turn"]
-            await rpc.wait_for("item/completed", is_user_message(text))
-            await rpc.result("turn/interrupt", {"threadId": thread_id, "turnId": turn["id"]})
+            await record_user_message(rpc, thread_id, text)
 
             # codex records the message in the rollout first and marks the thread listable in
             # its state database a moment later; what survives must be both, as the live
@@ -234,10 +211,7 @@ async def test_real_codex_thread_resumes_after_a_restore_under_another_tmp_root(
     s3_settings: S3Settings,
 ) -> None:
     text = "moved to another directory"
-    common = {
-        "CXG_MODEL_PROVIDER_BASE_URL": f"http://127.0.0.1:{await closed_port()}/v1",
-        "CXG_CHILD_READY_TIMEOUT": "60s",
-    }
+    common = await real_codex_vars()
     before = await start_s3_gateway(
         nursery, tmp_path / "before", real_codex_bin, s3_settings, **common
     )
@@ -245,14 +219,7 @@ async def test_real_codex_thread_resumes_after_a_restore_under_another_tmp_root(
         with trio.fail_after(STEP_TIMEOUT * 2):
             async with connect(before, "ws_moved") as rpc:
                 thread_id = (await rpc.result("thread/start", {}))["thread"]["id"]
-                turn = (
-                    await rpc.result(
-                        "turn/start",
-                        {"threadId": thread_id, "input": [{"type": "text", "text": text}]},
-                    )
-                )["turn"]
-                await rpc.wait_for("item/completed", is_user_message(text))
-                await rpc.result("turn/interrupt", {"threadId": thread_id, "turnId": turn["id"]})
+                await record_user_message(rpc, thread_id, text)
                 assert (await before.restart("ws_moved")).status_code == 204
     finally:
         await before.shutdown()
@@ -453,11 +420,9 @@ async def test_store_down_at_start_refuses_with_503_and_starts_no_child(
     )
     try:
         outage.take_down()
-        with trio.fail_after(STEP), pytest.raises(ConnectionRejected) as rejected:
-            async with connect(gateway, "ws_down"):
-                pass
-        assert rejected.value.status_code == 503
-        body = (rejected.value.body or b"").decode()
+        rejected = await rejected_connect(gateway.ws_url, bearer(token_for("ws_down")), within=STEP)
+        assert rejected.status_code == 503
+        body = (rejected.body or b"").decode()
         # A fixed sentence and a request id; the store's details are in the log only.
         assert body.startswith("session could not start; retry shortly (request id ")
         assert "127.0.0.1" not in body and "s3://" not in body
@@ -535,11 +500,10 @@ async def test_hostile_archives_are_refused_untouched_and_other_workspaces_go_on
                 for attack, body in hostile_archives().items():
                     workspace_id = f"ws_{attack}"
                     stored = bucket.put(workspace_id, body)
-                    with pytest.raises(ConnectionRejected) as rejected:
-                        async with connect(gateway, workspace_id):
-                            pass
-                    assert rejected.value.status_code == 500, attack
-                    reason = (rejected.value.body or b"").decode()
+                    token = bearer(token_for(workspace_id))
+                    rejected = await rejected_connect(gateway.ws_url, token)
+                    assert rejected.status_code == 500, attack
+                    reason = (rejected.body or b"").decode()
                     assert archive_key(workspace_id) in reason, (attack, reason)
                     assert "untouched" in reason, (attack, reason)
                     assert bucket.state(workspace_id) == stored, attack
@@ -549,12 +513,10 @@ async def test_hostile_archives_are_refused_untouched_and_other_workspaces_go_on
                     # refusal is not a crash, so no back-off hides it), and nothing ever saves
                     # over the object.
                     for _ in range(3):
-                        with pytest.raises(ConnectionRejected) as again:
-                            async with connect(gateway, workspace_id):
-                                pass
-                        assert again.value.status_code == 500, attack
+                        again = await rejected_connect(gateway.ws_url, token)
+                        assert again.status_code == 500, attack
                         # The same sentence; each refusal has its own request id.
-                        again_reason = (again.value.body or b"").decode()
+                        again_reason = (again.body or b"").decode()
                         assert (
                             again_reason.split(" (request id ")[0]
                             == (reason.split(" (request id ")[0])
@@ -747,14 +709,14 @@ async def test_black_holed_s3_gives_the_connect_503_within_the_clients_wait(
     try:
         with structlog.testing.capture_logs() as logs:
             started = trio.current_time()
-            with trio.fail_after(CLIENT_CONNECT_WAIT), pytest.raises(ConnectionRejected) as refused:
-                async with connect(gateway, "ws_black_hole"):
-                    pass
+            refused = await rejected_connect(
+                gateway.ws_url, bearer(token_for("ws_black_hole")), within=CLIENT_CONNECT_WAIT
+            )
             waited = trio.current_time() - started
             # The failure is in the log by the time the client has its answer.
             # The detail is logged once, by the connect, under the client's request id.
             failures = [entry for entry in logs if entry["event"] == "connect.session_start_failed"]
-        assert refused.value.status_code == 503
+        assert refused.status_code == 503
         assert len(failures) == 1
         assert "no answer within 5 s (CXG_S3_TIMEOUT)" in failures[0]["error"]
         assert 4.5 <= waited < CLIENT_CONNECT_WAIT
@@ -771,14 +733,7 @@ async def _threads_with_messages(rpc: Any, texts: list[str]) -> list[dict[str, A
     threads = []
     for text in texts:
         thread = (await rpc.result("thread/start", {}))["thread"]
-        turn = (
-            await rpc.result(
-                "turn/start",
-                {"threadId": thread["id"], "input": [{"type": "text", "text": text}]},
-            )
-        )["turn"]
-        await rpc.wait_for("item/completed", is_user_message(text))
-        await rpc.result("turn/interrupt", {"threadId": thread["id"], "turnId": turn["id"]})
+        await record_user_message(rpc, thread["id"], text)
         threads.append(thread)
     return threads
 
@@ -795,10 +750,7 @@ async def test_real_codex_thread_order_and_update_times_survive_save_and_restore
     real_codex_bin: Path,
     s3_settings: S3Settings,
 ) -> None:
-    common = {
-        "CXG_MODEL_PROVIDER_BASE_URL": f"http://127.0.0.1:{await closed_port()}/v1",
-        "CXG_CHILD_READY_TIMEOUT": "60s",
-    }
+    common = await real_codex_vars()
     gateway = await start_s3_gateway(
         nursery, tmp_path / "node", real_codex_bin, s3_settings, **common
     )
@@ -872,10 +824,7 @@ async def test_real_codex_resumes_a_go_shaped_archive_with_a_symlink_and_a_fifo(
     bucket: BucketView,
 ) -> None:
     text = "written before the Go pod died"
-    common = {
-        "CXG_MODEL_PROVIDER_BASE_URL": f"http://127.0.0.1:{await closed_port()}/v1",
-        "CXG_CHILD_READY_TIMEOUT": "60s",
-    }
+    common = await real_codex_vars()
     gateway = await start_s3_gateway(
         nursery, tmp_path / "node", real_codex_bin, s3_settings, **common
     )

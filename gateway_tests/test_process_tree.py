@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import structlog
-import trio
 
 from gateway.sessions.child_process import child_preexec, start_child_process
 from gateway.sessions.process_tree import read_stat
-from gateway_tests.harness import connect, eventually, gateway_env, start_gateway
+from gateway_tests.harness import LaunchGateway, connect, eventually
 from gateway_tests.process_trees import (
     GRANDCHILDREN,
     is_running,
@@ -33,53 +32,45 @@ async def _child_pid(rpc) -> int:  # type: ignore[no-untyped-def]
 
 
 async def test_stopping_a_session_ends_every_process_of_its_tree(
-    nursery: trio.Nursery, tmp_path: Path
+    launch_gateway: LaunchGateway, tmp_path: Path
 ) -> None:
     pid_file = tmp_path / "tree-pids"
     launcher = make_tree_launcher(tmp_path / "bin", pid_file)
-    gateway = await start_gateway(
-        nursery, gateway_env(tmp_path, launcher, CXG_CHILD_STOP_GRACE="2s")
-    )
-    try:
-        async with connect(gateway, "ws_tree") as rpc:
-            child = await _child_pid(rpc)
-            await eventually(lambda: len(read_pids(pid_file)) == len(GRANDCHILDREN))
-            grandchildren = read_pids(pid_file)
-            stats = {name: read_stat(pid) for name, (pid, _) in grandchildren.items()}
-            # The shapes this test is about: one left the group, the orphan was adopted by the
-            # child (a subreaper) rather than by init.
-            assert stats["ignores_term"] is not None and stats["ignores_term"].pgid == child
-            assert stats["own_session"] is not None and stats["own_session"].sid != child
-            assert stats["orphan"] is not None and stats["orphan"].ppid == child
-            assert stats["orphan"].sid != child
-            response = await gateway.restart("ws_tree")
-            assert response.status_code == 204
-        survivors = [n for n, (pid, start) in grandchildren.items() if is_running(pid, start)]
-        assert survivors == []
-        assert read_stat(child) is None or not read_stat(child).alive  # type: ignore[union-attr]
-    finally:
-        await gateway.shutdown()
+    gateway = await launch_gateway(launcher, CXG_CHILD_STOP_GRACE="2s")
+    async with connect(gateway, "ws_tree") as rpc:
+        child = await _child_pid(rpc)
+        await eventually(lambda: len(read_pids(pid_file)) == len(GRANDCHILDREN))
+        grandchildren = read_pids(pid_file)
+        stats = {name: read_stat(pid) for name, (pid, _) in grandchildren.items()}
+        # The shapes this test is about: one left the group, the orphan was adopted by the
+        # child (a subreaper) rather than by init.
+        assert stats["ignores_term"] is not None and stats["ignores_term"].pgid == child
+        assert stats["own_session"] is not None and stats["own_session"].sid != child
+        assert stats["orphan"] is not None and stats["orphan"].ppid == child
+        assert stats["orphan"].sid != child
+        response = await gateway.restart("ws_tree")
+        assert response.status_code == 204
+    survivors = [n for n, (pid, start) in grandchildren.items() if is_running(pid, start)]
+    assert survivors == []
+    assert read_stat(child) is None or not read_stat(child).alive  # type: ignore[union-attr]
 
 
 async def test_a_crashed_child_leaves_no_process_of_its_session_behind(
-    nursery: trio.Nursery, tmp_path: Path
+    launch_gateway: LaunchGateway, tmp_path: Path
 ) -> None:
     pid_file = tmp_path / "tree-pids"
     launcher = make_tree_launcher(tmp_path / "bin", pid_file)
-    gateway = await start_gateway(nursery, gateway_env(tmp_path, launcher))
-    try:
-        async with connect(gateway, "ws_crash_tree") as rpc:
-            child = await _child_pid(rpc)
-            await eventually(lambda: len(read_pids(pid_file)) == len(GRANDCHILDREN))
-            grandchildren = read_pids(pid_file)
-            # The child dies at once: its tree is no longer below it when the session stops.
-            os.kill(child, signal.SIGKILL)
-            assert (await rpc.closed(within=5)).code == 1011
-        await eventually(
-            lambda: not any(is_running(pid, start) for pid, start in grandchildren.values())
-        )
-    finally:
-        await gateway.shutdown()
+    gateway = await launch_gateway(launcher)
+    async with connect(gateway, "ws_crash_tree") as rpc:
+        child = await _child_pid(rpc)
+        await eventually(lambda: len(read_pids(pid_file)) == len(GRANDCHILDREN))
+        grandchildren = read_pids(pid_file)
+        # The child dies at once: its tree is no longer below it when the session stops.
+        os.kill(child, signal.SIGKILL)
+        assert (await rpc.closed(within=5)).code == 1011
+    await eventually(
+        lambda: not any(is_running(pid, start) for pid, start in grandchildren.values())
+    )
 
 
 async def test_the_child_is_forked_by_the_event_loop_thread() -> None:
@@ -107,29 +98,24 @@ def test_a_child_whose_parent_died_before_the_prctl_ends_itself(tmp_path: Path) 
 
 @pytest.mark.parametrize("ending", ["child_exits", "session_restarted"])
 async def test_the_last_words_of_a_dying_child_reach_the_log(
-    nursery: trio.Nursery, tmp_path: Path, ending: str
+    launch_gateway: LaunchGateway, tmp_path: Path, ending: str
 ) -> None:
     last_words = "thread 'main' panicked at app-server/src/lib.rs:1:1: last words of the child"
     launcher = make_tree_launcher(tmp_path / "bin", tmp_path / "tree-pids", last_words=last_words)
-    gateway = await start_gateway(nursery, gateway_env(tmp_path, launcher))
-    try:
-        with structlog.testing.capture_logs() as logs:
-            async with connect(gateway, "ws_last_words") as rpc:
-                fake = await _child_pid(rpc)
-                if ending == "child_exits":
-                    # The fake ends; the launcher (the gateway's child) floods stderr, exits 101.
-                    os.kill(fake, signal.SIGKILL)
-                    assert (await rpc.closed(within=10)).code == 1011
-                else:
-                    # The stop's SIGTERM ends the fake; the launcher writes while being stopped.
-                    assert (await gateway.restart("ws_last_words")).status_code == 204
-            await eventually(
-                lambda: any(e.get("event") == "session.stopped" for e in logs), within=20
-            )
-        lines = [e["line"] for e in logs if e.get("event") == "child.output"]
-        assert lines[-1] == last_words
-        assert sum(1 for line in lines if line.startswith("noise line")) == 20000
-        stopped = [e for e in logs if e.get("event") == "child.stopped"]
-        assert [e["status"] for e in stopped] == [101]
-    finally:
-        await gateway.shutdown()
+    gateway = await launch_gateway(launcher)
+    with structlog.testing.capture_logs() as logs:
+        async with connect(gateway, "ws_last_words") as rpc:
+            fake = await _child_pid(rpc)
+            if ending == "child_exits":
+                # The fake ends; the launcher (the gateway's child) floods stderr, exits 101.
+                os.kill(fake, signal.SIGKILL)
+                assert (await rpc.closed(within=10)).code == 1011
+            else:
+                # The stop's SIGTERM ends the fake; the launcher writes while being stopped.
+                assert (await gateway.restart("ws_last_words")).status_code == 204
+        await eventually(lambda: any(e.get("event") == "session.stopped" for e in logs), within=20)
+    lines = [e["line"] for e in logs if e.get("event") == "child.output"]
+    assert lines[-1] == last_words
+    assert sum(1 for line in lines if line.startswith("noise line")) == 20000
+    stopped = [e for e in logs if e.get("event") == "child.stopped"]
+    assert [e["status"] for e in stopped] == [101]

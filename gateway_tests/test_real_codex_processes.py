@@ -8,41 +8,21 @@ signals the child, or its group, leaves running.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 import trio
 
 from gateway.sessions.process_tree import read_stat
-from gateway_tests.harness import (
-    RunningGateway,
-    connect,
-    eventually,
-    real_codex_env,
-    start_gateway,
-)
+from gateway_tests.harness import RunningGateway, connect, eventually
 from gateway_tests.process_trees import is_running
-
-STEP_TIMEOUT = 30.0
-
-
-@pytest.fixture
-async def gateway(
-    nursery: trio.Nursery, tmp_path: Path, real_codex_bin: Path
-) -> AsyncIterator[RunningGateway]:
-    env = await real_codex_env(tmp_path, real_codex_bin)
-    running = await start_gateway(nursery, env)
-    yield running
-    await running.shutdown()
+from gateway_tests.real_codex_turns import STEP_TIMEOUT
 
 
 async def test_a_background_process_of_a_shell_command_ends_with_the_session(
-    gateway: RunningGateway,
+    real_gateway: RunningGateway,
 ) -> None:
     with trio.fail_after(STEP_TIMEOUT * 2):
-        async with connect(gateway, "ws_real_bg") as rpc:
-            entry = await gateway.session("ws_real_bg")
+        async with connect(real_gateway, "ws_real_bg") as rpc:
+            entry = await real_gateway.session("ws_real_bg")
             assert entry is not None
             child = entry["pid"]
             thread_id = (await rpc.result("thread/start", {}))["thread"]["id"]
@@ -66,6 +46,6 @@ async def test_a_background_process_of_a_shell_command_ends_with_the_session(
             assert stat.sid != child
             start_time = stat.start_time
 
-            response = await gateway.restart("ws_real_bg")
+            response = await real_gateway.restart("ws_real_bg")
             assert response.status_code == 204
         assert not is_running(pid, start_time)

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from trio_websocket import open_websocket_url
 
-from gateway_tests.harness import Rpc, closed_port, connect, gateway_env, start_gateway
+from gateway_tests.harness import LaunchGateway, connect, connect_url
 from gateway_tests.real_app_server import run_app_server
-from gateway_tests.test_real_codex import STEP_TIMEOUT, is_user_message
+from gateway_tests.real_codex_turns import STEP_TIMEOUT, record_user_message
 
 WORKSPACE = "ws_rollback"
 
@@ -66,30 +65,16 @@ def turn_texts(thread: dict[str, Any]) -> list[str]:
 
 
 async def test_a_home_saved_here_resumes_in_the_go_layout(
-    nursery: trio.Nursery, tmp_path: Path, real_codex_bin: Path
+    nursery: trio.Nursery, real_codex_bin: Path, launch_real_gateway: LaunchGateway
 ) -> None:
-    model_url = f"http://127.0.0.1:{await closed_port()}/v1"
-    env = gateway_env(
-        tmp_path,
-        real_codex_bin,
-        CXG_MODEL_PROVIDER_BASE_URL=model_url,
-        CXG_CHILD_READY_TIMEOUT="60s",
-    )
-    root = Path(env["CXG_TMP_ROOT"])
+    running = await launch_real_gateway()
+    root = Path(running.config.tmp_root)
+    model_url = running.config.model.base_url
     text = "remember this across the rollback"
-    running = await start_gateway(nursery, env)
     with trio.fail_after(STEP_TIMEOUT * 3):
         async with connect(running, WORKSPACE) as rpc:
             thread_id = (await rpc.result("thread/start", {}))["thread"]["id"]
-            turn = (
-                await rpc.result(
-                    "turn/start",
-                    {"threadId": thread_id, "input": [{"type": "text", "text": text}]},
-                )
-            )["turn"]
-            await rpc.wait_for("item/completed", is_user_message(text))
-            await rpc.result("turn/interrupt", {"threadId": thread_id, "turnId": turn["id"]})
-            await rpc.wait_for("turn/completed", lambda m: m["params"]["turn"]["id"] == turn["id"])
+            await record_user_message(rpc, thread_id, text)
         assert (await running.restart(WORKSPACE)).status_code == 204
         await running.shutdown()
     archive = running.archive_path(WORKSPACE).read_bytes()
@@ -103,9 +88,7 @@ async def test_a_home_saved_here_resumes_in_the_go_layout(
     server = await nursery.start(run_app_server, real_codex_bin, go_home, {})
     try:
         with trio.fail_after(STEP_TIMEOUT * 2):
-            async with open_websocket_url(server.url) as ws:
-                rpc = Rpc(ws)
-                await rpc.initialize()
+            async with connect_url(server.url) as rpc:
                 listed = await rpc.result("thread/list", {})
                 assert thread_id in {t["id"] for t in listed["data"]}
                 resumed = await rpc.call("thread/resume", {"threadId": thread_id})

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from trio_websocket import ConnectionRejected, open_websocket_url
 
 from gateway_tests.fakes.launchers import make_fake_codex_launcher
 from gateway_tests.harness import (
@@ -21,10 +20,8 @@ from gateway_tests.harness import (
     closed_port,
     connect,
     eventually,
-    gateway_env,
     process_environ,
     rejected_connect,
-    start_gateway,
     token_for,
 )
 
@@ -72,24 +69,19 @@ async def test_second_client_shares_the_child_and_both_work(gateway: RunningGate
 
 
 async def test_child_environment_holds_no_gateway_secret(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path, monkeypatch: pytest.MonkeyPatch
+    launch_gateway: LaunchGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Secrets the gateway process holds: in its environment and in its configuration.
     monkeypatch.setenv("CXG_AGENTSERVER_INTERNAL_SECRET", "agentserver-secret-value")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-value")
-    gateway = await start_gateway(
-        nursery, gateway_env(tmp_path, fake_codex_bin, CXG_S3_SECRET_ACCESS_KEY="s3-secret-value")
-    )
-    try:
-        async with connect(gateway, "ws_env") as rpc:
-            environ = process_environ(await _pid(rpc))
-        assert not [name for name in environ if name.startswith("CXG_")]
-        leaked = {"agentserver-secret-value", "aws-secret-value", "s3-secret-value", HMAC_SECRET}
-        assert not leaked & set(environ.values())
-        assert "AWS_SECRET_ACCESS_KEY" not in environ
-        assert environ["CODEX_HOME"].startswith(str(tmp_path / "sessions"))
-    finally:
-        await gateway.shutdown()
+    gateway = await launch_gateway(CXG_S3_SECRET_ACCESS_KEY="s3-secret-value")
+    async with connect(gateway, "ws_env") as rpc:
+        environ = process_environ(await _pid(rpc))
+    assert not [name for name in environ if name.startswith("CXG_")]
+    leaked = {"agentserver-secret-value", "aws-secret-value", "s3-secret-value", HMAC_SECRET}
+    assert not leaked & set(environ.values())
+    assert "AWS_SECRET_ACCESS_KEY" not in environ
+    assert environ["CODEX_HOME"].startswith(str(tmp_path / "sessions"))
 
 
 async def test_other_processes_cannot_talk_to_the_child(gateway: RunningGateway) -> None:
@@ -103,11 +95,8 @@ async def test_other_processes_cannot_talk_to_the_child(gateway: RunningGateway)
         # Only the hash of the capability token is on the child's command line.
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         assert b"--ws-token-sha256" in cmdline
-        for headers in ([], [(b"authorization", f"Bearer {token_for('ws_private')}".encode())]):
-            with pytest.raises(ConnectionRejected) as rejected:
-                async with open_websocket_url(child_url, extra_headers=headers):
-                    pass
-            assert rejected.value.status_code == 401
+        for headers in ([], bearer(token_for("ws_private"))):
+            assert (await rejected_connect(child_url, headers)).status_code == 401
 
 
 async def test_child_crash_closes_clients_with_1011_saves_and_respawns(
@@ -127,25 +116,20 @@ async def test_child_crash_closes_clients_with_1011_saves_and_respawns(
 
 
 async def test_idle_session_is_stopped_and_saved_but_a_quick_reconnect_reuses_it(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+    launch_gateway: LaunchGateway, tmp_path: Path
 ) -> None:
-    gateway = await start_gateway(
-        nursery, gateway_env(tmp_path, fake_codex_bin, CXG_IDLE_SHUTDOWN="3s")
-    )
-    try:
-        async with connect(gateway, "ws_idle") as rpc:
-            await rpc.result("thread/start", {})
-            first = await _pid(rpc)
-        async with connect(gateway, "ws_idle") as rpc:
-            assert await _pid(rpc) == first
-        assert not gateway.archive_path("ws_idle").exists()
-        await eventually(lambda: gateway.archive_path("ws_idle").exists(), within=15)
-        await eventually(lambda: not (tmp_path / "sessions" / "ws_idle").exists())
-        assert await gateway.session("ws_idle") is None
-        with tarfile.open(gateway.archive_path("ws_idle")) as archive:
-            assert any(name.startswith("sessions/") for name in archive.getnames())
-    finally:
-        await gateway.shutdown()
+    gateway = await launch_gateway(CXG_IDLE_SHUTDOWN="3s")
+    async with connect(gateway, "ws_idle") as rpc:
+        await rpc.result("thread/start", {})
+        first = await _pid(rpc)
+    async with connect(gateway, "ws_idle") as rpc:
+        assert await _pid(rpc) == first
+    assert not gateway.archive_path("ws_idle").exists()
+    await eventually(lambda: gateway.archive_path("ws_idle").exists(), within=15)
+    await eventually(lambda: not (tmp_path / "sessions" / "ws_idle").exists())
+    assert await gateway.session("ws_idle") is None
+    with tarfile.open(gateway.archive_path("ws_idle")) as archive:
+        assert any(name.startswith("sessions/") for name in archive.getnames())
 
 
 async def test_admin_restart_saves_and_the_next_connect_sees_the_thread(
@@ -173,39 +157,33 @@ async def test_a_workspace_token_may_restart_only_its_own_workspace(
         assert own.status_code == 204
 
 
-async def test_large_frames_pass_unchanged_both_ways(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_large_frames_pass_unchanged_both_ways(
+    launch_gateway: LaunchGateway, tmp_path: Path
+) -> None:
     launcher = make_fake_codex_launcher(tmp_path / "bin", ECHO_BINARY="1")
-    gateway = await start_gateway(nursery, gateway_env(tmp_path, launcher))
-    try:
-        async with connect(gateway, "ws_big") as rpc:
-            payload = "x" * (60 << 20)
-            reply = await rpc.result("fake/echo", {"payload": payload})
-            assert reply["payload"] == payload
-            blob = os.urandom(60 << 20)
-            await rpc.ws.send_message(blob)
-            echoed = await rpc.ws.get_message()
-            assert isinstance(echoed, bytes) and echoed == blob
-    finally:
-        await gateway.shutdown()
+    gateway = await launch_gateway(launcher)
+    async with connect(gateway, "ws_big") as rpc:
+        payload = "x" * (60 << 20)
+        reply = await rpc.result("fake/echo", {"payload": payload})
+        assert reply["payload"] == payload
+        blob = os.urandom(60 << 20)
+        await rpc.ws.send_message(blob)
+        echoed = await rpc.ws.get_message()
+        assert isinstance(echoed, bytes) and echoed == blob
 
 
 async def test_oversized_frame_closes_only_that_client_with_1009(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+    launch_gateway: LaunchGateway,
 ) -> None:
-    gateway = await start_gateway(
-        nursery, gateway_env(tmp_path, fake_codex_bin, CXG_WS_MAX_MESSAGE_SIZE="1MiB")
-    )
-    try:
-        async with connect(gateway, "ws_limit") as bystander, connect(gateway, "ws_limit") as rpc:
-            pid = await _pid(bystander)
-            await rpc.ws.send_message("y" * ((1 << 20) + 1))
-            reason = await rpc.closed(within=5)
-            assert reason.code == 1009
-            assert await _pid(bystander) == pid
-            reply = await bystander.result("fake/echo", {"payload": "z" * 1000})
-            assert reply["payload"] == "z" * 1000
-    finally:
-        await gateway.shutdown()
+    gateway = await launch_gateway(CXG_WS_MAX_MESSAGE_SIZE="1MiB")
+    async with connect(gateway, "ws_limit") as bystander, connect(gateway, "ws_limit") as rpc:
+        pid = await _pid(bystander)
+        await rpc.ws.send_message("y" * ((1 << 20) + 1))
+        reason = await rpc.closed(within=5)
+        assert reason.code == 1009
+        assert await _pid(bystander) == pid
+        reply = await bystander.result("fake/echo", {"payload": "z" * 1000})
+        assert reply["payload"] == "z" * 1000
 
 
 async def test_close_codes_and_reasons_cross_the_relay(gateway: RunningGateway) -> None:

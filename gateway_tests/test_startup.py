@@ -13,15 +13,16 @@ import httpx2
 import trio
 
 from gateway.version import package_version
-from gateway_tests.s3_server import MotoServer
-from gateway_tests.s3_server import moto_server as moto_server
-from gateway_tests.test_daemon_process import (
+from gateway_tests.daemon_process import (
     START_TIMEOUT,
     base_env,
+    client,
     daemon_env,
     run_cli,
     serve_process,
 )
+from gateway_tests.harness import token_for
+from gateway_tests.s3_server import MotoServer
 
 CHECK_TIMEOUT = 30.0
 
@@ -144,9 +145,6 @@ async def test_a_port_already_in_use_is_one_line_and_exit_2(
 async def test_attach_detach_and_session_start_are_logged(
     tmp_path: Path, fake_codex_bin: Path
 ) -> None:
-    from gateway_tests.harness import token_for
-    from gateway_tests.test_daemon_process import client
-
     async with serve_process(daemon_env(tmp_path, fake_codex_bin)) as (daemon, url):
         with trio.fail_after(CHECK_TIMEOUT):
             # An initialized client: the gateway's first ping has been answered by then.

@@ -18,15 +18,12 @@ from gateway import metrics
 from gateway.config import S3Settings
 from gateway.store.base import KEY_PREFIX
 from gateway.store.s3 import S3ObjectStore
-from gateway_tests import s3_server
+from gateway_tests.daemon_process import run_cli
 from gateway_tests.fakes.serving import serve_on_loopback
-from gateway_tests.harness import closed_port, gateway_env, start_gateway
+from gateway_tests.harness import LaunchGateway, closed_port, gateway_env
 from gateway_tests.s3_control import s3_env
 from gateway_tests.s3_server import MotoServer, settings_for
-from gateway_tests.test_daemon_process import run_cli
 
-moto_server = s3_server.moto_server
-s3_settings = s3_server.s3_settings
 CONDITIONAL_HEADERS = frozenset({b"if-match", b"if-none-match"})
 
 
@@ -135,19 +132,11 @@ async def test_serve_refuses_to_start_on_a_store_that_ignores_conditions(
 
 
 async def test_with_the_opt_in_it_starts_unfenced_and_says_so(
-    nursery: trio.Nursery,
-    stripping_settings: tuple[S3Settings, StrippingStore],
-    tmp_path: Path,
-    fake_codex_bin: Path,
+    launch_gateway: LaunchGateway, stripping_settings: tuple[S3Settings, StrippingStore]
 ) -> None:
     settings, _ = stripping_settings
-    env = {
-        **gateway_env(tmp_path, fake_codex_bin),
-        **s3_env(settings),
-        "CXG_S3_ALLOW_UNFENCED": "true",
-    }
     with capture_logs() as logs:
-        running = await start_gateway(nursery, env)
+        running = await launch_gateway(**s3_env(settings), CXG_S3_ALLOW_UNFENCED="true")
     try:
         [line] = [entry for entry in logs if entry["event"] == "store.unfenced"]
         assert line["log_level"] == "warning"
@@ -161,25 +150,21 @@ async def test_with_the_opt_in_it_starts_unfenced_and_says_so(
 
 
 async def test_a_fenced_store_starts_and_reports_fenced(
-    nursery: trio.Nursery, s3_settings: S3Settings, tmp_path: Path, fake_codex_bin: Path
+    launch_gateway: LaunchGateway, s3_settings: S3Settings
 ) -> None:
     with capture_logs() as logs:
-        running = await start_gateway(
-            nursery, {**gateway_env(tmp_path, fake_codex_bin), **s3_env(s3_settings)}
-        )
+        running = await launch_gateway(**s3_env(s3_settings))
     await running.shutdown()
     assert [entry for entry in logs if entry["event"] == "store.fenced"]
     assert metrics.STORE_UNFENCED._value.get() == 0
 
 
 async def test_a_store_unreachable_at_start_is_logged_and_the_gateway_still_starts(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+    launch_gateway: LaunchGateway,
 ) -> None:
     settings = settings_for(f"http://127.0.0.1:{await closed_port()}")
     with capture_logs() as logs:
-        running = await start_gateway(
-            nursery, {**gateway_env(tmp_path, fake_codex_bin), **s3_env(settings)}
-        )
+        running = await launch_gateway(**s3_env(settings))
     await running.shutdown()
     [line] = [entry for entry in logs if entry["event"] == "store.probe_failed"]
     assert "unreachable" in line["error"]

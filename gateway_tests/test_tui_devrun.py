@@ -23,7 +23,7 @@ import trio
 
 from gateway_tests.conftest import REPO
 from gateway_tests.devrun import PINNED_CODEX
-from gateway_tests.test_tui import READY_TIMEOUT, Terminal
+from gateway_tests.tui import READY_TIMEOUT, Terminal
 
 PROMPT = "hello from the devrun test"
 # What the fake answers (its deltas: "This is a fake answer to: <prompt>").

@@ -20,17 +20,16 @@ from structlog.testing import capture_logs
 
 from gateway_tests.fakes.fake_model_server import FakeModelServer
 from gateway_tests.harness import RunningGateway
-from gateway_tests.test_tui import EXIT_TIMEOUT, READY, READY_TIMEOUT, Terminal
-from gateway_tests.test_tui_policy import (
-    gateway,
-    model,
+from gateway_tests.tui import (
+    EXIT_TIMEOUT,
+    READY,
+    READY_TIMEOUT,
+    Terminal,
     refusals,
     screen_shows,
-    tui,
+    spawn_tui,
     type_line,
 )
-
-__all__ = ["gateway", "model"]
 
 
 async def slash(terminal: Terminal, command: str, description: str) -> None:
@@ -41,14 +40,14 @@ async def slash(terminal: Terminal, command: str, description: str) -> None:
 
 
 async def test_diff_model_and_resume_work_under_the_default_policy(
-    gateway: RunningGateway, tmp_path: Path, real_codex_bin: Path, model: FakeModelServer
+    tui_gateway: RunningGateway, tmp_path: Path, real_codex_bin: Path, tui_model: FakeModelServer
 ) -> None:
-    terminal = tui(gateway, tmp_path, real_codex_bin, "ws_tui_slash")
+    terminal = spawn_tui(tui_gateway, tmp_path, real_codex_bin, "ws_tui_slash")
     try:
         before = refusals()
         with capture_logs() as logs:
             await trio.to_thread.run_sync(terminal.wait_for_screen, READY, READY_TIMEOUT)
-            pid = (await gateway.session("ws_tui_slash") or {})["pid"]
+            pid = (await tui_gateway.session("ws_tui_slash") or {})["pid"]
             # A first thread, for /resume to find later.
             await type_line(terminal, "the earlier thread")
             await screen_shows(terminal, "Reply from the fake model.")
@@ -76,19 +75,19 @@ async def test_diff_model_and_resume_work_under_the_default_policy(
             terminal.process.send("\r")
             await screen_shows(terminal, "the earlier thread", "Reply from the fake model.")
             # The resumed thread takes a new turn.
-            model.default_text = "Answer in the resumed thread."
+            tui_model.default_text = "Answer in the resumed thread."
             await type_line(terminal, "carry on")
             await screen_shows(terminal, "Answer in the resumed thread.")
         # That turn carried the earlier thread's history, with the model /model chose. (The
         # child may also send a title request of its own for the new prompt: not the turn.)
         turns = [
             request.body
-            for request in model.responses_requests()
+            for request in tui_model.responses_requests()
             if "carry on" in json.dumps(request.body["input"])
             and "the earlier thread" in json.dumps(request.body["input"])
         ]
         assert [body["model"] for body in turns] == ["gpt-6-luna"], turns
-        assert (await gateway.session("ws_tui_slash") or {})["pid"] == pid
+        assert (await tui_gateway.session("ws_tui_slash") or {})["pid"] == pid
         # The capture sees the gateway's log (so the empty list below means something)...
         assert any(entry.get("workspace_id") == "ws_tui_slash" for entry in logs), logs
         # ...and none of these normal actions was refused.

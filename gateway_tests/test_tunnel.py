@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx2
@@ -31,6 +30,7 @@ from gateway.web import server as front_door
 from gateway_tests.fakes.launchers import make_fake_codex_launcher
 from gateway_tests.harness import (
     POLL_INTERVAL,
+    LaunchGateway,
     RunningGateway,
     connect,
     gateway_env,
@@ -123,15 +123,6 @@ def _status(head: bytes) -> int:
     return int(head.split(b" ", 2)[1])
 
 
-@pytest.fixture
-async def gateway(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
-) -> AsyncIterator[RunningGateway]:
-    running = await start_gateway(nursery, gateway_env(tmp_path, fake_codex_bin))
-    yield running
-    await running.shutdown()
-
-
 # -- the handshake --------------------------------------------------------------------------------
 
 
@@ -217,9 +208,9 @@ async def test_a_slowloris_upgrade_head_is_dropped_and_bothers_nobody(
 
 
 async def test_each_stop_reason_reaches_the_client_as_its_own_code_and_reason(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+    launch_gateway: LaunchGateway,
 ) -> None:
-    gateway = await start_gateway(nursery, gateway_env(tmp_path, fake_codex_bin))
+    gateway = await launch_gateway()
     async with connect(gateway, "ws_restart") as rpc:
         assert (await gateway.restart("ws_restart")).status_code == 204
         reason = await rpc.closed(within=5)
@@ -377,17 +368,15 @@ async def test_a_child_that_does_not_read_holds_its_clients_back_within_the_budg
 
 
 async def test_five_hundred_clients_sending_1mib_frames_at_once_all_get_their_echo(
-    nursery: trio.Nursery, tmp_path: Path
+    launch_gateway: LaunchGateway, tmp_path: Path
 ) -> None:
     launcher = make_fake_codex_launcher(tmp_path / "bin", ECHO_BINARY="1")
-    env = gateway_env(
-        tmp_path,
+    gateway = await launch_gateway(
         launcher,
         CXG_MAX_CLIENTS_PER_WORKSPACE="0",
         CXG_WS_MAX_MESSAGE_SIZE="1MiB",
         CXG_WS_INFLIGHT_BUDGET="32MiB",
     )
-    gateway = await start_gateway(nursery, env)
     peak = [0.0]
     echoed = [0]
     try:
@@ -434,9 +423,9 @@ async def test_five_hundred_clients_sending_1mib_frames_at_once_all_get_their_ec
 
 
 async def test_connections_cancelled_at_shutdown_are_not_logged_as_errors(
-    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path, capsys: pytest.CaptureFixture[str]
+    launch_gateway: LaunchGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    gateway = await start_gateway(nursery, gateway_env(tmp_path, fake_codex_bin))
+    gateway = await launch_gateway()
     host, port = _address(gateway)
     # Half a request head: its connection is still being read when the server stops, and is
     # cancelled by the graceful-shutdown deadline.

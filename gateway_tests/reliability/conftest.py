@@ -12,12 +12,17 @@ the run under "reliability counts" (what ``docs/reliability.md`` quotes).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from gateway_tests.reliability.support import SOAK, CountsRecorder, Scale, recorded_counts
+from gateway_tests.reliability.support import (
+    SOAK,
+    CountsRecorder,
+    Scale,
+    recorded_counts,
+    write_counts,
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -47,10 +52,4 @@ def counts(request: pytest.FixtureRequest) -> CountsRecorder:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     """Print every scenario's counts at the end of the run."""
-    if not recorded_counts:
-        return
-    write: Callable[..., None] = terminalreporter.write_line
-    terminalreporter.section("reliability counts")
-    for nodeid, values in recorded_counts.items():
-        shown = ", ".join(f"{key}={value}" for key, value in values.items())
-        write(f"{nodeid}: {shown}")
+    write_counts(terminalreporter, "reliability counts", recorded_counts)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
+from hypothesis import HealthCheck, settings
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from gateway_tests.harness import POLL_INTERVAL
@@ -18,6 +19,24 @@ SOAK = os.environ.get("CXG_SOAK") == "1"
 
 #: Counts of every scenario of this run, by test id, in the order they were recorded.
 recorded_counts: dict[str, dict[str, Any]] = {}
+
+
+def bounded(
+    examples: int,
+    *,
+    suppress: Sequence[HealthCheck] = (HealthCheck.too_slow, HealthCheck.function_scoped_fixture),
+) -> Callable[[Any], Any]:
+    """Hypothesis settings of this suite: bounded examples, no deadline, no example database.
+
+    ``suppress`` names the health checks that do not apply (slow examples are the point here;
+    the fixtures a property takes hold nothing an example changes).
+    """
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(suppress),
+    )
 
 
 class Scale:
@@ -46,6 +65,16 @@ class CountsRecorder:
     def add(self, key: str, amount: int = 1) -> None:
         """Add ``amount`` to the count ``key``."""
         self.values[key] = self.values.get(key, 0) + amount
+
+
+def write_counts(terminalreporter: Any, title: str, counts: dict[str, dict[str, Any]]) -> None:
+    """Print ``counts`` (by test id) as a section ``title`` of pytest's terminal summary."""
+    if not counts:
+        return
+    write: Callable[..., None] = terminalreporter.write_line
+    terminalreporter.section(title)
+    for nodeid, values in counts.items():
+        write(f"{nodeid}: " + ", ".join(f"{key}={value}" for key, value in values.items()))
 
 
 async def until(predicate: Callable[[], Awaitable[bool]], *, within: float = 10.0) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, connect_websocket_url
 
@@ -29,14 +29,13 @@ from gateway_tests.fakes.launchers import make_fake_codex_launcher
 from gateway_tests.harness import (
     HMAC_SECRET,
     MAX_MESSAGE,
+    LaunchGateway,
     Rpc,
     RunningGateway,
     connect,
-    gateway_env,
-    start_gateway,
     token_for,
 )
-from gateway_tests.reliability.support import CountsRecorder, Scale
+from gateway_tests.reliability.support import CountsRecorder, Scale, bounded
 
 LIMIT = 16 * 1024
 BYSTANDER = "ws_bystander"
@@ -45,16 +44,6 @@ BYSTANDER = "ws_bystander"
 def run_examples(test: Callable[[], None]) -> Awaitable[None]:
     """Run a hypothesis test in a worker thread (its examples call back into Trio)."""
     return trio.to_thread.run_sync(test)
-
-
-def bounded(examples: int) -> Callable[[Any], Any]:
-    """Hypothesis settings: bounded examples, no deadline, no example database."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
 
 
 async def upgrade_status(gateway: RunningGateway, authorization: bytes | None) -> int:
@@ -109,28 +98,20 @@ header_values = st.one_of(
 
 
 async def test_any_authorization_header_gets_401_400_or_503_and_bothers_nobody(
-    nursery: trio.Nursery,
-    tmp_path: Path,
-    fake_codex_bin: Path,
-    counts: CountsRecorder,
-    scale: Scale,
+    launch_gateway: LaunchGateway, nursery: trio.Nursery, counts: CountsRecorder, scale: Scale
 ) -> None:
     agentserver = FakeAgentserver(internal_secret="internal")
     url: str = await nursery.start(agentserver.serve)
-    env = gateway_env(
-        tmp_path,
-        fake_codex_bin,
-        CXG_AGENTSERVER_INTERNAL_URL=url,
-        CXG_AGENTSERVER_INTERNAL_SECRET="internal",
+    gateway = await launch_gateway(
+        CXG_AGENTSERVER_INTERNAL_URL=url, CXG_AGENTSERVER_INTERNAL_SECRET="internal"
     )
-    gateway = await start_gateway(nursery, env)
     statuses: dict[int, int] = {}
     try:
         async with connect(gateway, BYSTANDER) as bystander:
             pid = (await bystander.result("fake/pid"))["pid"]
             examples = [0]
 
-            @bounded(scale.pick(150, 3000))
+            @bounded(scale.pick(150, 3000), suppress=list(HealthCheck))
             @given(value=header_values | st.none())
             def header_property(value: bytes | None) -> None:
                 if value is not None and HMAC_SECRET.encode() in value:
@@ -164,17 +145,18 @@ frames = st.one_of(
 
 
 async def test_any_frame_is_relayed_or_closes_only_its_client_with_1009(
-    nursery: trio.Nursery, tmp_path: Path, counts: CountsRecorder, scale: Scale
+    launch_gateway: LaunchGateway, tmp_path: Path, counts: CountsRecorder, scale: Scale
 ) -> None:
     launcher = make_fake_codex_launcher(tmp_path / "bin", ECHO_BINARY="1")
-    env = gateway_env(tmp_path, launcher, CXG_WS_MAX_MESSAGE_SIZE=f"{LIMIT}B")
-    gateway = await start_gateway(nursery, env)
+    gateway = await launch_gateway(launcher, CXG_WS_MAX_MESSAGE_SIZE=f"{LIMIT}B")
     tally = {"relayed_text": 0, "relayed_binary": 0, "closed_1009": 0, "other_close": 0}
     workspace = "ws_frames"
     try:
         async with connect(gateway, BYSTANDER) as bystander, connect(gateway, workspace) as rpc:
             bystander_pid = (await bystander.result("fake/pid"))["pid"]
             pid = (await rpc.result("fake/pid"))["pid"]
+            # Every child that answered for the workspace: one, unless a frame restarted it.
+            children_seen = {pid}
             holder: dict[str, Any] = {"ws": rpc.ws, "id": 1000}
 
             async def fresh_client() -> None:
@@ -232,20 +214,27 @@ async def test_any_frame_is_relayed_or_closes_only_its_client_with_1009(
                 await still_works(bystander, bystander_pid, holder["id"])
                 ws_rpc = Rpc(holder["ws"])
                 ws_rpc._next_id = 10**9 + holder["id"]
-                assert (await ws_rpc.result("fake/pid"))["pid"] == pid
+                children_seen.add((await ws_rpc.result("fake/pid"))["pid"])
+                assert children_seen == {pid}, children_seen
 
-            @bounded(scale.pick(120, 2000))
+            @bounded(scale.pick(120, 2000), suppress=list(HealthCheck))
             @given(frame=frames)
             def frame_property(frame: str | bytes) -> None:
                 trio.from_thread.run(probe, frame)
 
             async with trio.open_nursery() as clients:
                 await run_examples(frame_property)
+                # The listing agrees: the session that took every frame runs its first child.
+                entry = await gateway.session(workspace)
+                assert entry is not None
+                children_seen.add(entry["pid"])
                 await holder["ws"].aclose()
                 clients.cancel_scope.cancel()
     finally:
         await gateway.shutdown()
     for key, value in tally.items():
         counts[key] = value
-    counts["child_restarts"] = 0
+    counts["child_restarts"] = len(children_seen) - 1
     assert tally["other_close"] == 0
+    assert children_seen == {pid}
+    assert sum(tally.values()) > 0, "no example ran"

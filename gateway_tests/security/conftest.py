@@ -7,12 +7,11 @@ quotes).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from gateway_tests.reliability.support import CountsRecorder
+from gateway_tests.reliability.support import CountsRecorder, write_counts
 
 #: Counts of every security test of this run, by test id.
 security_counts: dict[str, dict[str, Any]] = {}
@@ -33,9 +32,4 @@ def counts(request: pytest.FixtureRequest) -> SecurityCounts:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     """Print every security test's counts at the end of the run."""
-    if not security_counts:
-        return
-    write: Callable[..., None] = terminalreporter.write_line
-    terminalreporter.section("security counts")
-    for nodeid, values in security_counts.items():
-        write(f"{nodeid}: " + ", ".join(f"{key}={value}" for key, value in values.items()))
+    write_counts(terminalreporter, "security counts", security_counts)

@@ -26,34 +26,34 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import httpx2
 import pytest
 import trio
-from trio_websocket import ConnectionRejected, open_websocket_url
 
 from gateway.auth.tokens import mint_hmac_token
 from gateway.sessions.isolation import missing_capabilities
-from gateway_tests.fakes.launchers import fake_codex_python
-from gateway_tests.harness import (
-    ADMIN_SECRET,
-    HMAC_SECRET,
-    MAX_MESSAGE,
-    Rpc,
-    closed_port,
-    eventually,
-    gateway_env,
-    token_for,
-)
-from gateway_tests.reliability.support import CountsRecorder
-from gateway_tests.security.conftest import SecurityCounts
-from gateway_tests.test_daemon_process import (
-    base_env,
+from gateway_tests.daemon_process import (
     client,
+    daemon_env,
     one_line,
     run_cli,
     serve_process,
     ws_url,
 )
+from gateway_tests.fakes.launchers import fake_codex_python
+from gateway_tests.harness import (
+    ADMIN_SECRET,
+    HMAC_SECRET,
+    Rpc,
+    admin_restart,
+    admin_sessions,
+    bearer,
+    closed_port,
+    eventually,
+    rejected_connect,
+    token_for,
+)
+from gateway_tests.reliability.support import CountsRecorder
+from gateway_tests.security.conftest import SecurityCounts
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="the isolated mode needs root (CI runs as root)"
@@ -91,22 +91,19 @@ def write_secret(directory: Path, name: str, value: str) -> Path:
 async def pod(tmp_path: Path, real_codex_bin: Path) -> AsyncIterator[Pod]:
     """``python -m gateway serve`` as root with the real codex; secrets both ways."""
     secrets_dir = tmp_path / "secrets"
-    env = base_env(
-        **gateway_env(
-            tmp_path,
-            real_codex_bin,
-            CXG_LOG_FORMAT="json",
-            CXG_MODEL_PROVIDER_BASE_URL=f"http://127.0.0.1:{await closed_port()}/v1",
-            CXG_ADMIN_SECRET_FILE=str(write_secret(secrets_dir, "admin", ADMIN_SECRET)),
-            CXG_CODEX_API_KEY_FILE=str(write_secret(secrets_dir, "model", MODEL_KEY)),
-            # Live checkpoints all along: every attack below runs while the gateway reads the
-            # attacker's home (with the child's own file ids).
-            CXG_CHECKPOINT_INTERVAL="1s",
-            # The protocol policy at its widest: what is tried here must be stopped by the
-            # operating system alone (the policy is the second layer, tested in test_policy.py).
-            CXG_POLICY_FS="any",
-            CXG_POLICY_MAX_SANDBOX="danger-full-access",
-        )
+    env = daemon_env(
+        tmp_path,
+        real_codex_bin,
+        CXG_MODEL_PROVIDER_BASE_URL=f"http://127.0.0.1:{await closed_port()}/v1",
+        CXG_ADMIN_SECRET_FILE=str(write_secret(secrets_dir, "admin", ADMIN_SECRET)),
+        CXG_CODEX_API_KEY_FILE=str(write_secret(secrets_dir, "model", MODEL_KEY)),
+        # Live checkpoints all along: every attack below runs while the gateway reads the
+        # attacker's home (with the child's own file ids).
+        CXG_CHECKPOINT_INTERVAL="1s",
+        # The protocol policy at its widest: what is tried here must be stopped by the
+        # operating system alone (the policy is the second layer, tested in test_policy.py).
+        CXG_POLICY_FS="any",
+        CXG_POLICY_MAX_SANDBOX="danger-full-access",
     )
     del env["CXG_ADMIN_SECRET"]
     first, last = (int(part) for part in env["CXG_CHILD_UID_RANGE"].split("-"))
@@ -128,12 +125,7 @@ async def pod(tmp_path: Path, real_codex_bin: Path) -> AsyncIterator[Pod]:
 
 async def session_pid(pod: Pod, workspace_id: str) -> int:
     """The child's pid from the admin listing (the admin secret came from a file)."""
-    async with httpx2.AsyncClient() as http:
-        response = await http.get(
-            f"{pod.http_url}/admin/sessions", headers={"Authorization": f"Bearer {ADMIN_SECRET}"}
-        )
-    response.raise_for_status()
-    for entry in response.json()["sessions"]:
+    for entry in await admin_sessions(pod.http_url):
         if entry["workspaceId"] == workspace_id:
             return int(entry["pid"])
     raise AssertionError(f"no session for {workspace_id}")
@@ -314,15 +306,8 @@ async def test_a_hostile_workspace_reaches_nothing_of_the_gateway_or_of_another_
                 for candidate in candidates:
                     counts.add("mint_for_other_attempts")
                     forged = mint_hmac_token(candidate.encode(), "ws_b")
-                    with pytest.raises(ConnectionRejected) as rejected:
-                        async with open_websocket_url(
-                            ws_url(pod.http_url),
-                            extra_headers=[(b"authorization", f"Bearer {forged}".encode())],
-                            max_message_size=MAX_MESSAGE,
-                            connect_timeout=30,
-                        ):
-                            pass
-                    assert rejected.value.status_code == 401
+                    rejected = await rejected_connect(ws_url(pod.http_url), bearer(forged))
+                    assert rejected.status_code == 401
                     counts.add("mint_for_other_refused")
                 assert candidates, "the attacker's loot should at least hold error text"
 
@@ -389,12 +374,7 @@ async def test_a_restored_home_is_handed_to_the_new_sessions_uid_and_the_archive
                 },
             )
             assert written["exitCode"] == 0, written
-        async with httpx2.AsyncClient(timeout=STEP) as http:
-            response = await http.post(
-                f"{pod.http_url}/admin/sessions/restart",
-                json={"workspaceId": "ws_cycle"},
-                headers={"Authorization": f"Bearer {ADMIN_SECRET}"},
-            )
+        response = await admin_restart(pod.http_url, "ws_cycle")
         assert response.status_code == 204
         archive = pod.store_dir / "codex-app-gateway" / "ws_cycle.tar.gz"
         with tarfile.open(archive) as tar:
@@ -438,12 +418,7 @@ async def test_a_session_end_kills_what_its_uid_left_running(pod: Pod) -> None:
             )
             escaped = int(result["stdout"].split()[0])
             assert ids_of(escaped)["Uid"][0] == uid
-        async with httpx2.AsyncClient(timeout=STEP) as http:
-            response = await http.post(
-                f"{pod.http_url}/admin/sessions/restart",
-                json={"workspaceId": "ws_escape"},
-                headers={"Authorization": f"Bearer {ADMIN_SECRET}"},
-            )
+        response = await admin_restart(pod.http_url, "ws_escape")
         assert response.status_code == 204
 
         def gone() -> bool:
@@ -463,10 +438,8 @@ async def test_a_secret_file_readable_by_others_or_a_secret_set_twice_stops_the_
     loose = tmp_path / "loose"
     loose.write_text("loose-secret-value")
     loose.chmod(0o644)
-    env = base_env(
-        **gateway_env(
-            tmp_path, fake_codex_bin, CXG_ADMIN_SECRET="", CXG_ADMIN_SECRET_FILE=str(loose)
-        )
+    env = daemon_env(
+        tmp_path, fake_codex_bin, CXG_ADMIN_SECRET="", CXG_ADMIN_SECRET_FILE=str(loose)
     )
     result = await run_cli(["serve"], env)
     assert result.returncode == 2
@@ -474,7 +447,7 @@ async def test_a_secret_file_readable_by_others_or_a_secret_set_twice_stops_the_
     assert "CXG_ADMIN_SECRET_FILE" in line and "0644" in line
     assert "loose-secret-value" not in line
     tight = write_secret(tmp_path / "s", "admin", "value")
-    env = base_env(**gateway_env(tmp_path, fake_codex_bin, CXG_ADMIN_SECRET_FILE=str(tight)))
+    env = daemon_env(tmp_path, fake_codex_bin, CXG_ADMIN_SECRET_FILE=str(tight))
     result = await run_cli(["serve"], env)
     assert result.returncode == 2
     assert "both CXG_ADMIN_SECRET and CXG_ADMIN_SECRET_FILE are set" in one_line(result.stderr)
@@ -487,11 +460,7 @@ async def test_the_charts_capabilities_are_enough_and_fewer_are_refused(
     saves and restores; without DAC_OVERRIDE ``required`` refuses to start, naming it."""
     chart = "-all,+chown,+dac_override,+kill,+setgid,+setuid"
     assert missing_capabilities(sum(1 << bit for bit in (0, 1, 5, 6, 7))) == []
-    env = base_env(
-        **gateway_env(
-            tmp_path, fake_codex_bin, CXG_CHILD_ISOLATION="required", CXG_LOG_FORMAT="json"
-        )
-    )
+    env = daemon_env(tmp_path, fake_codex_bin, CXG_CHILD_ISOLATION="required")
     async with serve_process(env, prefix=["setpriv", f"--bounding-set={chart}", "--"]) as (
         daemon,
         http_url,
@@ -500,12 +469,7 @@ async def test_the_charts_capabilities_are_enough_and_fewer_are_refused(
         with trio.fail_after(STEP):
             async with client(http_url, token_for("ws_caps")) as rpc:
                 thread_id = (await rpc.result("thread/start", {}))["thread"]["id"]
-            async with httpx2.AsyncClient(timeout=STEP) as http:
-                response = await http.post(
-                    f"{http_url}/admin/sessions/restart",
-                    json={"workspaceId": "ws_caps"},
-                    headers={"Authorization": f"Bearer {ADMIN_SECRET}"},
-                )
+            response = await admin_restart(http_url, "ws_caps")
             assert response.status_code == 204
             async with client(http_url, token_for("ws_caps")) as rpc:
                 listed = await rpc.result("thread/list", {})

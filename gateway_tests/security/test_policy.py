@@ -10,35 +10,21 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
-from gateway_tests.harness import (
-    Rpc,
-    RunningGateway,
-    connect,
-    real_codex_env,
-    start_gateway,
-)
+from gateway_tests.harness import LaunchGateway, Rpc, RunningGateway, connect
 from gateway_tests.reliability.support import CountsRecorder
 
 WORKSPACE, OTHER = "ws_hostile", "ws_victim"
 
 
 @pytest.fixture
-async def gateway(
-    nursery: trio.Nursery, tmp_path: Path, real_codex_bin: Path
-) -> AsyncIterator[RunningGateway]:
-    """The real codex as the child, default policy, an unreachable model."""
-    env = await real_codex_env(tmp_path, real_codex_bin)
-    env.pop("CXG_POLICY_EXTRA_METHODS")  # the real codex: nothing beyond the defaults
-    running = await start_gateway(nursery, env)
-    yield running
-    await running.shutdown()
+async def gateway(launch_real_gateway: LaunchGateway) -> RunningGateway:
+    """The real codex as the child, default policy (nothing beyond it), an unreachable model."""
+    return await launch_real_gateway(CXG_POLICY_EXTRA_METHODS="")
 
 
 def session_dir(gateway: RunningGateway, workspace: str) -> Path:

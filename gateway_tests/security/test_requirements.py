@@ -19,11 +19,10 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import open_websocket_url
 
 from gateway.config import load_config
 from gateway.policy.checks import SANDBOX_RANK
-from gateway_tests.harness import Rpc
+from gateway_tests.harness import connect_url
 from gateway_tests.real_app_server import AppServer, run_app_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,9 +93,7 @@ async def app_server(
 
 
 async def test_the_real_codex_enforces_the_requirements(app_server: AppServer) -> None:
-    async with open_websocket_url(app_server.url) as ws:
-        rpc = Rpc(ws)
-        await rpc.initialize()
+    async with connect_url(app_server.url) as rpc:
         read = await rpc.result("configRequirements/read", {})
         assert "workspace-write" in json.dumps(read), read
         full = await rpc.call(
