@@ -60,9 +60,17 @@ def _payload(grant: str) -> dict[str, Any]:
     return loaded
 
 
-def _mint(clock: Clock, **fields: Any) -> str:
-    values = {"workspace_id": "ws_a", "user_id": "u1", "epoch": 7, "pod": "gw-a"} | fields
-    return GrantSigner(SECRET, now=clock).sign(**values)
+def _mint(
+    clock: Clock,
+    *,
+    workspace_id: str = "ws_a",
+    user_id: str = "u1",
+    epoch: int = 7,
+    pod: str = "gw-a",
+) -> str:
+    return GrantSigner(SECRET, now=clock).sign(
+        workspace_id=workspace_id, user_id=user_id, epoch=epoch, pod=pod
+    )
 
 
 @pytest.fixture
