@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected
 
-from gateway.config import S3Settings
+from gateway.config import S3Settings, load_config
+from gateway.daemon import run_daemon
 from gateway.replicas.forward import HOP_LOST, hop_request
 from gateway.replicas.grants import GrantSigner
 from gateway.replicas.placement import PeerOwner
 from gateway.sessions import frames
 from gateway.sessions.handshake import parse_request_head
+from gateway.web.server import BindError
 from gateway.web.websocket import OWNER_MOVING, OWNER_UNREACHABLE, START_FAILED
 from gateway_tests.fakes.launchers import make_fake_codex_launcher
 from gateway_tests.harness import (
@@ -35,6 +38,7 @@ from gateway_tests.harness import (
     closed_port,
     connect,
     eventually,
+    gateway_env,
     rejected_connect,
     token_for,
 )
@@ -490,3 +494,67 @@ async def test_a_stalled_owner_holds_forwarded_senders_back_without_buffering_on
             os.kill(pid, signal.SIGCONT)
         for client in writers:
             await client.stream.aclose()
+
+
+async def test_a_client_that_stops_reading_does_not_make_b_buffer(launch_pair: LaunchPair) -> None:
+    # The child may queue every echo (its own memory); what is checked is B's.
+    pair = await launch_pair({"ECHO_BINARY": "1", "OUTBOUND_CAP": "1000"})
+    pair.own("ws_no_reader")
+    host, port = _address(pair.b)
+    sock = trio.socket.socket()
+    # A small receive buffer on the client: what B holds for it must then stay within B's own
+    # send buffer and one read buffer, not grow with what the owner sends.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    await sock.connect((host, port))
+    stream = trio.SocketStream(sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    await stream.send_all(upgrade_request(host, port, token_for("ws_no_reader"), key))
+    head, rest = await read_head(stream)
+    assert _status(head) == 101
+    raw = RawClient(stream, rest)
+    wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    bound = wmem_max + 4 * (64 * 1024) + (1 << 20)
+    offered = 64
+    blob = os.urandom(1 << 20)
+    name = 'cxg_forwarded_bytes_total{direction="owner_to_client"}'
+    before = await _metric(pair.b, name)
+    with trio.fail_after(60):
+        for _ in range(offered):
+            await raw.send(frames.BINARY, blob)
+        # All 64 MiB of echoes are on their way; for two seconds, B must never take more of
+        # them from the hop than it can hand to the client's stalled socket.
+        with trio.move_on_after(2):
+            while True:
+                assert await _metric(pair.b, name) - before <= bound
+                await trio.sleep(0.05)
+        # The check was not idle: the echoes did reach B, as far as the client's socket let them.
+        held = await _metric(pair.b, name) - before
+        assert held > 2 * 64 * 1024
+        assert offered * len(blob) > 4 * bound
+        # Nothing was lost on the way: every echo arrives once the client reads.
+        for _ in range(offered):
+            assert await raw.receive() == (frames.BINARY, blob)
+    await raw.stream.aclose()
+
+
+async def test_an_internal_port_in_use_is_one_sentence_naming_the_variable(
+    tmp_path: Path, s3_settings: S3Settings, fake_codex_bin: Path
+) -> None:
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = gateway_env(
+            tmp_path,
+            fake_codex_bin,
+            **s3_env(s3_settings),
+            CXG_POD_NAME="gw-a",
+            CXG_PEER_ADDR=f"127.0.0.1:{port}",
+            CXG_PEER_LISTEN_ADDR=f"127.0.0.1:{port}",
+            CXG_PEER_SECRET=PEER_SECRET,
+        )
+        with trio.fail_after(TIMEOUT), pytest.raises(BindError) as refused:
+            await run_daemon(load_config(env), stop=trio.Event())
+    assert str(refused.value) == (
+        f"cannot listen on 127.0.0.1:{port} (CXG_PEER_LISTEN_ADDR): Address already in use"
+    )
