@@ -66,8 +66,11 @@ HOP_ANSWER_MARGIN = 30.0
 MAX_REFUSAL_BODY = 4096
 RECEIVE_BUFFER = 64 * 1024
 # TCP keepalive on the hop: an owner that vanishes without a FIN or RST (node lost, partition)
-# is noticed within about IDLE + INTERVAL x COUNT seconds instead of never.
+# is noticed within about IDLE + INTERVAL x COUNT seconds instead of never; the user timeout
+# bounds the same for bytes sent to it and never acknowledged (retransmissions would otherwise
+# go on for many minutes).
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 5, 2, 3
+USER_TIMEOUT_MS = (KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT) * 1000
 HOP_LOST = (1011, "connection to the pod serving this workspace was lost")
 FORWARDER_DRAINING = (1001, "gateway shutting down")
 
@@ -114,6 +117,7 @@ def _keep_alive(sock: socket.socket) -> None:
         ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
         ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
         ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ("TCP_USER_TIMEOUT", USER_TIMEOUT_MS),
     ):
         if hasattr(socket, option):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
@@ -266,7 +270,6 @@ class ForwardedClient:
         self._close: tuple[int, str] | None = None
         self._client_gone = False
         self._hop_gone = False
-        self._client_lock = trio.StrictFIFOLock()
 
     def stop(self, code: int, reason: str) -> None:
         """Close the client (and the hop) with ``code`` at the next frame boundary."""
@@ -326,11 +329,11 @@ class ForwardedClient:
             direction.tracker.feed(data)
             if direction.tracker.close_seen and not close_before:
                 self._closing_started()
-            async with self._client_lock:
-                if not await self._write(self._client, direction, data):
-                    self._client_gone = True
-                    self._pumps.cancel()
-                    return
+            # Only this task writes the client until the pumps have ended (then _finish does).
+            if not await self._write(self._client, direction, data):
+                self._client_gone = True
+                self._pumps.cancel()
+                return
             data = b""
 
     async def _client_to_owner(self) -> None:
@@ -410,22 +413,21 @@ class ForwardedClient:
         direction = self._to_client
         if self._client_gone or direction.tracker.close_seen:
             return False
-        async with self._client_lock:
-            if direction.pending:
-                await send_all(self._client, direction.pending)
-                direction.pending = memoryview(b"")
-            tracker = direction.tracker
-            # Finish the owner's frame in progress when the owner is still there to send it.
-            while tracker.remaining and not self._hop_gone:
-                chunk = await recv(self._hop, min(tracker.remaining, RECEIVE_BUFFER))
-                if not chunk:
-                    break
-                tracker.remaining -= len(chunk)
-                await send_all(self._client, chunk)
-            if not tracker.at_boundary:
-                return False  # inside a frame that cannot be finished: only dropping TCP is left
-            metrics.WS_CLOSES.labels(side="gateway", code=str(code)).inc()
-            await send_all(self._client, frames.server_close(code, reason))
+        if direction.pending:
+            await send_all(self._client, direction.pending)
+            direction.pending = memoryview(b"")
+        tracker = direction.tracker
+        # Finish the owner's frame in progress when the owner is still there to send it.
+        while tracker.remaining and not self._hop_gone:
+            chunk = await recv(self._hop, min(tracker.remaining, RECEIVE_BUFFER))
+            if not chunk:
+                break
+            tracker.remaining -= len(chunk)
+            await send_all(self._client, chunk)
+        if not tracker.at_boundary:
+            return False  # inside a frame that cannot be finished: only dropping TCP is left
+        metrics.WS_CLOSES.labels(side="gateway", code=str(code)).inc()
+        await send_all(self._client, frames.server_close(code, reason))
         return True
 
     async def _close_owner(self, code: int, reason: str) -> bool:

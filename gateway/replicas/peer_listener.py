@@ -47,7 +47,7 @@ from gateway.sessions.manager import SessionManager
 from gateway.sessions.outcome import SessionStartError
 from gateway.sessions.relay import ClientRelay
 from gateway.sessions.sockets import close_socket, take_socket
-from gateway.web.server import BindError, read_first_head
+from gateway.web.server import WILDCARD_HOSTS, BindError, read_first_head
 from gateway.web.websocket import Refused, WebSocketEndpoint, hold, refusal_for, refuse
 
 log = structlog.get_logger(__name__)
@@ -173,7 +173,10 @@ async def serve_peer_listener(
     ``HOST:PORT`` addresses. A failure to bind is a ``BindError`` of one sentence."""
     host, port = split_listen_addr(listen_addr)
     try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        # A wildcard means every interface of both families, as for the main listener.
+        listeners = await trio.open_tcp_listeners(
+            port, host=None if host in WILDCARD_HOSTS else host
+        )
     except OSError as error:
         raise BindError(
             f"cannot listen on {listen_addr} (CXG_PEER_LISTEN_ADDR): {error.strerror or error}"

@@ -9,6 +9,7 @@ the hop.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import signal
@@ -53,6 +54,7 @@ from gateway_tests.replicas.hop_support import (
 )
 
 TIMEOUT = 30
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 EPOCH = 3
 
 
@@ -168,6 +170,26 @@ async def test_frames_pass_verbatim_both_ways_and_the_child_runs_on_the_owner(pa
     relayed = await _metric(pair.b, 'cxg_forwarded_connections_total{result="relayed"}')
     assert relayed - relayed_before == 2
     assert await _metric(pair.b, "cxg_forwarded_bytes_total") > 10 << 20
+
+
+async def test_the_owners_101_answers_the_clients_own_key_through_the_hop(pair: Pair) -> None:
+    pair.own("ws_handshake")
+    host, port = _address(pair.b)
+    key = base64.b64encode(os.urandom(16)).decode()
+    offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+    with trio.fail_after(TIMEOUT):
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(upgrade_request(host, port, token_for("ws_handshake"), key, offer))
+        head, _ = await read_head(stream)
+    await stream.aclose()
+    lines = head.decode().lower().split("\r\n")
+    assert lines[0].startswith("http/1.1 101")
+    # The accept key answers the client's own key: the handshake is end to end, B → A → child.
+    accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode().lower()
+    assert f"sec-websocket-accept: {accept}" in lines
+    # And, as on a direct connect, no extension is negotiated (the owner's policy reads every
+    # message as sent).
+    assert not any(line.startswith("sec-websocket-extensions") for line in lines)
 
 
 async def test_close_codes_and_reasons_cross_the_hop_both_ways(pair: Pair) -> None:
