@@ -27,8 +27,8 @@ frames. A close from either end travels end to end.
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Iterable
 
 import structlog
 import trio
@@ -133,11 +133,6 @@ class Forwarder:
         self._clients: set[ForwardedClient] = set()
         self.draining = False
 
-    @property
-    def forwarded(self) -> int:
-        """Forwarded clients relayed right now."""
-        return len(self._clients)
-
     async def open(
         self,
         client: socket.socket,
@@ -172,13 +167,18 @@ class Forwarder:
                 metrics.HOP_FAILURES.labels(stage="upgrade").inc()
                 raise HopUnreachable(f"no answer from {owner.peer_addr}: {exc!r}") from None
             status = response_status(head)
+            if status is None:
+                metrics.HOP_FAILURES.labels(stage="upgrade").inc()
+                raise HopUnreachable(f"{owner.peer_addr} answered something that is not HTTP/1.1")
             if status == 409:
                 raise OwnerMoved(f"{owner.pod} does not hold the workspace at epoch {owner.epoch}")
             if status != 101:
                 with trio.move_on_after(1):
                     early += await _read_body(hop, head, early)
-                raise HopRefused(status or 502, head + early[:MAX_REFUSAL_BODY])
-            await send_all(client, head)
+                raise HopRefused(status, head + early[:MAX_REFUSAL_BODY])
+            # A client that left while the owner answered is seen by the relay at once.
+            with contextlib.suppress(OSError):
+                await send_all(client, head)
         except BaseException:
             close_socket(hop)
             raise
@@ -453,11 +453,6 @@ class ForwardedClient:
                 tracker.feed(data)
         except OSError:
             pass
-
-
-def owners_tried(owners: Iterable[PeerOwner]) -> str:
-    """The owners a connect was sent to, for the log line of a connect that gave up."""
-    return ", ".join(f"{o.pod}@{o.epoch}" for o in owners) or "none"
 
 
 __all__ = [

@@ -13,7 +13,8 @@ It serves one thing: a WebSocket upgrade on a relay path carrying a valid grant
 plain HTTP answer and the connection is closed: 404 for any other request (none of the
 health, metrics or admin routes are here), 400 for a broken upgrade, 401 for a missing or
 refused grant, 409 when this pod does not hold the workspace at that epoch (the forwarder
-reads the owner again), and the session's own refusals (429 at the client cap, 503).
+reads the owner again; a forwarded connect is never forwarded on), and the session's own
+refusals (429 at the client cap, 503).
 
 A forwarded client is attached exactly as a direct one (``WebSocketEndpoint.attach_to_session``):
 the same ``ClientRelay``, the same policy built for the session, the same client cap and
@@ -34,7 +35,7 @@ from gateway import metrics
 from gateway.config import ReplicaSettings, split_listen_addr
 from gateway.replicas.forward import FORWARDED_BY_HEADER, GRANT_HEADER
 from gateway.replicas.grants import GrantRefused, GrantVerifier, ReplayWindowFull
-from gateway.replicas.placement import NotOwnedHere
+from gateway.replicas.placement import NotOwnedHere, OwnedElsewhere
 from gateway.sessions.handshake import (
     MAX_HEAD,
     RequestHead,
@@ -140,15 +141,16 @@ class PeerListener:
         try:
             session = await self._manager.attach(grant.workspace_id, epoch=grant.epoch)
             relay = await self._endpoint.attach_to_session(client, request, session)
-        except NotOwnedHere:
+        except (NotOwnedHere, OwnedElsewhere):
+            # OwnedElsewhere: the workspace moved between the check of the epoch and the start.
+            # Either way the forwarder reads the owner again; a forwarded connect is never
+            # forwarded a second time.
             metrics.PEER_CONNECTS.labels(result="not_owned").inc()
             log.info("peer.not_owned", epoch=grant.epoch)
             raise Refused(409, NOT_OWNED) from None
         except (SessionStartError, ConnectionError) as exc:
             metrics.PEER_CONNECTS.labels(result="refused").inc()
-            refused = refusal_for(exc, grant.workspace_id)
-            assert refused is not None
-            raise refused from None
+            raise refusal_for(exc, grant.workspace_id) from None
         metrics.PEER_CONNECTS.labels(result="attached").inc()
         log.info("client.attached", clients=session.client_count, forwarded=True)
         return relay

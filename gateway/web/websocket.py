@@ -216,9 +216,7 @@ class WebSocketEndpoint:
                     return forwarded
                 continue
             except (SessionStartError, ConnectionError) as exc:
-                refused = refusal_for(exc, identity.workspace_id)
-                assert refused is not None
-                raise refused from None
+                raise refusal_for(exc, identity.workspace_id) from None
             log.info("client.attached", clients=session.client_count)
             return relay
 
@@ -278,8 +276,9 @@ class WebSocketEndpoint:
         return forwarded
 
 
-def refusal_for(exc: Exception, workspace_id: str) -> Refused | None:
-    """The refusal a failed attach gets; ``None`` for an exception that is not a refusal."""
+def refusal_for(exc: SessionStartError | ConnectionError, workspace_id: str) -> Refused:
+    """The refusal a connect gets when its session cannot take it (fixed sentences; the detail
+    goes to the log under the request id the client also gets)."""
     request_id = new_request_id()
     if isinstance(exc, Unavailable):
         # Our own sentences (draining, full, crash back-off): nothing internal in them.
@@ -298,10 +297,8 @@ def refusal_for(exc: Exception, workspace_id: str) -> Refused | None:
             else START_FAILED
         )
         return Refused(exc.status, message, request_id=request_id)
-    if isinstance(exc, ConnectionError):
-        log.warning("relay.child_connect_failed", error=str(exc), request_id=request_id)
-        return Refused(503, CHILD_UNREACHABLE, 1, request_id)
-    return None
+    log.warning("relay.child_connect_failed", error=str(exc), request_id=request_id)
+    return Refused(503, CHILD_UNREACHABLE, 1, request_id)
 
 
 async def hold(relay: ClientRelay) -> None:
