@@ -309,6 +309,21 @@ async def test_an_owner_that_moved_is_read_again_and_the_retry_succeeds(pair: Pa
     assert (await pair.a.gateway.session("ws_moved") or {})["pid"] == pid
 
 
+async def test_a_workspace_that_moved_to_the_forwarding_pod_is_served_there(pair: Pair) -> None:
+    # A answers 409 (it holds another epoch); on the retry the record names B itself.
+    pair.own("ws_came_here", epoch=EPOCH + 1, b_sees=EPOCH)
+
+    def move(workspace_id: str, claims: int) -> None:
+        if claims == 2:
+            pair.b.placement.owners[workspace_id] = PeerOwner("gw-b", pair.b.peer_addr, 9)
+
+    pair.b.placement.before_claim = move
+    async with connect(pair.b.gateway, "ws_came_here") as rpc:
+        pid = int((await rpc.result("fake/pid"))["pid"])
+    assert (await pair.b.gateway.session("ws_came_here") or {})["pid"] == pid
+    assert await pair.a_sessions() == []
+
+
 async def test_an_owner_that_keeps_moving_gets_503_after_three_tries(pair: Pair) -> None:
     pair.own("ws_moving", epoch=EPOCH + 1, b_sees=EPOCH)
     refused = await rejected_connect(
