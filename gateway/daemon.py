@@ -7,11 +7,14 @@
     ├── object store                  CODEX_HOME archives
     └── root nursery
         ├── SessionManager.run        owns every session's nursery (see gateway/sessions/)
-        ├── serve_http (Hypercorn)    the ASGI app; per-connection tasks are Hypercorn's
-        └── serve_http (metrics)      only when CXG_METRICS_LISTEN_ADDR is set
+        ├── serve_http (Hypercorn)    the ASGI app; per-connection tasks are Hypercorn's;
+        │                             a connect owned by another pod is forwarded from its task
+        ├── serve_http (metrics)      only when CXG_METRICS_LISTEN_ADDR is set
+        └── serve_peer_listener       replica mode only: forwarded connects from peer pods
 
-On SIGTERM/SIGINT: /readyz turns 503, new connects get 503, every session closes its clients
-with 1001, stops its child and saves within CXG_DRAIN_BUDGET; then Hypercorn stops; exit 0.
+On SIGTERM/SIGINT: /readyz turns 503, new connects get 503, clients forwarded to other pods
+are closed with 1001, every session closes its clients with 1001, stops its child and saves
+within CXG_DRAIN_BUDGET; then Hypercorn (and the internal listener) stop; exit 0.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from gateway import metrics
 from gateway.auth.authenticators import build_authenticator
 from gateway.config import Config
 from gateway.preflight import PreflightState, run_preflight
+from gateway.replicas.forward import HOP_ANSWER_MARGIN, Forwarder
+from gateway.replicas.peer_listener import PeerListener, serve_peer_listener
+from gateway.replicas.placement import Placement, SolePlacement
 from gateway.sessions.budget import InflightBudget
 from gateway.sessions.isolation import ChildIsolation, IsolationMode, UidRange, harden_process
 from gateway.sessions.manager import SessionManager
@@ -205,15 +211,17 @@ async def run_daemon(
     *,
     stop: trio.Event | None = None,
     policy_for: PolicyFactory | None = None,
+    placement: Placement | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``stop`` is set (or, without one, until SIGTERM/SIGINT); then drain.
 
     ``policy_for`` builds each client's access policy from its session (default: the
-    operator's ``CXG_POLICY_*`` settings, bounded to that session's own home).
+    operator's ``CXG_POLICY_*`` settings, bounded to that session's own home). ``placement``
+    decides which pod serves each workspace (default: this one, for every workspace).
     """
     try:
-        await _run_daemon(config, stop, policy_for, task_status)
+        await _run_daemon(config, stop, policy_for, placement, task_status)
     except BaseExceptionGroup as group:
         # A bind failure is the operator's to fix: one sentence, not a group of tracebacks.
         bind_errors, _ = group.split(BindError)
@@ -226,6 +234,7 @@ async def _run_daemon(
     config: Config,
     stop: trio.Event | None,
     policy_for: PolicyFactory | None,
+    placement: Placement | None,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
     check_hypercorn_version()
@@ -253,6 +262,15 @@ async def _run_daemon(
                 executors=executors_factory(config, http, self_command()),
                 inherited_env=dict(os.environ),
                 isolation=isolation,
+                placement=placement or SolePlacement(),
+            )
+            replicas = config.replicas
+            forwarder = (
+                None
+                if replicas is None
+                else Forwarder(
+                    replicas, answer_timeout=config.child_ready_timeout + HOP_ANSWER_MARGIN
+                )
             )
             async with trio.open_nursery() as root:
                 manager: SessionManager = await root.start(SessionManager(services).run)
@@ -276,6 +294,7 @@ async def _run_daemon(
                     config,
                     budget=InflightBudget(config.ws_inflight_budget),
                     policy_for=policy_for,
+                    forwarder=forwarder,
                 )
                 http_stopped = trio.Event()
                 urls: list[str] = await root.start(
@@ -291,6 +310,13 @@ async def _run_daemon(
                         build_metrics_app(),
                         hypercorn_config(config, config.metrics_listen_addr),
                         config.metrics_listen_addr,
+                        http_stopped,
+                    )
+                if replicas is not None:
+                    await root.start(
+                        serve_peer_listener,
+                        PeerListener(replicas, manager, endpoint),
+                        replicas.peer_listen_addr,
                         http_stopped,
                     )
                 readiness.serving = True
@@ -312,6 +338,8 @@ async def _run_daemon(
                     root.start_soon(_in_scope, signal_scope, watch_stop_signals, stop)
                 await stop.wait()
                 readiness.draining = True
+                if forwarder is not None:
+                    await forwarder.drain()
                 await manager.drain()
                 http_stopped.set()
                 signal_scope.cancel()

@@ -61,3 +61,28 @@ POLICY_REFUSALS = Counter(
     "Client messages refused by the protocol policy, by rule.",
     ["rule"],
 )
+FORWARDS = Counter(
+    "cxg_forwarded_connections_total",
+    "Connects forwarded to the pod that owns their workspace, by result (relayed, owner_moved: "
+    "a 409 that was retried, gave_up: 409 on every try, unreachable, refused: the owner's "
+    "refusal passed on).",
+    ["result"],
+)
+FORWARDED_ACTIVE = Gauge(
+    "cxg_forwarded_clients", "Clients relayed to another pod through this one right now."
+)
+FORWARDED_BYTES = Counter(
+    "cxg_forwarded_bytes_total",
+    "Bytes relayed between forwarded clients and their workspace's pod, as on the wire.",
+    ["direction"],
+)
+HOP_FAILURES = Counter(
+    "cxg_hop_failures_total",
+    "Pod-to-pod hops that failed, by stage (connect, upgrade, mid_stream).",
+    ["stage"],
+)
+PEER_CONNECTS = Counter(
+    "cxg_peer_connects_total",
+    "Forwarded connects received on the internal listener, by result.",
+    ["result"],
+)

@@ -29,6 +29,7 @@ from trio_websocket import (
 from gateway.auth.tokens import mint_hmac_token
 from gateway.config import Config, load_config
 from gateway.daemon import run_daemon
+from gateway.replicas.placement import Placement
 from gateway.web.websocket import PolicyFactory
 
 HMAC_SECRET = "test-inbound-hmac-secret"
@@ -170,7 +171,11 @@ LaunchGateway = Callable[..., Awaitable["RunningGateway"]]
 
 
 async def start_gateway(
-    nursery: trio.Nursery, env: Mapping[str, str], *, policy_for: PolicyFactory | None = None
+    nursery: trio.Nursery,
+    env: Mapping[str, str],
+    *,
+    policy_for: PolicyFactory | None = None,
+    placement: Placement | None = None,
 ) -> RunningGateway:
     """Start ``run_daemon`` in ``nursery`` and return once it listens."""
     config = load_config(env)
@@ -178,7 +183,13 @@ async def start_gateway(
 
     async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
         try:
-            await run_daemon(config, stop=stop, policy_for=policy_for, task_status=task_status)
+            await run_daemon(
+                config,
+                stop=stop,
+                policy_for=policy_for,
+                placement=placement,
+                task_status=task_status,
+            )
         finally:
             stopped.set()
 

@@ -7,6 +7,12 @@ is unreachable), the workspace's session (503 while draining, full or backing of
 workspace's client cap (429). Each refusal is a plain HTTP response and the connection is
 closed. Then the session starts a ``ClientRelay`` in its own nursery; this handler waits for it
 and, if it is itself cancelled, stops the relay and waits until the relay has sent its close.
+
+In replica mode a workspace owned by another pod ends the session's start with
+``OwnedElsewhere``: the already-verified connect is then forwarded to the owner
+(``gateway/replicas/forward.py``) and relayed from this handler's task. An owner that answers
+409 (it no longer holds the workspace at that epoch) makes the handler ask the session manager
+again, which re-reads the ownership record: at most ``MAX_FORWARD_TRIES`` times, then 503.
 """
 
 from __future__ import annotations
@@ -20,10 +26,24 @@ import structlog
 import trio
 
 from gateway import metrics
-from gateway.auth.authenticators import Authenticator, Unauthorized, VerifierUnavailable
+from gateway.auth.authenticators import (
+    Authenticator,
+    Identity,
+    Unauthorized,
+    VerifierUnavailable,
+)
 from gateway.auth.tokens import extract_bearer
 from gateway.config import Config
 from gateway.policy import ClientPolicy
+from gateway.replicas.forward import (
+    MAX_FORWARD_TRIES,
+    ForwardedClient,
+    Forwarder,
+    HopRefused,
+    HopUnreachable,
+    OwnerMoved,
+)
+from gateway.replicas.placement import OwnedElsewhere
 from gateway.sessions.budget import InflightBudget
 from gateway.sessions.handshake import RequestHead, plain_response, upgrade_problem
 from gateway.sessions.manager import SessionManager, Unavailable
@@ -53,6 +73,8 @@ RESTORE_REFUSED = (
 )
 CHILD_UNREACHABLE = "session unavailable; retry shortly"
 VERIFIER_DOWN = "token verifier unavailable; retry shortly"
+OWNER_MOVING = "the pod serving this workspace is changing; retry shortly"
+OWNER_UNREACHABLE = "the pod serving this workspace cannot be reached; retry shortly"
 
 
 def new_request_id() -> str:
@@ -73,11 +95,14 @@ class Refused(Exception):
         message: str,
         retry_after: float | None = None,
         request_id: str | None = None,
+        response: bytes | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
         self.request_id = request_id
+        # A complete response to send as it is (the owning pod's own refusal, forwarded).
+        self.response = response
 
 
 class WebSocketEndpoint:
@@ -91,12 +116,14 @@ class WebSocketEndpoint:
         *,
         budget: InflightBudget,
         policy_for: PolicyFactory | None = None,
+        forwarder: Forwarder | None = None,
     ) -> None:
         self._manager = manager
         self._authenticator = authenticator
         self._config = config
         self._budget = budget
         self._policy_for = policy_for or self._session_policy
+        self._forwarder = forwarder
 
     def _session_policy(self, session: Session) -> ClientPolicy:
         """The operator's policy, bounded to ``session``'s own home and CODEX_HOME."""
@@ -108,27 +135,42 @@ class WebSocketEndpoint:
     async def serve(self, stream: trio.SocketStream, request: RequestHead, rest: bytes) -> None:
         """Serve one connection whose first request is ``request`` (``rest``: bytes after it)."""
         client = take_socket(stream)
-        relay: ClientRelay | None = None
+        relay: ClientRelay | ForwardedClient | None = None
         try:
             try:
                 relay = await self._attach(client, request, rest)
             except Refused as refused:
-                await _refuse(client, refused)
+                await refuse(client, refused)
                 return
-            try:
-                await relay.finished.wait()
-            finally:
-                # Cancelled (server shutdown): stop the relay and let it send its close first.
-                relay.cancel_scope.cancel()
-                with trio.CancelScope(shield=True), trio.move_on_after(3 * CLOSE_TIMEOUT):
-                    await relay.finished.wait()
+            if isinstance(relay, ForwardedClient):
+                assert self._forwarder is not None
+                await self._forwarder.relay(relay)
+            else:
+                await hold(relay)
         finally:
             if relay is None or not relay.started:
                 close_socket(client)
 
+    async def attach_to_session(
+        self, client: socket.socket, request: RequestHead, session: Session
+    ) -> ClientRelay:
+        """Start ``client``'s relay in ``session`` (a direct or a forwarded client alike)."""
+        config = self._config
+        relay = ClientRelay(
+            client,
+            request,
+            on_activity=session.touch,
+            max_message_size=config.ws_max_message_size,
+            ping_interval=config.ws_ping_interval,
+            budget=self._budget,
+            policy=self._policy_for(session),
+        )
+        await session.attach_client(relay)
+        return relay
+
     async def _attach(
         self, client: socket.socket, request: RequestHead, rest: bytes
-    ) -> ClientRelay:
+    ) -> ClientRelay | ForwardedClient:
         problem = upgrade_problem(request)
         if problem is not None:
             version_problem = problem.startswith("Sec-WebSocket-Version")
@@ -162,54 +204,126 @@ class WebSocketEndpoint:
             raise Refused(503, VERIFIER_DOWN, 5, request_id) from None
         metrics.AUTH_RESULTS.labels(result="ok").inc()
         structlog.contextvars.bind_contextvars(workspace_id=identity.workspace_id)
-        config = self._config
+        tries = 0
+        while True:
+            try:
+                session = await self._manager.attach(identity.workspace_id)
+                relay = await self.attach_to_session(client, request, session)
+            except OwnedElsewhere as elsewhere:
+                tries += 1
+                forwarded = await self._forward(client, request, identity, elsewhere, tries)
+                if forwarded is not None:
+                    return forwarded
+                continue
+            except (SessionStartError, ConnectionError) as exc:
+                raise refusal_for(exc, identity.workspace_id) from None
+            log.info("client.attached", clients=session.client_count)
+            return relay
+
+    async def _forward(
+        self,
+        client: socket.socket,
+        request: RequestHead,
+        identity: Identity,
+        elsewhere: OwnedElsewhere,
+        tries: int,
+    ) -> ForwardedClient | None:
+        """Open the hop to the owner; ``None`` when the owner moved and another try is left."""
+        owner = elsewhere.owner
+        if self._forwarder is None:
+            # Only a placement of replica mode says OwnedElsewhere, and replica mode forwards.
+            raise Refused(503, START_FAILED, request_id=new_request_id())
         try:
-            session = await self._manager.attach(identity.workspace_id)
-            relay = ClientRelay(
+            forwarded = await self._forwarder.open(
                 client,
                 request,
-                on_activity=session.touch,
-                max_message_size=config.ws_max_message_size,
-                ping_interval=config.ws_ping_interval,
-                budget=self._budget,
-                policy=self._policy_for(session),
+                workspace_id=identity.workspace_id,
+                user_id=identity.user_id,
+                owner=owner,
             )
-            await session.attach_client(relay)
-        except Unavailable as exc:
-            # Our own sentences (draining, full, crash back-off): nothing internal in them.
+        except OwnerMoved:
+            log.info("forward.owner_moved", pod=owner.pod, epoch=owner.epoch, tries=tries)
+            if tries < MAX_FORWARD_TRIES:
+                metrics.FORWARDS.labels(result="owner_moved").inc()
+                return None
+            metrics.FORWARDS.labels(result="gave_up").inc()
             request_id = new_request_id()
-            log.warning("connect.unavailable", reason=str(exc), request_id=request_id)
-            raise Refused(503, str(exc), exc.retry_after, request_id) from None
-        except SessionStartError as exc:
+            log.warning("forward.gave_up", tries=tries, request_id=request_id)
+            raise Refused(503, OWNER_MOVING, 1, request_id) from None
+        except HopUnreachable as exc:
+            metrics.FORWARDS.labels(result="unreachable").inc()
             request_id = new_request_id()
-            log.warning(
-                "connect.session_start_failed",
-                status=exc.status,
-                error=str(exc),
-                request_id=request_id,
-            )
-            message = (
-                RESTORE_REFUSED.format(key=archive_key(identity.workspace_id))
-                if exc.status == 500
-                else START_FAILED
-            )
-            raise Refused(exc.status, message, request_id=request_id) from None
-        except ConnectionError as exc:
-            request_id = new_request_id()
-            log.warning("relay.child_connect_failed", error=str(exc), request_id=request_id)
-            raise Refused(503, CHILD_UNREACHABLE, 1, request_id) from None
-        log.info("client.attached", clients=session.client_count)
-        return relay
+            log.warning("forward.unreachable", pod=owner.pod, error=str(exc), request_id=request_id)
+            raise Refused(503, OWNER_UNREACHABLE, 1, request_id) from None
+        except HopRefused as exc:
+            metrics.FORWARDS.labels(result="refused").inc()
+            if exc.status in (400, 401, 404):
+                # The owner refused the grant or the hop itself: this side's fault (most often
+                # CXG_PEER_SECRET differing between pods), never the client's.
+                request_id = new_request_id()
+                log.error(
+                    "forward.hop_refused",
+                    pod=owner.pod,
+                    status=exc.status,
+                    hint="check that CXG_PEER_SECRET is the same on every replica",
+                    request_id=request_id,
+                )
+                raise Refused(503, OWNER_UNREACHABLE, 1, request_id) from None
+            log.info("forward.refused_by_owner", pod=owner.pod, status=exc.status)
+            raise Refused(exc.status, "", response=exc.response) from None
+        metrics.FORWARDS.labels(result="relayed").inc()
+        log.info("client.forwarded", pod=owner.pod, epoch=owner.epoch)
+        return forwarded
 
 
-async def _refuse(client: socket.socket, refused: Refused) -> None:
+def refusal_for(exc: SessionStartError | ConnectionError, workspace_id: str) -> Refused:
+    """The refusal a connect gets when its session cannot take it (fixed sentences; the detail
+    goes to the log under the request id the client also gets)."""
+    request_id = new_request_id()
+    if isinstance(exc, Unavailable):
+        # Our own sentences (draining, full, crash back-off): nothing internal in them.
+        log.warning("connect.unavailable", reason=str(exc), request_id=request_id)
+        return Refused(503, str(exc), exc.retry_after, request_id)
+    if isinstance(exc, SessionStartError):
+        log.warning(
+            "connect.session_start_failed",
+            status=exc.status,
+            error=str(exc),
+            request_id=request_id,
+        )
+        message = (
+            RESTORE_REFUSED.format(key=archive_key(workspace_id))
+            if exc.status == 500
+            else START_FAILED
+        )
+        return Refused(exc.status, message, request_id=request_id)
+    log.warning("relay.child_connect_failed", error=str(exc), request_id=request_id)
+    return Refused(503, CHILD_UNREACHABLE, 1, request_id)
+
+
+async def hold(relay: ClientRelay) -> None:
+    """Wait until ``relay`` ends; if cancelled (server shutdown), stop it and let it close."""
+    try:
+        await relay.finished.wait()
+    finally:
+        relay.cancel_scope.cancel()
+        with trio.CancelScope(shield=True), trio.move_on_after(3 * CLOSE_TIMEOUT):
+            await relay.finished.wait()
+
+
+async def refuse(client: socket.socket, refused: Refused) -> None:
     """Answer with the refusal, then close once the client has read it (bounded)."""
-    message = str(refused)
-    if refused.request_id is not None:
-        message = f"{message} (request id {refused.request_id})"
-    response = plain_response(
-        refused.status, message, retry_after=refused.retry_after, request_id=refused.request_id
-    )
+    response = refused.response
+    if response is None:
+        message = str(refused)
+        if refused.request_id is not None:
+            message = f"{message} (request id {refused.request_id})"
+        response = plain_response(
+            refused.status,
+            message,
+            retry_after=refused.retry_after,
+            request_id=refused.request_id,
+        )
     with trio.move_on_after(REFUSAL_LINGER):
         try:
             await send_all(client, response)

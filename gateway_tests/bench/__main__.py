@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from gateway_tests.bench import coldstart, envmcp, persistence, relay, report, scale, storm
+from gateway_tests.bench import coldstart, envmcp, hop, persistence, relay, report, scale, storm
 from gateway_tests.bench.common import RESULTS_DIR, Options, Results
 
 SECTIONS = {
@@ -22,6 +22,7 @@ SECTIONS = {
     "persistence": persistence.run,
     "storm": storm.run,
     "envmcp": envmcp.run,
+    "hop": hop.run,
 }
 
 

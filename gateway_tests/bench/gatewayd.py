@@ -9,6 +9,9 @@ the environment, stop on SIGTERM, drain) plus two things the benchmarks need:
   with its real cost (each text message parsed with ``json.loads`` and its method looked up in
   a table), so the figures include the policy's work; the policy package on this branch is
   a placeholder that allows everything at no cost;
+* with ``CXG_BENCH_PLACEMENT`` (JSON ``{"pod": NAME, "owners": {WS: [POD, PEER_ADDR, EPOCH]}}``)
+  the daemon decides ownership from that fixed table (the hop benchmark's two pods: one owns
+  the workspace, the other forwards to it);
 * when ``CXG_BENCH_CHILDREN_FILE`` is set, every session's child (its ``ws://`` URL, capability
   token and pid) is recorded there as JSON, keyed by workspace, when it becomes ready. The
   direct and nginx paths of the relay benchmarks use it to reach the very child the gateway
@@ -29,10 +32,13 @@ import trio
 from gateway.config import load_config
 from gateway.daemon import run_daemon
 from gateway.logs import configure_logging
+from gateway.replicas.placement import PeerOwner
 from gateway.sessions import session as session_module
 from gateway.sessions.child import ChildSpec, CodexChild, run_codex_child
+from gateway_tests.replicas.hop_support import TablePlacement
 
 CHILDREN_FILE_VAR = "CXG_BENCH_CHILDREN_FILE"
+PLACEMENT_VAR = "CXG_BENCH_PLACEMENT"
 # When set, the whole daemon runs under cProfile and the stats are dumped there at exit.
 PROFILE_VAR = "CXG_BENCH_PROFILE"
 
@@ -83,12 +89,23 @@ _METHODS: dict[str, bool] = {
 }
 
 
+def _placement() -> TablePlacement | None:
+    table = os.environ.get(PLACEMENT_VAR)
+    if not table:
+        return None
+    loaded = json.loads(table)
+    placement = TablePlacement(loaded["pod"])
+    for workspace, (pod, peer_addr, epoch) in loaded["owners"].items():
+        placement.owners[workspace] = PeerOwner(pod, peer_addr, int(epoch))
+    return placement
+
+
 async def _main() -> None:
     config = load_config(dict(os.environ))
     async with trio.open_nursery() as nursery:
         urls = await nursery.start(
             # The operator's default access policy is on, as in production.
-            partial(run_daemon, config)
+            partial(run_daemon, config, placement=_placement())
         )
         print(json.dumps({"urls": urls, "pid": os.getpid()}), flush=True)
 
