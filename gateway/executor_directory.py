@@ -1,9 +1,11 @@
 """A session's live view of its workspace's executors, and the tokens it grants for them.
 
-The exec gateway is asked whenever env-mcp asks (the model called ``list_environments``, or a
-tool needs a bridge), so an executor that connects after the session started is there at the
-next call. Answers are reused for ``LIST_MAX_AGE`` seconds and concurrent asks share one
-request, so a chatty model cannot turn into a flood on the exec gateway.
+The exec gateway is asked whenever the model calls ``list_environments``, so an executor that
+connects after the session started is there at the next call; asks that arrive while one is
+on its way share it. A grant (a tool needing a bridge) may rely on an answer up to
+``LIST_MAX_AGE`` seconds old: a ``list_environments`` followed by a call costs one request, and
+an executor gone meanwhile is refused by the exec gateway's bridge instead (HTTP 503). The
+channel's rate limit bounds the rest.
 
 A token is minted per bridge connection, for one executor, only when that executor is listed
 for this session's workspace right now, and lives ``CXG_CAPTOKEN_TTL``: a session may run far
@@ -43,7 +45,8 @@ LIST_MAX_AGE = 2.0
 @attrs.define
 class _Snapshot:
     executors: tuple[ConnectedExecutor, ...]
-    taken_at: float
+    # When the request that produced it was sent.
+    asked_at: float
 
 
 class ExecutorDirectory:
@@ -66,12 +69,19 @@ class ExecutorDirectory:
         self._snapshot: _Snapshot | None = None
         self._lock = trio.Lock()
 
-    async def executors(self) -> tuple[ConnectedExecutor, ...]:
-        """The usable executors listed now; :class:`ChannelError` if the gateway cannot say."""
+    async def executors(self, max_age: float = 0.0) -> tuple[ConnectedExecutor, ...]:
+        """The usable executors listed now; :class:`ChannelError` if the gateway cannot say.
+
+        An answer to a request sent after this call began is always fresh enough (that is how
+        concurrent asks share one); an older one only if it is at most ``max_age`` old.
+        """
+        called_at = trio.current_time()
         async with self._lock:
             snapshot = self._snapshot
-            now = trio.current_time()
-            if snapshot is None or now - snapshot.taken_at > self._max_age:
+            if snapshot is None or snapshot.asked_at < min(
+                called_at, trio.current_time() - max_age
+            ):
+                asked_at = trio.current_time()
                 try:
                     listed = await self._client.connected(self.workspace_id)
                 except ExecGatewayError as exc:
@@ -84,7 +94,7 @@ class ExecutorDirectory:
                         "the exec gateway could not be asked which executors are connected; "
                         "try again in a moment"
                     ) from None
-                snapshot = _Snapshot(self._usable(listed), trio.current_time())
+                snapshot = _Snapshot(self._usable(listed), asked_at)
                 self._snapshot = snapshot
             return snapshot.executors
 
@@ -120,7 +130,7 @@ class ExecutorDirectory:
 
     async def grant(self, exe_id: str) -> Grant:
         """A fresh token for one bridge connection to ``exe_id``, if it is listed now."""
-        if exe_id not in {e.exe_id for e in await self.executors()}:
+        if exe_id not in {e.exe_id for e in await self.executors(self._max_age)}:
             raise ChannelError(
                 f"executor {exe_id!r} is not connected to this workspace; "
                 "call list_environments for the ones that are"

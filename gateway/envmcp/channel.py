@@ -249,7 +249,9 @@ async def ask(path: str, request: Request) -> bytes:
                 raise ChannelError(
                     f"cannot reach the session's executor channel: {exc.strerror or exc}"
                 ) from None
-            await stream.send_all(encode_request(request))
+            # The session may have answered (a refusal) and closed already: read it anyway.
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(encode_request(request))
             answer = bytearray()
             while b"\n" not in answer:
                 chunk = await stream.receive_some(65536)

@@ -164,6 +164,14 @@ async def _answer(
 ) -> bytes:
     pid, uid = peer_credentials(stream.socket)
     refusal = admits(pid, uid)
+    try:
+        # Read even a refused peer's request: closing with it unread would reset the
+        # connection, and the peer would never see why.
+        raw = await _read_request(stream)
+    except ChannelError as exc:
+        if refusal is None:
+            return encode_refusal(str(exc))
+        raw = b""
     if refusal is not None:
         log.warning("executor_channel.refused", reason=refusal, pid=pid, uid=uid)
         return encode_refusal(f"refused: {refusal}")
@@ -171,7 +179,6 @@ async def _answer(
         log.warning("executor_channel.rate_limited", pid=pid)
         return encode_refusal("too many requests on the executor channel; slow down")
     try:
-        raw = await _read_request(stream)
         request = parse_request(raw)
         with trio.fail_after(ANSWER_TIMEOUT):
             if isinstance(request, GrantRequest):
