@@ -19,6 +19,7 @@ from typing import Any
 import httpx2
 import pytest
 import trio
+import trio.testing
 
 from gateway.clients.execgateway import ExecGatewayClient
 from gateway.config import ExecGatewaySettings, Secret
@@ -41,7 +42,13 @@ from gateway.sessions.executor_channel import (
     serve_executor_channel,
 )
 from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway, run_exec_server
-from gateway_tests.test_envmcp import CAP_SECRET, McpStdioClient, result_text, running_envmcp
+from gateway_tests.test_envmcp import (
+    CAP_SECRET,
+    NOT_IMPORTED_AT_START,
+    McpStdioClient,
+    result_text,
+    running_envmcp,
+)
 
 CHANNEL_ENV = "CXG_ENVMCP_CHANNEL"
 
@@ -383,3 +390,45 @@ async def test_no_executors_says_how_to_get_one(tmp_path: Path, gateway_a: FakeE
             listed = await _call(client, "list_environments", {})
     assert listed["isError"] is False
     assert "No executor is connected to this workspace right now" in result_text(listed)
+
+
+async def test_connections_beyond_the_bound_wait_their_turn(
+    tmp_path: Path, gateway_a: FakeExecGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(executor_channel, "MAX_CONCURRENT", 1)
+    async with served_channel(tmp_path, gateway_a) as path:
+        idle = await trio.open_unix_socket(str(path))
+        answers: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def second() -> None:
+                answers.append(await ask(str(path), ListRequest()))
+
+            nursery.start_soon(second)
+            # Everything is blocked: the channel serves the idle connection, the second waits.
+            await trio.testing.wait_all_tasks_blocked(cushion=0.2)
+            assert answers == []
+            await idle.aclose()
+        assert [e.id for e in parse_environments(answers[0])] == ["exe_alpha", "exe_beta"]
+
+
+async def test_tools_list_in_the_multiplexed_layout_imports_no_bridge(tmp_path: Path) -> None:
+    command = [sys.executable, "-X", "importtime", "-m", "gateway", "env-mcp"]
+    command += channel_command()[3:]
+    stderr_path = tmp_path / "importtime.txt"
+    with stderr_path.open("wb") as stderr:
+        env = {CHANNEL_ENV: str(tmp_path / "none.sock")}
+        async with running_envmcp(command, env, stderr=stderr) as client:
+            with trio.fail_after(60):
+                await client.initialize()
+                tools = await client.request("tools/list")
+    assert [tool["name"] for tool in tools["result"]["tools"]] == ["list_environments", "shell"]
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in stderr_path.read_text().splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "gateway.envmcp.server" in imported
+    for module in NOT_IMPORTED_AT_START:
+        early = sorted(name for name in imported if name == module or name.startswith(module + "."))
+        assert early == [], f"{module} imported before the first tool call"
