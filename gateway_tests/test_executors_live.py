@@ -8,7 +8,6 @@ Every session here is the same child from start to end: nothing is restarted to 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -264,16 +263,20 @@ async def test_the_channel_refuses_foreign_processes_and_foreign_executors(
                 with pytest.raises(ChannelError, match="refused: the peer"):
                     parse_grant(await ask(str(socket_path), GrantRequest("exe_alpha")))
                 uid = _uid_of(child_pid)
-                outsider = None
+                outsider = stranger = None
                 if uid != os.geteuid():
                     # The session's own uid, but not a process of the session.
                     outsider = await _ask_as(uid, socket_path)
+                    # Another uid (another session's, say): the kernel refuses the connect.
+                    stranger = await _ask_as(uid + 1, socket_path)
         foreign = output_of(model, "call_shell_1")
         assert "exe_other" in foreign
         assert "is not connected to this workspace" in foreign
-        if outsider is not None:
+        if outsider is not None and stranger is not None:
+            assert '"ok":false' in outsider
             assert "refused: the peer is not a process of this session" in outsider
             assert TOKEN_PREFIX.decode() not in outsider
+            assert "cannot reach the session's executor channel: Permission denied" in stranger
         # Nothing reached a bridge: no token was minted for any of these.
         assert exec_gateway.bridge_attempts == []
     finally:
@@ -288,11 +291,17 @@ def _uid_of(pid: int) -> int:
 
 
 async def _ask_as(uid: int, socket_path: Path) -> str:
-    """Ask the channel for a grant from a process running as ``uid`` (not in the session)."""
+    """Ask the channel for a grant from a process running as ``uid`` (not in the session).
+
+    Returns the answer line, or the channel error the asking process met.
+    """
     script = (
         "import sys, trio\n"
-        "from gateway.envmcp.channel import GrantRequest, ask\n"
-        "print(trio.run(ask, sys.argv[1], GrantRequest('exe_alpha')).decode())\n"
+        "from gateway.envmcp.channel import ChannelError, GrantRequest, ask\n"
+        "try:\n"
+        "    print(trio.run(ask, sys.argv[1], GrantRequest('exe_alpha')).decode())\n"
+        "except ChannelError as exc:\n"
+        "    print(exc)\n"
     )
     done = await trio.run_process(
         [str(fake_codex_python()), "-c", script, str(socket_path)],
@@ -305,9 +314,7 @@ async def _ask_as(uid: int, socket_path: Path) -> str:
         cwd="/",
     )
     assert done.returncode == 0, done.stderr
-    answer: dict[str, Any] = json.loads(done.stdout)
-    assert answer["ok"] is False, answer
-    return str(answer["error"])
+    return done.stdout.decode()
 
 
 async def test_envmcp_never_holds_the_secret_or_a_token_in_argv_or_environment(
