@@ -6,8 +6,14 @@ A handler runs one tool call on one executor::
 
 ``call.client`` is an exec-server connection already open and initialised for the executor the
 model chose (``environment_id``, which the server takes out of ``arguments`` before the handler
-sees them); it lives for this one call. The server does everything around it: listing the tool
-(with an ``environment_id`` property added in the multiplexed layout), checking the arguments
+sees them). By default it lives for this one call. exec-server 0.169.0 forgets a connection's
+processes when it closes, so a tool whose state outlives a call (an interactive process started
+by one call and written to by the next) sets ``keep_connection``: it then gets the executor's
+kept connection, dialled at its first use with a freshly granted token, shared by every such
+tool one call at a time, and redialled after it broke.
+
+The server does everything around a handler: listing the tool (with an ``environment_id``
+property added in the multiplexed layout), checking the arguments
 with ``validate`` before any bridge is dialled, obtaining the connection (and its one-executor
 token), shielding the call so a cancelled one can still clean up (``call.stop`` is set instead),
 turning a broken bridge into a clear tool error. A handler's ``ValueError`` becomes ``invalid
@@ -74,6 +80,8 @@ class ToolSpec:
     handler: str
     #: Checks the arguments before any bridge is dialled; raises ``ValueError`` to refuse.
     validate: Callable[[Mapping[str, Any]], None] | None = None
+    #: Run on the executor's kept connection instead of a connection of its own (see above).
+    keep_connection: bool = False
 
     def load_handler(self) -> Handler:
         """Import the handler (at the first call, not at start)."""

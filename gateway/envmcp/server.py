@@ -48,6 +48,7 @@ from gateway.envmcp.channel import (
     parse_environments,
     parse_grant,
 )
+from gateway.envmcp.kept import KeptConnectionError, KeptConnections
 from gateway.envmcp.registry import TextOutcome, ToolCall, ToolOutcome, ToolRegistry, ToolSpec
 from gateway.envmcp.specs import EXECUTOR_TOOLS, SHELL, parse_shell_arguments
 
@@ -211,6 +212,8 @@ class ToolServer:
     ) -> None:
         self.source = source
         self.registry = ToolRegistry(tools)
+        # For tools with ``keep_connection``; its ``run`` is started by ``serve_stdio``.
+        self.kept = KeptConnections(source.connect)
         self.time_limit = time_limit
         self._exe_desc = exe_desc
         # Process ids only need to be unique per exec-server; the random part keeps two env-mcp
@@ -318,12 +321,16 @@ class ToolServer:
         progress: Any,
         stop: trio.Event,
     ) -> ToolOutcome:
-        from gateway.envmcp.bridge import BridgeError
+        from gateway.envmcp.bridge import BridgeError, ExecServerError
 
         handler = spec.load_handler()
         log.info("%s call on executor %s", spec.name, environment_id)
+        if spec.keep_connection:
+            connection = self.kept.use(environment_id)
+        else:
+            connection = self.source.connect(environment_id)
         try:
-            async with self.source.connect(environment_id) as (client, info):
+            async with connection as (client, info):
                 call = ToolCall(
                     client=client,
                     info=info,
@@ -338,7 +345,12 @@ class ToolServer:
                     return await handler(call, arguments)
                 except ValueError as exc:
                     return TextOutcome(f"invalid arguments: {exc}", is_error=True)
-        except ChannelError as exc:
+                except BridgeError as exc:
+                    if spec.keep_connection and not isinstance(exc, ExecServerError):
+                        # The connection itself broke: the next call dials afresh.
+                        self.kept.drop(environment_id)
+                    raise
+        except (ChannelError, KeptConnectionError) as exc:
             log.warning("%s call on executor %s refused: %s", spec.name, environment_id, exc)
             return TextOutcome(f"[environment {environment_id} unavailable: {exc}]", is_error=True)
         except BridgeError as exc:
@@ -346,11 +358,14 @@ class ToolServer:
             return TextOutcome(f"[executor {environment_id} unreachable: {exc}]", is_error=True)
 
     async def serve_stdio(self) -> None:
-        """Serve MCP on stdin/stdout until stdin closes."""
-        async with stdio_server() as (read_stream, write_stream):
-            await self.server.run(
-                read_stream, write_stream, self.server.create_initialization_options()
-            )
+        """Serve MCP on stdin/stdout until stdin closes (then kept connections close)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.kept.run)
+            async with stdio_server() as (read_stream, write_stream):
+                await self.server.run(
+                    read_stream, write_stream, self.server.create_initialization_options()
+                )
+            nursery.cancel_scope.cancel()
 
 
 async def _set_when_cancelled(stop: trio.Event) -> None:
