@@ -96,6 +96,9 @@ class ExecGatewaySettings:
     # How long codex waits for one env-mcp to answer ``tools/list`` before a first turn goes
     # without that executor (config.toml ``startup_timeout_sec``).
     startup_timeout: float = 10.0
+    # ``multiplexed``: one env-mcp per session with a live executor list (CXG_EXECUTOR_MCP_LAYOUT);
+    # ``per-executor``: the Go seed's one entry per executor, with tokens minted at spawn.
+    layout: str = "multiplexed"
 
 
 @attrs.frozen
@@ -238,6 +241,7 @@ VARIABLES: tuple[_Var, ...] = (
     _Var("CXG_EXEC_GATEWAY_INTERNAL_SECRET", None, Secret, secret=True),
     _Var("CXG_CAPTOKEN_HMAC_SECRET", None, Secret, secret=True),
     _Var("CXG_EXECUTOR_STARTUP_TIMEOUT", "10s", Seconds),
+    _Var("CXG_EXECUTOR_MCP_LAYOUT", "multiplexed", str),
     _Var("CXG_MODEL_PROVIDER", "modelserver", str),
     _Var("CXG_MODEL", "gpt-5.5", str),
     _Var("CXG_MODEL_PROVIDER_BASE_URL", "http://llmproxy:8085/v1", str),
@@ -282,6 +286,7 @@ SECRET_NAMES = tuple(var.name for var in VARIABLES if var.secret)
 # no environment block at all; the file must be readable by the gateway's user alone.
 VARIABLES = VARIABLES + tuple(_Var(f"{name}_FILE", None, str) for name in SECRET_NAMES)
 _ISOLATION_MODES = ("auto", "required", "off")
+_EXECUTOR_LAYOUTS = ("multiplexed", "per-executor")
 
 _LOG_LEVELS = ("debug", "info", "warn", "error")
 _LOG_FORMATS = ("json", "text")
@@ -519,6 +524,13 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
     if isolation not in _ISOLATION_MODES:
         raise ConfigError(f"CXG_CHILD_ISOLATION must be auto, required or off; got {isolation!r}")
 
+    executor_layout = values["CXG_EXECUTOR_MCP_LAYOUT"].strip().lower()
+    if executor_layout not in _EXECUTOR_LAYOUTS:
+        raise ConfigError(
+            "CXG_EXECUTOR_MCP_LAYOUT must be multiplexed or per-executor; "
+            f"got {values['CXG_EXECUTOR_MCP_LAYOUT']!r}"
+        )
+
     policy = _policy_settings(values)
 
     agentserver = None
@@ -575,6 +587,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> Config:
             captoken_secret=values["CXG_CAPTOKEN_HMAC_SECRET"],
             captoken_ttl=values["CXG_CAPTOKEN_TTL"],
             startup_timeout=values["CXG_EXECUTOR_STARTUP_TIMEOUT"],
+            layout=executor_layout,
         )
 
     replicas = _replica_settings(values, has_s3=s3 is not None)

@@ -1,10 +1,16 @@
-"""The ``[mcp_servers.<exe>]`` entries that give a session's codex its executors.
+"""The ``[mcp_servers]`` entries that give a session's codex its executors.
 
-At spawn the exec gateway is asked which executors the workspace has connected; each gets a
-capability token and an MCP server entry that runs this gateway as ``env-mcp`` (upstream
-``makeBuildConfig``, ``reference/upstream-spec.md`` §5.4). The token travels in the entry's
-``env``, never in argv. When the exec gateway cannot be asked, the session starts without
-executors: chat still works, only remote tools are missing.
+Two layouts (``CXG_EXECUTOR_MCP_LAYOUT``):
+
+* ``multiplexed`` (default): one entry, ``[mcp_servers.executors]``, whose env-mcp asks the
+  session for the live executor list and a fresh token per bridge connection over a private
+  unix socket (``gateway/envmcp/channel.py``, ``gateway/sessions/executor_channel.py``). The
+  entry carries the socket's path and no secret.
+* ``per-executor`` (the Go seed): at spawn the exec gateway is asked which executors the
+  workspace has connected; each gets a capability token and an entry that runs this gateway as
+  ``env-mcp`` (upstream ``makeBuildConfig``, ``reference/upstream-spec.md`` §5.4). The token
+  travels in the entry's ``env``, never in argv. When the exec gateway cannot be asked, the
+  session starts without executors: chat still works, only remote tools are missing.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import secrets
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx2
@@ -24,6 +31,7 @@ from gateway.captoken import mint_cap_token
 from gateway.clients.execgateway import ConnectedExecutor, ExecGatewayClient, ExecGatewayError
 from gateway.codex_home.config_toml import McpServer
 from gateway.config import ExecGatewaySettings
+from gateway.envmcp.channel import CHANNEL_ENV
 
 # How long one shell command may run on an executor (builds and test suites take minutes).
 SHELL_TIME_LIMIT_SECONDS = 600.0
@@ -32,6 +40,8 @@ TOOL_TIMEOUT_MARGIN_SECONDS = 30
 log = logging.getLogger(__name__)
 
 TOKEN_ENV_PREFIX = "CXG_BRIDGE_TOKEN_"
+# The multiplexed entry's name, hence the model's tool namespace ``mcp__executors``.
+MULTIPLEXED_SERVER_NAME = "executors"
 DEFAULT_TTL_SECONDS = 3600.0
 # codex accepts MCP server names made of ASCII letters, digits, "_" and "-"; the name also
 # becomes the model-visible tool namespace ``mcp__<name>``, so it is kept short.
@@ -71,7 +81,7 @@ def server_name(exe_id: str) -> str:
     return exe_id if _SAFE_NAME.match(exe_id) else _derived_key(exe_id)
 
 
-def _unusable_reason(exe_id: str) -> str | None:
+def unusable_reason(exe_id: str) -> str | None:
     if len(exe_id) > MAX_EXE_ID_LENGTH:
         return f"longer than {MAX_EXE_ID_LENGTH} characters"
     if any(unicodedata.category(char) in ("Cc", "Cs") for char in exe_id):
@@ -80,7 +90,7 @@ def _unusable_reason(exe_id: str) -> str | None:
     return None
 
 
-def _clean_description(description: str, exe_id: str) -> str:
+def clean_description(description: str, exe_id: str) -> str:
     text = "".join(" " if unicodedata.category(c) in ("Cc", "Cs") else c for c in description)
     text = " ".join(text.split())[:MAX_DESCRIPTION_LENGTH]
     return text or exe_id
@@ -125,7 +135,7 @@ def executor_servers_for(
     usable: list[ConnectedExecutor] = []
     seen: set[str] = set()
     for executor in executors:
-        reason = _unusable_reason(executor.exe_id)
+        reason = unusable_reason(executor.exe_id)
         if reason is None and executor.exe_id in seen:
             reason = "listed twice"
         if reason is not None:
@@ -166,7 +176,7 @@ def executor_servers_for(
             "--token-env",
             token_env,
             "--exe-desc",
-            _clean_description(executor.description, exe_id),
+            clean_description(executor.description, exe_id),
             "--turn-id",
             turn_id,
             "--timeout",
@@ -187,6 +197,34 @@ def executor_servers_for(
             )
         )
     return tuple(servers)
+
+
+def multiplexed_server(
+    settings: ExecGatewaySettings, self_command: tuple[str, ...], channel_path: Path
+) -> McpServer:
+    """The one entry of the multiplexed layout: env-mcp reaching the session at ``channel_path``.
+
+    The path travels in the entry's ``env`` (it is no secret: the socket admits only the
+    session's own processes); argv names only the variable.
+    """
+    if not self_command:
+        raise ValueError("self_command must name the gateway executable")
+    return McpServer(
+        name=MULTIPLEXED_SERVER_NAME,
+        command=self_command[0],
+        args=(
+            *self_command[1:],
+            "env-mcp",
+            "--channel-env",
+            CHANNEL_ENV,
+            "--timeout",
+            f"{SHELL_TIME_LIMIT_SECONDS:g}",
+        ),
+        env={CHANNEL_ENV: str(channel_path)},
+        default_tools_approval_mode="approve",
+        tool_timeout_sec=int(SHELL_TIME_LIMIT_SECONDS) + TOOL_TIMEOUT_MARGIN_SECONDS,
+        startup_timeout_sec=settings.startup_timeout,
+    )
 
 
 async def executor_mcp_servers(

@@ -54,12 +54,21 @@ async def exec_gateway(real_codex_bin: Path, tmp_path: Path) -> AsyncIterator[Fa
         nursery.cancel_scope.cancel()
 
 
-def shell_call(command: list[str]) -> FunctionCallReply:
-    """The model's reply that has codex run ``command`` with ``exe_alpha``'s ``shell`` tool."""
+def shell_call(
+    command: list[str],
+    *,
+    namespace: str = "mcp__exe_alpha",
+    target: dict[str, str] | None = None,
+) -> FunctionCallReply:
+    """The model's reply that has codex run ``command`` with a ``shell`` tool.
+
+    The default is ``exe_alpha``'s own server (the per-executor layout); the multiplexed
+    layout's is ``namespace="mcp__executors"`` with ``target={"environment_id": ...}``.
+    """
     return FunctionCallReply(
-        namespace="mcp__exe_alpha",
+        namespace=namespace,
         name="shell",
-        arguments={"command": command},
+        arguments={**(target or {}), "command": command},
         call_id=SHELL_CALL_ID,
     )
 
@@ -82,3 +91,23 @@ def tool_output_seen_by_model(model: FakeModelServer) -> str:
     ]
     assert outputs, "the tool's result never reached the model"
     return output_text(outputs[0])
+
+
+def model_vars(model_server: FakeModelServer) -> dict[str, str]:
+    """The real codex child's model: the fake model server, with the key it accepts."""
+    return {
+        "CXG_MODEL_PROVIDER_BASE_URL": f"{model_server.base_url}/v1",
+        "CXG_CODEX_API_KEY": API_KEY,
+        "CXG_MODEL": "gateway-test-model",
+        "CXG_CHILD_READY_TIMEOUT": "60s",
+    }
+
+
+def exec_vars(gateway: FakeExecGateway) -> dict[str, str]:
+    """The gateway's exec-gateway variables for the fake exec gateway ``gateway``."""
+    return {
+        "CXG_EXEC_GATEWAY_URL": gateway.ws_url,
+        "CXG_EXEC_GATEWAY_INTERNAL_URL": gateway.base_url,
+        "CXG_EXEC_GATEWAY_INTERNAL_SECRET": gateway.internal_secret,
+        "CXG_CAPTOKEN_HMAC_SECRET": CAP_SECRET.decode(),
+    }

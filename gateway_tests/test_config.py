@@ -610,3 +610,15 @@ def test_replica_mode_refuses_what_it_cannot_run_with(change: dict[str, str], na
     message = config_error({**FULL, **change})
     assert named in message
     assert FULL["CXG_PEER_SECRET"] not in message
+
+
+def test_executor_layout_defaults_to_multiplexed_and_takes_per_executor() -> None:
+    default = load_config(EXEC_GATEWAY).exec_gateway
+    seed = load_config({**EXEC_GATEWAY, "CXG_EXECUTOR_MCP_LAYOUT": "Per-Executor"}).exec_gateway
+    assert default is not None and default.layout == "multiplexed"
+    assert seed is not None and seed.layout == "per-executor"
+
+
+def test_an_unknown_executor_layout_is_refused() -> None:
+    message = config_error({**EXEC_GATEWAY, "CXG_EXECUTOR_MCP_LAYOUT": "both"})
+    assert "CXG_EXECUTOR_MCP_LAYOUT must be multiplexed or per-executor" in message

@@ -6,8 +6,10 @@ import logging
 import re
 import tomllib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import unquote
 
+import attrs
 import httpx2
 import pytest
 import trio
@@ -18,9 +20,11 @@ from gateway.captoken import verify_cap_token
 from gateway.clients.execgateway import ConnectedExecutor
 from gateway.codex_home.config_toml import CodexConfig, McpServer, ModelProvider, render_config_toml
 from gateway.config import ExecGatewaySettings, Secret
+from gateway.executor_directory import executor_setup
 from gateway.executors import (
     executor_mcp_servers,
     executor_servers_for,
+    multiplexed_server,
     new_turn_id,
     upstream_token_env,
 )
@@ -270,3 +274,49 @@ async def test_rendered_config_with_no_executors_is_still_valid(fake: FakeExecGa
     document = tomllib.loads(render_config_toml(config))
     assert "mcp_servers" not in document
     assert document["model"] == "m"
+
+
+def test_the_multiplexed_entry_carries_the_channel_path_and_no_secret(tmp_path: Path) -> None:
+    channel = tmp_path / "run" / "executors.sock"
+    server = multiplexed_server(settings(), (*SELF, "-m", "gateway"), channel)
+    assert (server.name, server.command) == ("executors", SELF[0])
+    assert server.args == (
+        "-m",
+        "gateway",
+        "env-mcp",
+        "--channel-env",
+        "CXG_ENVMCP_CHANNEL",
+        "--timeout",
+        "600",
+    )
+    assert server.env == {"CXG_ENVMCP_CHANNEL": str(channel)}
+    assert server.startup_timeout_sec == 7.5
+    assert server.tool_timeout_sec is not None and server.tool_timeout_sec > 600
+    rendered = render_config_toml(
+        CodexConfig(
+            model="m", provider=ModelProvider(id="p", base_url="http://x"), mcp_servers=(server,)
+        )
+    )
+    assert CAP_SECRET.decode() not in rendered and "in-s3cret" not in rendered
+    assert tomllib.loads(rendered)["mcp_servers"]["executors"]["env"] == server.env
+
+
+async def test_the_multiplexed_layout_asks_nothing_at_spawn(
+    fake: FakeExecGateway, tmp_path: Path
+) -> None:
+    async with httpx2.AsyncClient() as http:
+        setup = await executor_setup(
+            settings(fake.base_url), http, "ws_a", SELF, tmp_path / "executors.sock"
+        )
+        seed = await executor_setup(
+            attrs.evolve(settings(fake.base_url), layout="per-executor"),
+            http,
+            "ws_a",
+            SELF,
+            tmp_path / "executors.sock",
+        )
+    assert [s.name for s in setup.mcp_servers] == ["executors"]
+    assert setup.directory is not None and setup.directory.workspace_id == "ws_a"
+    assert seed.directory is None
+    # Only the per-executor layout asked the exec gateway, once, at spawn.
+    assert len(fake.connected_requests) == 1

@@ -24,9 +24,13 @@ DEFAULT_TIME_LIMIT = 50.0
 log = logging.getLogger(__name__)
 
 DESCRIPTION = (
-    "MCP stdio server for one executor (spawned by codex from config.toml): exposes a `shell` "
-    "tool that runs commands on the executor through the exec gateway's bridge."
+    "MCP stdio server for a session's executors (spawned by codex from config.toml): with "
+    "--channel-env, `list_environments` and tools that take an environment id, asking the "
+    "session for the live executor list and per-call tokens; with --exe-id, --bridge-url and "
+    "--token-env, a `shell` tool for that one executor. Commands run on the executor through "
+    "the exec gateway's bridge."
 )
+_FIXED_FLAGS = ("exe_id", "bridge_url", "token_env")
 
 
 def _non_empty(value: str) -> str:
@@ -64,16 +68,20 @@ def _one_line_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add env-mcp's flags to ``parser`` and make its usage errors one line, exit 2."""
-    parser.add_argument("--exe-id", required=True, type=_non_empty, help="executor id")
+    parser.add_argument(
+        "--channel-env",
+        type=_env_name,
+        help="name of the environment variable holding the session's executor channel "
+        "(a unix socket path): the multiplexed layout",
+    )
+    parser.add_argument("--exe-id", type=_non_empty, help="executor id (per-executor layout)")
     parser.add_argument(
         "--bridge-url",
-        required=True,
         type=_bridge_url,
         help="the exec gateway's bridge for this executor (ws[s]://…/bridge/<exe_id>)",
     )
     parser.add_argument(
         "--token-env",
-        required=True,
         type=_env_name,
         help="name of the environment variable holding the capability token",
     )
@@ -101,7 +109,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     ``args.handler(args)`` and exit with its result.
     """
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "env-mcp", help="MCP stdio server for one executor", description=DESCRIPTION
+        "env-mcp", help="MCP stdio server for a session's executors", description=DESCRIPTION
     )
     add_arguments(parser)
     return parser
@@ -126,11 +134,40 @@ def _configure_logging() -> None:
     root.setLevel(_LEVELS.get(level, logging.INFO))
 
 
-def run(args: argparse.Namespace) -> int:
-    """Serve MCP on stdio for the executor in ``args``; return the process exit code."""
-    from gateway.envmcp.server import EnvMcpSettings, serve
+def _layout_error(args: argparse.Namespace) -> str | None:
+    """Either ``--channel-env`` alone or all three per-executor flags (upstream's order)."""
+    given = [name for name in _FIXED_FLAGS if getattr(args, name, None) is not None]
+    if args.channel_env is not None:
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            return f"--channel-env cannot be combined with {flags}"
+        return None
+    for name in _FIXED_FLAGS:
+        if name not in given:
+            return f"--{name.replace('_', '-')} is required (or --channel-env)"
+    return None
 
+
+def run(args: argparse.Namespace) -> int:
+    """Serve MCP on stdio for the executors in ``args``; return the process exit code."""
+    from gateway.envmcp.server import ChannelSettings, EnvMcpSettings
+
+    problem = _layout_error(args)
+    if problem is not None:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     _configure_logging()
+    settings: EnvMcpSettings | ChannelSettings
+    if args.channel_env is not None:
+        path = os.environ.get(args.channel_env, "")
+        if not path:
+            print(
+                f"{PROG}: env var {args.channel_env} is empty; cannot reach the session",
+                file=sys.stderr,
+            )
+            return 1
+        settings = ChannelSettings(channel_path=path, time_limit=args.timeout)
+        return _serve(settings)
     token = os.environ.get(args.token_env, "")
     if not token:
         print(
@@ -146,6 +183,12 @@ def run(args: argparse.Namespace) -> int:
         turn_id=args.turn_id,
         time_limit=args.timeout,
     )
+    return _serve(settings)
+
+
+def _serve(settings: Any) -> int:
+    from gateway.envmcp.server import serve
+
     try:
         trio.run(serve, settings)
     except KeyboardInterrupt:

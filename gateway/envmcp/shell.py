@@ -19,7 +19,7 @@ import base64
 import binascii
 import logging
 import posixpath
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -27,6 +27,8 @@ import attrs
 import trio
 
 from gateway.envmcp.bridge import BridgeError, EnvironmentInfo, ExecServerClient, ExecServerError
+from gateway.envmcp.registry import ToolCall
+from gateway.envmcp.specs import parse_shell_arguments
 
 log = logging.getLogger(__name__)
 
@@ -274,4 +276,19 @@ async def run_shell(
         failure=progress.failure,
         timed_out_after=time_limit if deadline.cancelled_caught else None,
         cancelled=not progress.finished and stop.is_set(),
+    )
+
+
+async def handle_shell(call: ToolCall, arguments: Mapping[str, Any]) -> ShellOutcome:
+    """The ``shell`` tool's handler (``gateway/envmcp/specs.py``): one command, its output."""
+    argv, cwd = parse_shell_arguments(arguments)
+    cwd_uri = resolve_cwd(cwd, call.info)
+    return await run_shell(
+        call.client,
+        process_id=call.new_process_id(),
+        argv=argv,
+        cwd_uri=cwd_uri,
+        time_limit=call.time_limit,
+        on_output=call.on_output,
+        stop=call.stop,
     )

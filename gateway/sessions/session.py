@@ -6,6 +6,8 @@
     │                              started(SessionStartError) if it cannot start
     ├── prepare: private 0700 directories, restore CODEX_HOME, model credentials, config.toml
     └── nursery (cancelling it stops the session)
+        ├── serve_executor_channel env-mcp's private socket: live executors, per-call tokens
+        │                          (multiplexed layout only; started before the child)
         ├── run_codex_child        the child process and its stdout/stderr relay
         ├── _watch_idle            stops it after CXG_IDLE_SHUTDOWN without clients or turns
         ├── _checkpoints           periodic consistent snapshots to the store
@@ -22,6 +24,7 @@ the workspace's next session to adopt). The manager decides from that alone.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -32,12 +35,15 @@ import structlog
 import trio
 
 from gateway import metrics
-from gateway.codex_home.config_toml import CodexConfig, McpServer, ModelProvider, render_config_toml
+from gateway.codex_home.config_toml import CodexConfig, ModelProvider, render_config_toml
 from gateway.codex_home.persistence import HostileArchive, Persistence, ReadAs
 from gateway.config import Config
+from gateway.envmcp.channel import SOCKET_NAME
+from gateway.executor_directory import ExecutorDirectory, ExecutorSetup
 from gateway.replicas.placement import OwnedElsewhere, Placement, SolePlacement
 from gateway.sessions.child import ChildSpec, CodexChild, build_child_env, run_codex_child
 from gateway.sessions.directories import SessionDirectories
+from gateway.sessions.executor_channel import descends_from, serve_executor_channel
 from gateway.sessions.isolation import ChildIdentity, ChildIsolation, IsolationError, UidRange
 from gateway.sessions.outcome import (
     Outcome,
@@ -78,7 +84,8 @@ class ModelCredentials(Protocol):
 
 
 CredentialsFactory = Callable[[str, Path], ModelCredentials]
-ExecutorsFactory = Callable[[str], Awaitable[tuple[McpServer, ...]]]
+# (workspace id, the executor channel's socket path) → the session's executors.
+ExecutorsFactory = Callable[[str, Path], Awaitable[ExecutorSetup]]
 
 
 @attrs.define
@@ -124,6 +131,8 @@ class Session:
         self.epoch: int | None = None
         self.started_at = time.time()
         self.child: CodexChild | None = None
+        # Served on the executor channel in the multiplexed layout (None otherwise).
+        self._executor_directory: ExecutorDirectory | None = None
         self.last_activity = trio.current_time()
         self._clients: set[ClientRelay] = set()
         self._nursery: trio.Nursery | None = None
@@ -304,7 +313,8 @@ class Session:
             raise _restore_error(exc) from None
         credentials = services.credentials(self.workspace_id, self.directories.runtime)
         await credentials.prime()
-        mcp_servers = await services.executors(self.workspace_id)
+        executors = await services.executors(self.workspace_id, self._channel_path)
+        self._executor_directory = executors.directory
         config_path = self.directories.codex_home / "config.toml"
         existing = config_path.read_text() if config_path.exists() else None
         rendered = render_config_toml(
@@ -312,7 +322,7 @@ class Session:
                 model=self._config.model.model,
                 provider=credentials.provider(),
                 trusted_paths=self._config.project_trusted_paths,
-                mcp_servers=mcp_servers,
+                mcp_servers=executors.mcp_servers,
             ),
             existing,
         )
@@ -357,6 +367,7 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await self._start_executor_channel(nursery)
                 try:
                     self.child = await nursery.start(self._supervise_child, spec)
                 except Exception as exc:
@@ -381,6 +392,36 @@ class Session:
                 metrics.SESSIONS_ACTIVE.dec()
             self._nursery = None
         return True
+
+    @property
+    def _channel_path(self) -> Path:
+        return self.directories.runtime / SOCKET_NAME
+
+    async def _start_executor_channel(self, nursery: trio.Nursery) -> None:
+        """Serve env-mcp's channel before the child starts; without it only executors are lost."""
+        directory = self._executor_directory
+        if directory is None:
+            return
+        try:
+            await nursery.start(
+                serve_executor_channel,
+                self._channel_path,
+                directory,
+                self.identity,
+                self._admits_channel_peer,
+            )
+        except OSError as exc:
+            log.error("session.executor_channel_failed", error=str(exc))
+
+    def _admits_channel_peer(self, pid: int, uid: int) -> str | None:
+        """Only this session's own processes (its uid, below its child) use the channel."""
+        expected = self.identity.uid if self.identity is not None else os.geteuid()
+        if uid != expected:
+            return "the peer does not run under this session's uid"
+        child = self.child
+        if child is None or not descends_from(pid, child.pid):
+            return "the peer is not a process of this session"
+        return None
 
     async def _supervise_child(
         self, spec: ChildSpec, *, task_status: trio.TaskStatus[CodexChild]

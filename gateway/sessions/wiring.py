@@ -6,11 +6,10 @@ from pathlib import Path
 
 import httpx2
 
-from gateway.codex_home.config_toml import McpServer
 from gateway.codex_home.persistence import Persistence, open_object_store
 from gateway.config import Config
 from gateway.credentials import SessionModelCredentials
-from gateway.executors import executor_mcp_servers
+from gateway.executor_directory import ExecutorSetup, executor_setup
 from gateway.sessions.session import CredentialsFactory, ExecutorsFactory, ModelCredentials
 
 # codex's log database can grow to hundreds of MB and changes on every turn; it is not history.
@@ -34,9 +33,12 @@ def credentials_factory(config: Config, http: httpx2.AsyncClient) -> Credentials
 def executors_factory(
     config: Config, http: httpx2.AsyncClient, self_command: tuple[str, ...]
 ) -> ExecutorsFactory:
-    """Build each session's ``[mcp_servers]`` entries (none without an exec gateway)."""
+    """Build each session's executors: its ``[mcp_servers]`` entries and, multiplexed, the
+    directory its executor channel serves (nothing without an exec gateway)."""
 
-    async def discover(workspace_id: str) -> tuple[McpServer, ...]:
-        return await executor_mcp_servers(config.exec_gateway, http, workspace_id, self_command)
+    async def discover(workspace_id: str, channel_path: Path) -> ExecutorSetup:
+        return await executor_setup(
+            config.exec_gateway, http, workspace_id, self_command, channel_path
+        )
 
     return discover

@@ -23,8 +23,17 @@ from gateway_tests.bench.common import REPO, Options, Results, ratio_values
 
 SECTION = "envmcp"
 TOKEN_ENV = "CXG_BRIDGE_TOKEN_BENCH"
-# Only spawned and asked for its tools: it never dials the bridge.
+CHANNEL_ENV = "CXG_ENVMCP_CHANNEL"
+# Only spawned and asked for its tools: it never dials the bridge nor asks the session.
 ENV_MCP = (
+    sys.executable,
+    "-m",
+    "gateway",
+    "env-mcp",
+    "--channel-env",
+    CHANNEL_ENV,
+)
+ENV_MCP_PER_EXECUTOR = (
     sys.executable,
     "-m",
     "gateway",
@@ -53,7 +62,11 @@ async def main():
 anyio.run(main)
 """
 MINIMAL = (sys.executable, "-c", MINIMAL_SERVER)
-PATHS = {"env-mcp": ENV_MCP, "minimal mcp server": MINIMAL}
+PATHS = {
+    "env-mcp": ENV_MCP,
+    "env-mcp per-executor": ENV_MCP_PER_EXECUTOR,
+    "minimal mcp server": MINIMAL,
+}
 _HANDSHAKE = [
     {
         "jsonrpc": "2.0",
@@ -77,7 +90,12 @@ async def spawn_to_tools_list(argv: Sequence[str]) -> float:
     The three messages are written at once, as a client that does not wait would; the server
     reads them as it gets to them.
     """
-    env = {**os.environ, TOKEN_ENV: "bench-token", "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        TOKEN_ENV: "bench-token",
+        CHANNEL_ENV: "/nonexistent/executors.sock",
+        "PYTHONPATH": str(REPO),
+    }
     payload = "".join(json.dumps(message) + "\n" for message in _HANDSHAKE).encode()
     started = time.perf_counter()
     process = await trio.lowlevel.open_process(
