@@ -61,3 +61,7 @@ POLICY_REFUSALS = Counter(
     "Client messages refused by the protocol policy, by rule.",
     ["rule"],
 )
+SELF_FENCES = Counter(
+    "cxg_replica_self_fences_total",
+    "Times this pod stopped every session unsaved because its hold on the store was in doubt.",
+)

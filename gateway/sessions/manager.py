@@ -17,6 +17,7 @@ import attrs
 import structlog
 import trio
 
+from gateway import metrics
 from gateway.replicas.placement import NotOwnedHere
 from gateway.sessions.directories import SessionDirectories
 from gateway.sessions.outcome import (
@@ -85,6 +86,8 @@ class SessionManager:
         self._crashes: dict[str, _CrashRecord] = {}
         self._nursery: trio.Nursery | None = None
         self.draining = False
+        #: Why this pod is fenced (``fence_all``); ``None`` while it may start sessions.
+        self.fenced: str | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[SessionManager]) -> None:
         """Own the sessions' nursery until cancelled (after ``drain``)."""
@@ -146,6 +149,12 @@ class SessionManager:
     def _start(self, workspace_id: str, adopt: Unsaved | None) -> _Entry:
         if self.draining or self._nursery is None:
             raise Unavailable("gateway is shutting down; reconnect to another instance")
+        if self.fenced is not None:
+            raise Unavailable(
+                "this gateway pod lost contact with the store and starts no session until it "
+                "is back; reconnect in a moment",
+                retry_after=5,
+            )
         live = sum(1 for e in self._sessions.values() if not e.session.stopping)
         if self._config.max_sessions and live >= self._config.max_sessions:
             raise Unavailable(
@@ -238,6 +247,33 @@ class SessionManager:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
         log.info("drain.finished", saved=len(saved), total=len(sessions))
+
+    def fence_all(self, reason: str) -> None:
+        """Stop every session now, unsaved, and start none until ``lift_fence``.
+
+        Replica mode calls this when this pod can no longer be sure it owns its workspaces (its
+        heartbeat has not been renewed for ``fence_after``, or its keeper fired): a peer may
+        take them over soon, so nothing here may keep running or write to the store. Children
+        are SIGKILLed, clients closed with 1012, and each home is set aside under
+        ``.orphaned`` (``Fenced``), as is every unsaved home kept for adoption.
+        """
+        self.fenced = reason
+        metrics.SELF_FENCES.inc()
+        log.error("replicas.fenced", reason=reason, sessions=len(self._sessions))
+        for workspace_id, entry in list(self._sessions.items()):
+            outcome = entry.session.outcome
+            if outcome is None:
+                entry.session.fence()
+            elif isinstance(outcome.save, Unsaved):
+                # Kept for a later session here to adopt: the workspace may move elsewhere now.
+                del self._sessions[workspace_id]
+                _set_aside_leftover(entry.session.directories)
+
+    def lift_fence(self) -> None:
+        """This pod's hold on the store is confirmed again: sessions may start."""
+        if self.fenced is not None:
+            log.info("replicas.fence_lifted", reason=self.fenced)
+        self.fenced = None
 
     # -- introspection ----------------------------------------------------------------------
 
