@@ -186,7 +186,8 @@ async def check_store_fencing(store: ObjectStore, config: Config) -> None:
     )
 
 
-# Replica mode waits this long, in total, for the store to answer the start-up probe.
+# Replica mode asks a store that does not answer the start-up probe this many times, with a
+# doubling pause between (1 s, 2 s, 4 s), before it refuses to start.
 REPLICA_PROBE_ATTEMPTS = 4
 REPLICA_PROBE_FIRST_RETRY_SECONDS = 1.0
 

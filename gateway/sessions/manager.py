@@ -328,11 +328,14 @@ class SessionManager:
 
 async def _drain_session(session: Session, turns_end_by: float) -> None:
     """Stop ``session`` once no turn runs in it (or at ``turns_end_by``), and wait for its end."""
+    waited = False
     with trio.move_on_at(turns_end_by):
         while not session.stopping and session.child is not None:
             if not await child_is_busy(session.child, within=IDLE_CHECK_SECONDS):
                 break
-            log.info("drain.waiting_for_turn", workspace_id=session.workspace_id)
+            if not waited:
+                log.info("drain.waiting_for_turn", workspace_id=session.workspace_id)
+                waited = True
             # The child is asked again; the relay stays a byte pipe (gateway/sessions/turns.py).
             await trio.sleep(DRAIN_TURN_POLL_SECONDS)
     session.stop(StopReason.DRAIN)
