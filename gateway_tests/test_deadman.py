@@ -235,6 +235,14 @@ async def test_the_keeper_gets_no_environment_and_ends_with_the_context() -> Non
         pid = deadman.keeper_pid
         assert Path(f"/proc/{pid}/environ").read_bytes() == b""
         assert os.getsid(pid) == pid  # its own session: the daemon's group signals miss it
+        # A drain's SIGTERM (or a stray SIGINT, SIGHUP) does not take the safeguard away.
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            os.kill(pid, signum)
+        async with victim() as target:
+            deadman.watch("ws-h", pgid=target.pid, uid=None)
+            deadman.pet(0)
+            assert await killed(target) == -signal.SIGKILL
+        assert alive(pid)
     assert not alive(pid)
 
 
