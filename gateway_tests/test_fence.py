@@ -8,6 +8,7 @@ so "no process survives" covers a whole tree, not just the child.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import trio
 from gateway.sessions.manager import SessionManager
 from gateway.sessions.outcome import StopReason
 from gateway.sessions.process_tree import read_stat
+from gateway_tests.fakes.launchers import FAKE_CODEX_SCRIPT, fake_codex_python
 from gateway_tests.harness import (
     bearer,
     connect,
@@ -167,5 +169,68 @@ async def test_a_session_fenced_while_its_final_save_is_stuck_is_set_aside_unsav
         assert (kept / "codex-home" / "fake-codex-start.json").exists()
     finally:
         release.set()
+        manager.lift_fence()
+        await gateway.shutdown()
+
+
+def slow_starting_launcher(directory: Path, marker: Path) -> Path:
+    """A codex that ignores SIGTERM and takes a while before it becomes the fake codex."""
+    directory.mkdir(parents=True, exist_ok=True)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    marker.chmod(0o666)
+    fake = f"{shlex.quote(str(fake_codex_python()))} {shlex.quote(str(FAKE_CODEX_SCRIPT))}"
+    path = directory / "codex-slow"
+    path.write_text(
+        "\n".join(
+            [
+                "#!/bin/sh",
+                f'if [ "$1" = "--version" ]; then exec {fake} "$@"; fi',
+                "trap '' TERM",
+                f"echo $$ >> {shlex.quote(str(marker))}",
+                "sleep 30",
+                f'exec {fake} "$@"',
+            ]
+        )
+        + "\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
+async def test_a_child_still_starting_when_fenced_is_killed_without_its_grace(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    managers = recorded_managers(monkeypatch)
+    marker = tmp_path / "marks" / "started"
+    launcher = slow_starting_launcher(tmp_path / "bin", marker)
+    gateway = await start_gateway(
+        nursery,
+        gateway_env(tmp_path, launcher, CXG_CHILD_STOP_GRACE=STOP_GRACE),
+    )
+    [manager] = managers
+    refused: list[int] = []
+
+    async def first_connect() -> None:
+        answer = await rejected_connect(gateway.ws_url, bearer(token_for("ws_fence_start")))
+        refused.append(answer.status_code)
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            nursery.start_soon(first_connect)
+            await eventually(lambda: bool(marker.read_text().strip()), within=15)
+            stat = read_stat(int(marker.read_text().split()[0]))
+            assert stat is not None
+            fenced_at = trio.current_time()
+            manager.fence_all("test: fenced while a child starts")
+            await eventually(lambda: not is_running(stat.pid, stat.start_time), within=10)
+            # Far inside the 60 s grace the starting child would otherwise get.
+            assert trio.current_time() - fenced_at < 10
+            await eventually(lambda: bool(refused), within=15)
+        assert refused[0] == 503
+        assert [e for e in logs if e["event"] == "session.stopped_fenced"]
+        assert not [e for e in logs if e["event"] in ("session.final_save", "session.crashed")]
+        assert not gateway.archive_path("ws_fence_start").exists()
+    finally:
         manager.lift_fence()
         await gateway.shutdown()

@@ -193,7 +193,8 @@ class Session:
     def _kill_child_now(self) -> None:
         child = self.child
         if child is None or child.process.returncode is not None:
-            return  # not started yet (its stop kills it), or reaped already
+            # Not started yet: its stop skips the grace (ChildSpec.kill_at_once). Or reaped.
+            return
         # While the leader lives its whole tree is below it (it is a subreaper): kill that
         # first, then the leader and its group; stop_process_tree then finds the stragglers.
         tree = SessionTree(child.process, None)
@@ -380,6 +381,7 @@ class Session:
             ready_timeout=config.child_ready_timeout,
             stop_grace=config.child_stop_grace,
             identity=self.identity,
+            kill_at_once=lambda: self._fenced,
         )
         if self._stop_reason is not None:
             # Stopped while preparing: no child; the manager sees a stopping session.
@@ -407,6 +409,10 @@ class Session:
                 nursery.start_soon(credentials.keep_fresh)
                 if config.checkpoint_interval > 0:
                     nursery.start_soon(self._checkpoints)
+            if self.child is None:
+                # Stopped while its child was starting (the stop cancelled the start): the
+                # connect sees a stopping session, as for a stop while preparing.
+                task_status.started(self)
         finally:
             if self._state in (SessionState.RUNNING, SessionState.STOPPING):
                 metrics.SESSIONS_ACTIVE.dec()
