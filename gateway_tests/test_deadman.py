@@ -30,10 +30,12 @@ from gateway.replicas.deadman import (
     Unwatch,
     Watch,
     keeper_argv,
+    kill_group,
     open_deadman,
     parse_message,
 )
 from gateway.sessions.isolation import UidRange
+from gateway.sessions.process_tree import read_stat
 from gateway_tests.harness import child_uid_range
 
 REPO = Path(__file__).resolve().parent.parent
@@ -244,6 +246,18 @@ async def test_the_keeper_gets_no_environment_and_ends_with_the_context() -> Non
             assert await killed(target) == -signal.SIGKILL
         assert alive(pid)
     assert not alive(pid)
+
+
+async def test_a_pid_reused_since_the_watch_is_never_signalled() -> None:
+    async with victim() as target:
+        stat = read_stat(target.pid)
+        assert stat is not None
+        # As if the watched leader had died and its pid gone to this newer process.
+        kill_group(target.pid, leader_start=stat.start_time - 1)
+        kill_group(target.pid, leader_start=None)
+        assert target.poll() is None
+        kill_group(target.pid, leader_start=stat.start_time)
+        assert await killed(target) == -signal.SIGKILL
 
 
 # -- the keeper's pipe, spoken to directly --------------------------------------------------

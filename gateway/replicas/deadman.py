@@ -250,11 +250,13 @@ class Keeper:
 def kill_group(pgid: int, leader_start: int | None) -> None:
     """SIGKILL process group ``pgid`` and the tree below its leader (a subreaper's orphans).
 
-    A group whose leader's pid now belongs to a process started later is a new group, not the
-    watched one: it is left alone.
+    A pid that now belongs to a process other than the leader seen at ``watch`` (started later,
+    or no leader was seen) is not the watched group's: it is left alone. A leader that is gone
+    leaves the group's other members, which ``killpg`` still reaches (their group id cannot be
+    reused while they live).
     """
     leader = read_stat(pgid)
-    if leader is not None and leader_start is not None and leader.start_time != leader_start:
+    if leader is not None and leader.start_time != leader_start:
         return
     tree: dict[int, int] = {}
     for _ in range(KILL_ROUNDS):
