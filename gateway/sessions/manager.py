@@ -303,7 +303,7 @@ class SessionManager:
         """
         self.fenced = reason
         metrics.SELF_FENCES.inc()
-        log.error("replicas.fenced", reason=reason, sessions=len(self._sessions))
+        log.error("fence.sessions_stopped", reason=reason, sessions=len(self._sessions))
         for workspace_id, entry in list(self._sessions.items()):
             outcome = entry.session.outcome
             if outcome is None:
@@ -316,7 +316,7 @@ class SessionManager:
     def lift_fence(self) -> None:
         """This pod's hold on the store is confirmed again: sessions may start."""
         if self.fenced is not None:
-            log.info("replicas.fence_lifted", reason=self.fenced)
+            log.info("fence.lifted", reason=self.fenced)
         self.fenced = None
 
     # -- introspection ----------------------------------------------------------------------
