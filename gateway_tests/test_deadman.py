@@ -36,7 +36,7 @@ from gateway.replicas.deadman import (
 )
 from gateway.sessions.isolation import UidRange
 from gateway.sessions.process_tree import read_stat
-from gateway_tests.harness import child_uid_range
+from gateway_tests.harness import child_uid_range, eventually
 
 REPO = Path(__file__).resolve().parent.parent
 AS_ROOT = os.geteuid() == 0
@@ -186,6 +186,38 @@ async def test_a_process_of_a_watched_uid_that_left_the_group_is_killed_too() ->
         assert other_uid.poll() is None
 
 
+async def test_without_a_uid_a_child_that_left_the_group_is_found_in_the_leaders_tree() -> None:
+    leader = await trio.lowlevel.open_process(
+        ["sh", "-c", "setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!; wait"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert leader.stdout is not None
+    escaped = 0
+    try:
+        with trio.fail_after(10):
+            escaped = int((await _Lines(leader.stdout).next_raw()).decode())
+
+        def left_the_group() -> bool:
+            stat = read_stat(escaped)
+            return stat is not None and stat.sid == escaped and stat.ppid == leader.pid
+
+        # It has called setsid: its own session and group, still the leader's child.
+        await eventually(left_the_group)
+        async with open_deadman(first_deadline=trio.current_time() + 30) as deadman:
+            deadman.watch("ws-tree", pgid=leader.pid, uid=None)
+            deadman.pet(0.3)
+            await gone(escaped)
+            assert await killed(leader) == -signal.SIGKILL
+    finally:
+        leader.kill()
+        with trio.CancelScope(shield=True):
+            await leader.wait()
+        if escaped and alive(escaped):
+            os.kill(escaped, signal.SIGKILL)
+
+
 async def test_nothing_is_killed_while_the_pets_continue() -> None:
     async with victim() as target, open_deadman(first_deadline=trio.current_time() + 1) as deadman:
         deadman.watch("ws-c", pgid=target.pid, uid=None)
@@ -315,13 +347,16 @@ class _Lines:
         self._stream = stream
         self._buffer = b""
 
-    async def next(self) -> dict[str, Any]:
+    async def next_raw(self) -> bytes:
         while b"\n" not in self._buffer:
             data = await self._stream.receive_some(65536)
             assert data, "the stream ended"
             self._buffer += data
         line, self._buffer = self._buffer.split(b"\n", 1)
-        value: dict[str, Any] = json.loads(line)
+        return line
+
+    async def next(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(await self.next_raw())
         return value
 
 
