@@ -160,6 +160,11 @@ async def check_store_fencing(store: ObjectStore, config: Config) -> None:
     probe = getattr(store, "probe_conditional_writes", None)
     if probe is None or config.s3 is None:
         return  # the local store fences under its own lock
+    if config.replicas is not None:
+        await _require_fenced_store_for_replicas(store, probe)
+        metrics.STORE_UNFENCED.set(0)
+        log.info("store.fenced", store=store.describe())
+        return
     try:
         ignored: list[str] = await probe()
     except StoreUnavailable as exc:
@@ -185,6 +190,46 @@ async def check_store_fencing(store: ObjectStore, config: Config) -> None:
         ignored=ignored,
         hint="CXG_S3_ALLOW_UNFENCED=true: saves are not fenced; run one replica only",
     )
+
+
+# Replica mode asks a store that does not answer the start-up probe this many times, with a
+# doubling pause between (1 s, 2 s, 4 s), before it refuses to start.
+REPLICA_PROBE_ATTEMPTS = 4
+REPLICA_PROBE_FIRST_RETRY_SECONDS = 1.0
+
+
+async def _require_fenced_store_for_replicas(
+    store: ObjectStore, probe: Callable[[], Awaitable[list[str]]]
+) -> None:
+    """Replica mode: the store must be seen to honour conditional writes before anything runs.
+
+    Ownership records and the fencing of saves *are* conditional writes, so no opt-in lifts
+    this (``CXG_S3_ALLOW_UNFENCED`` is for a single pod). A store that cannot be asked is
+    asked again a few times, then the start is refused as well.
+    """
+    delay = REPLICA_PROBE_FIRST_RETRY_SECONDS
+    for attempt in range(1, REPLICA_PROBE_ATTEMPTS + 1):
+        try:
+            ignored = await probe()
+            break
+        except StoreUnavailable as exc:
+            log.warning("store.probe_failed", store=store.describe(), error=str(exc))
+            if attempt == REPLICA_PROBE_ATTEMPTS:
+                raise StoreNotFenced(
+                    f"replica mode (CXG_PEER_ADDR) needs to confirm that the object store "
+                    f"{store.describe()} honours conditional writes before it serves, and the "
+                    f"store could not be asked ({exc}); check the CXG_S3_* settings and the "
+                    "store's reachability"
+                ) from None
+            await trio.sleep(delay)
+            delay *= 2
+    if ignored:
+        raise StoreNotFenced(
+            f"replica mode (CXG_PEER_ADDR) needs an object store that honours conditional "
+            f"writes, and {store.describe()} ignores them ({'; '.join(ignored)}), which "
+            "CXG_S3_ALLOW_UNFENCED cannot lift: use a store that honours them, or run one "
+            "replica without CXG_PEER_ADDR"
+        )
 
 
 async def _in_scope(

@@ -86,3 +86,7 @@ PEER_CONNECTS = Counter(
     "Forwarded connects received on the internal listener, by result.",
     ["result"],
 )
+SELF_FENCES = Counter(
+    "cxg_replica_self_fences_total",
+    "Times this pod stopped every session unsaved because its hold on the store was in doubt.",
+)

@@ -7,6 +7,7 @@ container's environment as the pod would get it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import helm_python as helm
@@ -58,19 +59,30 @@ def env_of(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {entry["name"]: entry for entry in entries}
 
 
+# What the downward API gives a pod, for the fields the chart reads.
+POD_FIELDS = {"metadata.name": "cxg-codex-app-gateway-7d9f8-x2k4q", "status.podIP": "10.1.2.3"}
+
+
 def fake_environ(env: dict[str, dict[str, Any]]) -> dict[str, str]:
     """The process environment the pod would get, with a stand-in for each secret's value.
 
     A secret given as a file (``CXG_<NAME>_FILE``) stands in as ``CXG_<NAME>``, as the daemon
-    reads it.
+    reads it. Downward-API fields get ``POD_FIELDS``, and ``$(VAR)`` references to variables
+    defined earlier are expanded, as the kubelet does.
     """
     environ: dict[str, str] = {}
     for name, entry in env.items():
         if name.endswith("_FILE") and entry["value"].startswith(SECRET_DIR + "/"):
             environ[name.removesuffix("_FILE")] = f"stand-in-file-{entry['value']}"
+        elif "valueFrom" in entry and "fieldRef" in entry["valueFrom"]:
+            environ[name] = POD_FIELDS[entry["valueFrom"]["fieldRef"]["fieldPath"]]
         elif "valueFrom" in entry:
             ref = entry["valueFrom"]["secretKeyRef"]
             environ[name] = f"stand-in-{ref['name']}-{ref['key']}"
         else:
-            environ[name] = entry["value"]
+            environ[name] = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                lambda match: environ.get(match.group(1), match.group(0)),
+                entry["value"],
+            )
     return environ

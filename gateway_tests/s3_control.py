@@ -6,6 +6,9 @@ is cut and new ones are closed at once, before any request reaches the server) a
 back on the same endpoint, without touching the shared moto server; or hold every request in
 the proxy (a slow store) until the test releases it.
 
+``StrippingStore`` is an HTTP proxy in front of it that drops ``If-Match``/``If-None-Match``:
+an S3-compatible store that silently ignores conditional writes.
+
 ``BucketView`` reads what is really stored (ETag, bytes, archive members, every version of a
 versioned bucket) with a synchronous boto3 client, for assertions and ``eventually`` polls.
 """
@@ -20,6 +23,7 @@ from urllib.parse import urlsplit
 
 import attrs
 import botocore.exceptions
+import httpx2
 import trio
 
 from gateway.config import S3Settings
@@ -27,6 +31,7 @@ from gateway.store.base import archive_key
 from gateway_tests.s3_server import MotoServer
 
 COPY_CHUNK = 65536
+CONDITIONAL_HEADERS = frozenset({b"if-match", b"if-none-match"})
 
 
 def s3_env(settings: S3Settings) -> dict[str, str]:
@@ -203,3 +208,53 @@ async def _copy(
         pass
     finally:
         done.cancel()
+
+
+@attrs.define
+class StrippingStore:
+    """An HTTP proxy on loopback in front of moto that drops If-Match / If-None-Match.
+
+    It behaves like an S3-compatible server that ignores conditional writes: every request
+    reaches moto, just without its conditions. ``stripped`` counts the headers removed.
+    """
+
+    upstream: str
+    stripped: int = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = []
+        for name, value in scope["headers"]:
+            if name.lower() in CONDITIONAL_HEADERS:
+                self.stripped += 1
+            elif name.lower() != b"host":
+                headers.append((name.decode(), value.decode()))
+        # The S3 client sends absolute-form targets (http://host/path); keep the path only.
+        target = urlsplit(scope["raw_path"].decode())
+        url = self.upstream + target.path
+        if scope["query_string"]:
+            url += "?" + scope["query_string"].decode()
+        async with httpx2.AsyncClient(timeout=30) as http:
+            answer = await http.request(scope["method"], url, headers=headers, content=body)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": answer.status_code,
+                "headers": [
+                    (k.encode(), v.encode())
+                    for k, v in answer.headers.items()
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection")
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer.content})

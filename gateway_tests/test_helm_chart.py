@@ -22,9 +22,11 @@ import yaml
 
 from gateway.config import VARIABLES, load_config, require_authenticator
 from gateway.durations import parse_go_duration
+from gateway.sessions.manager import DRAIN_FINAL_SAVE_SECONDS
 from gateway_tests.helm_render import (
     CHART,
     NAMESPACE,
+    POD_FIELDS,
     SECRET_DIR,
     by_kind,
     container,
@@ -194,7 +196,7 @@ def secret_sources(objects: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
             entry["valueFrom"]["secretKeyRef"]["key"],
         )
         for name, entry in env_of(objects).items()
-        if "valueFrom" in entry
+        if "secretKeyRef" in entry.get("valueFrom", {})
     }
     pod = by_kind(objects, "Deployment")["spec"]["template"]["spec"]
     for volume in pod["volumes"]:
@@ -255,6 +257,7 @@ def test_production_secrets_come_from_the_configured_keys(
         "CXG_EXEC_GATEWAY_INTERNAL_SECRET": ("agentserver-codex-gateway", "internal-shared-secret"),
         "CXG_CAPTOKEN_HMAC_SECRET": ("agentserver-codex-gateway", "cap-token-hmac-secret"),
         "CXG_CODEX_API_KEY": ("agentserver-codex-app-gateway-secret", "codex-api-key"),
+        "CXG_PEER_SECRET": ("codex-app-gateway-peer", "peer-secret"),
     }
 
 
@@ -333,6 +336,11 @@ def test_production_env_is_a_valid_daemon_configuration(
     assert config.restore_limits.max_total_bytes == 16 * 1024**3
     assert config.restore_limits.max_entries == 400000
     assert config.model.token_refresh_interval == 240
+    assert config.replicas is not None
+    assert config.replicas.pod_name == POD_FIELDS["metadata.name"]
+    assert config.replicas.peer_addr == "10.1.2.3:8087"
+    assert config.replicas.peer_listen_addr == ":8087"
+    assert config.replicas.takeover_after == 30
 
 
 def test_default_env_is_a_valid_daemon_configuration(
@@ -341,6 +349,7 @@ def test_default_env_is_a_valid_daemon_configuration(
     config = load_config(fake_environ(env_of(default_objects)))
     assert config.s3 is None and config.exec_gateway is None and config.agentserver is None
     assert config.drain_budget == 30
+    assert config.replicas is None
 
 
 # --- shutdown and probes -------------------------------------------------------------------
@@ -358,16 +367,22 @@ def test_grace_period_covers_the_prestop_sleep_and_the_drain(
     objects: list[dict[str, Any]],
 ) -> None:
     pre_stop, drain, grace = shutdown_budget(objects)
-    assert grace >= pre_stop + drain + 5
-    child_stop = parse_go_duration(env_of(objects)["CXG_CHILD_STOP_GRACE"]["value"])
+    env = env_of(objects)
+    child_stop = parse_go_duration(env["CXG_CHILD_STOP_GRACE"]["value"])
     assert child_stop <= drain
+    if "CXG_PEER_ADDR" in env:
+        # Replica mode: a turn running at the budget is stopped then, and saved after.
+        assert grace >= pre_stop + drain + child_stop + DRAIN_FINAL_SAVE_SECONDS + 5
+    else:
+        assert grace >= pre_stop + drain + 5
 
 
 def test_grace_period_defaults_and_production_numbers(
     default_objects: list[dict[str, Any]], production_objects: list[dict[str, Any]]
 ) -> None:
     assert shutdown_budget(default_objects) == (5, 30.0, 45)
-    assert shutdown_budget(production_objects) == (10, 60.0, 85)
+    # Replica mode: 10 preStop + 60 drain + 15 child stop grace + 10 final save + 15 margin.
+    assert shutdown_budget(production_objects) == (10, 60.0, 110)
 
 
 def test_an_explicit_grace_period_too_short_for_the_drain_fails_rendering() -> None:
@@ -444,7 +459,7 @@ def test_disruption_budget_and_network_policy(objects: list[dict[str, Any]]) -> 
     }
     policy = by_kind(objects, "NetworkPolicy")["spec"]
     assert policy["policyTypes"] == ["Ingress", "Egress"]
-    [ingress] = policy["ingress"]
+    ingress = policy["ingress"][0]
     assert {"port": "http", "protocol": "TCP"} in ingress["ports"]
     egress_ports = {port["port"] for rule in policy["egress"] for port in rule["ports"]}
     assert 53 in egress_ports
@@ -518,16 +533,185 @@ def test_s3_from_the_default_chain_needs_no_keys_and_takes_an_irsa_annotation() 
 
 def test_production_network_policy_is_narrowed(production_objects: list[dict[str, Any]]) -> None:
     policy = by_kind(production_objects, "NetworkPolicy")["spec"]
-    [ingress] = policy["ingress"]
+    # The public ports, and (replica mode) the internal port for the other gateway pods.
+    ingress, _peers = policy["ingress"]
     assert {"port": "metrics", "protocol": "TCP"} in ingress["ports"]
     assert len(ingress["from"]) == 2
     assert all(rule.get("to") for rule in policy["egress"])
-    assert len(policy["egress"]) == 6
+    # Peers, DNS, agentserver, exec gateway, model proxy, S3 and the extra rule.
+    assert len(policy["egress"]) == 7
 
 
 def test_allow_all_egress() -> None:
     objects = manifests(render({"networkPolicy": {"egress": {"allowAll": True}}}))
     assert by_kind(objects, "NetworkPolicy")["spec"]["egress"] == [{}]
+
+
+# --- replica mode ----------------------------------------------------------------------------
+
+REPLICA_ENV = {
+    "POD_IP",
+    "CXG_POD_NAME",
+    "CXG_PEER_ADDR",
+    "CXG_PEER_LISTEN_ADDR",
+    "CXG_OWNER_TAKEOVER_AFTER",
+    "CXG_PEER_SECRET_FILE",
+}
+# The smallest values replica mode renders with: it needs the bucket (and a Secret for it).
+S3_VALUES = {
+    "s3": {"bucket": "homes", "existingSecret": "s3"},
+    "secrets": {"existingSecret": "cxg"},
+}
+
+
+def replica_objects(**values: Any) -> list[dict[str, Any]]:
+    return manifests(render({**S3_VALUES, **values}))
+
+
+def is_replica_mode(objects: list[dict[str, Any]]) -> bool:
+    return "CXG_PEER_ADDR" in env_of(objects)
+
+
+def test_one_replica_renders_as_before(default_objects: list[dict[str, Any]]) -> None:
+    for objects in (default_objects, replica_objects(replicaCount=1)):
+        env = env_of(objects)
+        assert not REPLICA_ENV & env.keys()
+        assert not {name for name in env if "PEER" in name}
+        assert [port["name"] for port in container(objects)["ports"]] == ["http"]
+        deployment = by_kind(objects, "Deployment")["spec"]
+        assert deployment["strategy"] == {"type": "Recreate"}
+        assert deployment["template"]["spec"]["terminationGracePeriodSeconds"] == 45
+        policy = by_kind(objects, "NetworkPolicy")["spec"]
+        assert len(policy["ingress"]) == 1
+        assert not [rule for rule in policy["egress"] if "podSelector" in str(rule.get("to"))]
+    assert manifests(render({"replicaCount": 1})) == default_objects
+
+
+@pytest.mark.parametrize(
+    ("values", "on"),
+    [
+        ({"replicaCount": 2}, True),
+        ({"replicaCount": 1, "replicas": {"enabled": True}}, True),
+        ({"replicaCount": 3, "replicas": {"enabled": False}}, False),
+        ({"replicaCount": 1, "replicas": {"enabled": False}}, False),
+    ],
+)
+def test_replica_mode_is_on_with_more_than_one_replica_or_when_asked(
+    values: dict[str, Any], on: bool
+) -> None:
+    assert is_replica_mode(replica_objects(**values)) is on
+
+
+def test_replica_mode_rolls_with_a_surge_and_no_pod_unavailable() -> None:
+    deployment = by_kind(replica_objects(replicaCount=3), "Deployment")["spec"]
+    assert deployment["replicas"] == 3
+    assert deployment["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    surge = replica_objects(replicaCount=3, replicas={"maxSurge": "50%"})
+    assert by_kind(surge, "Deployment")["spec"]["strategy"]["rollingUpdate"] == {
+        "maxSurge": "50%",
+        "maxUnavailable": 0,
+    }
+
+
+def test_replica_mode_keeps_a_disruption_budget() -> None:
+    objects = replica_objects(replicaCount=3)
+    pdb = by_kind(objects, "PodDisruptionBudget")["spec"]
+    assert pdb["maxUnavailable"] == 1
+    assert pdb["selector"] == by_kind(objects, "Deployment")["spec"]["selector"]
+
+
+def test_replica_grace_period_covers_the_drain_the_child_stop_grace_and_the_save() -> None:
+    objects = replica_objects(
+        replicaCount=2,
+        sessions={"childStopGraceSeconds": 20},
+        shutdown={"drainBudgetSeconds": 40, "preStopSleepSeconds": 5, "marginSeconds": 10},
+    )
+    pre_stop, drain, grace = shutdown_budget(objects)
+    assert (pre_stop, drain) == (5, 40)
+    assert grace == 5 + 40 + 20 + DRAIN_FINAL_SAVE_SECONDS + 10
+    assert parse_go_duration(env_of(objects)["CXG_CHILD_STOP_GRACE"]["value"]) == 20
+    # An explicit grace period that would cut the last saves short fails rendering.
+    with pytest.raises(helm.HelmRenderError, match="the child stop grace \\(20 s\\)"):
+        render(
+            {
+                **S3_VALUES,
+                "replicaCount": 2,
+                "sessions": {"childStopGraceSeconds": 20},
+                "shutdown": {"drainBudgetSeconds": 40, "terminationGracePeriodSeconds": 60},
+            }
+        )
+
+
+def test_replica_mode_takes_the_pod_name_and_address_from_the_downward_api() -> None:
+    objects = replica_objects(replicaCount=2)
+    entries = container(objects)["env"]
+    env = env_of(objects)
+    assert env["CXG_POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["CXG_PEER_ADDR"]["value"] == "$(POD_IP):8087"
+    # The kubelet expands $(POD_IP) only when POD_IP is defined earlier in the list.
+    names = [entry["name"] for entry in entries]
+    assert names.index("POD_IP") < names.index("CXG_PEER_ADDR")
+    assert env["CXG_PEER_LISTEN_ADDR"]["value"] == ":8087"
+    assert env["CXG_OWNER_TAKEOVER_AFTER"]["value"] == "25s"
+    ports = {port["name"]: port for port in container(objects)["ports"]}
+    assert ports["peer"] == {"name": "peer", "containerPort": 8087, "protocol": "TCP"}
+    # Never exposed through the Service: peers reach each other by pod address.
+    service_ports = {port["name"] for port in by_kind(objects, "Service")["spec"]["ports"]}
+    assert "peer" not in service_ports
+    config = load_config(fake_environ(env))
+    assert config.replicas is not None
+    assert config.replicas.peer_addr == f"{POD_FIELDS['status.podIP']}:8087"
+    assert config.replicas.pod_name == POD_FIELDS["metadata.name"]
+    moved = env_of(replica_objects(replicaCount=2, replicas={"peerPort": 9443}))
+    assert moved["CXG_PEER_ADDR"]["value"] == "$(POD_IP):9443"
+    assert moved["CXG_PEER_LISTEN_ADDR"]["value"] == ":9443"
+
+
+def test_replica_mode_reads_the_peer_secret_from_a_file() -> None:
+    objects = replica_objects(replicaCount=2, secrets={"peer": {"name": "peers", "key": "k"}})
+    env = env_of(objects)
+    assert env["CXG_PEER_SECRET_FILE"]["value"] == f"{SECRET_DIR}/CXG_PEER_SECRET"
+    assert "CXG_PEER_SECRET" not in env
+    assert secret_sources(objects)["CXG_PEER_SECRET"] == ("peers", "k")
+    as_variable = env_of(
+        replica_objects(
+            replicaCount=2, secrets={"asFiles": False, "peer": {"name": "peers", "key": "k"}}
+        )
+    )
+    assert as_variable["CXG_PEER_SECRET"]["valueFrom"] == {
+        "secretKeyRef": {"name": "peers", "key": "k"}
+    }
+
+
+def test_only_gateway_pods_may_reach_the_internal_port() -> None:
+    objects = replica_objects(
+        replicaCount=2, networkPolicy={"ingressFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}
+    )
+    selector = by_kind(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    policy = by_kind(objects, "NetworkPolicy")["spec"]
+    public, peers = policy["ingress"]
+    assert {"port": "peer", "protocol": "TCP"} not in public["ports"]
+    assert peers == {
+        "ports": [{"port": "peer", "protocol": "TCP"}],
+        "from": [{"podSelector": {"matchLabels": selector}}],
+    }
+    # And the pods may reach each other's internal port (egress is closed by default).
+    assert {
+        "ports": [{"port": 8087, "protocol": "TCP"}],
+        "to": [{"podSelector": {"matchLabels": selector}}],
+    } in policy["egress"]
+    for kube_version in KUBE_VERSIONS:
+        for obj in objects:
+            kubernetes_validate.validate(obj, kube_version, strict=True)
+
+
+def test_replica_mode_needs_a_bucket() -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"replica mode .* needs s3\.bucket"):
+        render({"replicaCount": 2})
 
 
 # --- schema and cross-value checks ---------------------------------------------------------
@@ -546,6 +730,11 @@ def test_allow_all_egress() -> None:
         ({"secrets": {"admin": {"name": "x", "key": ""}}}, "/secrets/admin/key"),
         ({"extraEnv": [{"name": "CXG_MODEL", "value": "other"}]}, "/extraEnv/0/name"),
         ({"replicaCount": -1}, "/replicaCount"),
+        ({"replicas": {"enabled": "yes"}}, "/replicas/enabled"),
+        ({"replicas": {"peerPort": 70000}}, "/replicas/peerPort"),
+        ({"replicas": {"ownerTakeoverAfter": "25 seconds"}}, "/replicas/ownerTakeoverAfter"),
+        ({"replicas": {"maxSurge": 0}}, "/replicas/maxSurge"),
+        ({"replicas": {"peers": 2}}, "additional properties 'peers'"),
         ({"idleShutdown": "30m"}, "additional properties 'idleShutdown'"),
     ],
 )

@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
-import attrs
 import httpx2
 import pytest
 import trio
@@ -20,61 +18,17 @@ from gateway.store.base import KEY_PREFIX
 from gateway.store.s3 import S3ObjectStore
 from gateway_tests.daemon_process import run_cli
 from gateway_tests.fakes.serving import serve_on_loopback
-from gateway_tests.harness import LaunchGateway, closed_port, gateway_env
-from gateway_tests.s3_control import s3_env
+from gateway_tests.faultproxy import FaultProxy
+from gateway_tests.harness import (
+    LaunchGateway,
+    RunningGateway,
+    closed_port,
+    eventually,
+    gateway_env,
+    start_gateway,
+)
+from gateway_tests.s3_control import StrippingStore, s3_env
 from gateway_tests.s3_server import MotoServer, settings_for
-
-CONDITIONAL_HEADERS = frozenset({b"if-match", b"if-none-match"})
-
-
-@attrs.define
-class StrippingStore:
-    """An HTTP proxy on loopback in front of moto that drops If-Match / If-None-Match.
-
-    It behaves like an S3-compatible server that ignores conditional writes: every request
-    reaches moto, just without its conditions. ``stripped`` counts the headers removed.
-    """
-
-    upstream: str
-    stripped: int = 0
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = []
-        for name, value in scope["headers"]:
-            if name.lower() in CONDITIONAL_HEADERS:
-                self.stripped += 1
-            elif name.lower() != b"host":
-                headers.append((name.decode(), value.decode()))
-        # The S3 client sends absolute-form targets (http://host/path); keep the path only.
-        target = urlsplit(scope["raw_path"].decode())
-        url = self.upstream + target.path
-        if scope["query_string"]:
-            url += "?" + scope["query_string"].decode()
-        async with httpx2.AsyncClient(timeout=30) as http:
-            answer = await http.request(scope["method"], url, headers=headers, content=body)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": answer.status_code,
-                "headers": [
-                    (k.encode(), v.encode())
-                    for k, v in answer.headers.items()
-                    if k.lower() not in ("content-length", "transfer-encoding", "connection")
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": answer.content})
 
 
 @pytest.fixture
@@ -169,3 +123,97 @@ async def test_a_store_unreachable_at_start_is_logged_and_the_gateway_still_star
     [line] = [entry for entry in logs if entry["event"] == "store.probe_failed"]
     assert "unreachable" in line["error"]
     assert not [entry for entry in logs if entry["event"] in ("store.fenced", "store.unfenced")]
+
+
+# -- replica mode: conditional writes are the ownership protocol itself -----------------------
+
+PEER_SECRET = "test-peer-secret-never-logged"
+
+
+async def replica_vars() -> dict[str, str]:
+    return {
+        "CXG_PEER_ADDR": f"127.0.0.1:{await closed_port()}",
+        "CXG_PEER_LISTEN_ADDR": "127.0.0.1:0",
+        "CXG_PEER_SECRET": PEER_SECRET,
+        "CXG_POD_NAME": "probe-pod",
+    }
+
+
+@pytest.mark.parametrize("allow_unfenced", ["false", "true"])
+async def test_replica_mode_refuses_a_store_that_ignores_conditions_whatever_the_opt_in(
+    stripping_settings: tuple[S3Settings, StrippingStore],
+    tmp_path: Path,
+    fake_codex_bin: Path,
+    allow_unfenced: str,
+) -> None:
+    settings, proxy = stripping_settings
+    env = {
+        **os.environ,
+        **gateway_env(tmp_path, fake_codex_bin),
+        **s3_env(settings),
+        **await replica_vars(),
+        "CXG_S3_ALLOW_UNFENCED": allow_unfenced,
+    }
+    result = await run_cli(["serve"], env)
+    assert result.returncode == 1
+    stderr = result.stderr.decode()
+    message = stderr.strip().splitlines()[-1]
+    assert "replica mode (CXG_PEER_ADDR) needs an object store that honours conditional" in message
+    assert "CXG_S3_ALLOW_UNFENCED cannot lift" in message
+    assert "If-Match with a wrong ETag" in message and settings.bucket in message
+    assert proxy.stripped >= 3
+    assert PEER_SECRET not in stderr + result.stdout.decode()
+    # Nothing was served: the refusal comes before the listener.
+    assert "daemon.serving" not in stderr + result.stdout.decode()
+
+
+async def test_replica_mode_refuses_a_store_it_cannot_ask(
+    tmp_path: Path, fake_codex_bin: Path
+) -> None:
+    settings = settings_for(f"http://127.0.0.1:{await closed_port()}")
+    env = {
+        **os.environ,
+        **gateway_env(tmp_path, fake_codex_bin),
+        **s3_env(settings),
+        **await replica_vars(),
+        "CXG_S3_TIMEOUT": "1s",
+    }
+    result = await run_cli(["serve"], env)
+    assert result.returncode == 1
+    message = result.stderr.decode().strip().splitlines()[-1]
+    assert "needs to confirm that the object store" in message
+    assert "could not be asked" in message
+
+
+async def test_replica_mode_asks_a_store_again_until_it_answers(
+    nursery: trio.Nursery, moto_server: MotoServer, tmp_path: Path, fake_codex_bin: Path
+) -> None:
+    target = urlsplit(moto_server.endpoint)
+    assert target.hostname is not None and target.port is not None
+    link: FaultProxy = await nursery.start(FaultProxy((target.hostname, target.port)).serve)
+    link.refuse_new()
+    env = {
+        **gateway_env(tmp_path, fake_codex_bin),
+        **s3_env(settings_for(link.url())),
+        **await replica_vars(),
+    }
+    started: list[RunningGateway] = []
+    ready = trio.Event()
+
+    async def start() -> None:
+        started.append(await start_gateway(nursery, env))
+        ready.set()
+
+    with capture_logs() as logs:
+        nursery.start_soon(start)
+        await eventually(
+            lambda: any(entry["event"] == "store.probe_failed" for entry in logs), within=30
+        )
+        assert not ready.is_set()
+        link.pass_through()
+        with trio.fail_after(30):
+            await ready.wait()
+    try:
+        assert [entry for entry in logs if entry["event"] == "store.fenced"]
+    finally:
+        await started[0].shutdown()

@@ -59,6 +59,10 @@ class Placement(Protocol):
         """Whether this pod owns ``workspace_id`` at exactly ``epoch`` right now."""
         ...
 
+    def set_draining(self) -> None:
+        """This pod is draining: claim nothing more, and say so in its heartbeat."""
+        ...
+
 
 class SolePlacement:
     """One pod, no ownership records: every workspace is served here, at epoch 0."""
@@ -70,3 +74,6 @@ class SolePlacement:
     def holds(self, workspace_id: str, epoch: int) -> bool:
         """Only epoch 0 exists."""
         return epoch == 0
+
+    def set_draining(self) -> None:
+        """Nothing to tell: the session manager itself refuses new sessions while draining."""

@@ -19,7 +19,7 @@ import hashlib
 import re
 import secrets
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -77,6 +77,9 @@ class ChildSpec:
     stop_grace: float
     #: The uid/gid to run under (gateway/sessions/isolation.py); None: the gateway's own.
     identity: ChildIdentity | None = None
+    #: Asked when the child is stopped: True skips the SIGTERM grace (a fenced session's child
+    #: is killed at once, wherever in its start it is).
+    kill_at_once: Callable[[], bool] | None = attrs.field(default=None, eq=False)
 
 
 def app_server_argv(codex_bin: str, token_sha256: str) -> list[str]:
@@ -254,7 +257,9 @@ async def _supervise(
             await process.wait_exited()
         finally:
             # The session's directory holds CODEX_HOME and the child's HOME (SessionDirectories).
-            status = await stop_process_tree(process, spec.stop_grace, spec.codex_home.parent)
+            at_once = spec.kill_at_once is not None and spec.kill_at_once()
+            grace = 0.0 if at_once else spec.stop_grace
+            status = await stop_process_tree(process, grace, spec.codex_home.parent)
             drain.finish()
     return status
 

@@ -69,7 +69,7 @@ _REAP_TIMEOUT_SECONDS = 10.0
 # The helper: the shell's own ``kill`` builtin, run as the uid being reaped, signals every process
 # of that uid except itself (kill(2) with pid -1); finding none is fine. /bin/sh is reachable by
 # any uid, unlike an interpreter that may live under a private directory.
-_REAP_ARGV = ("/bin/sh", "-c", "kill -s KILL -- -1 2>/dev/null; exit 0")
+REAP_ARGV = ("/bin/sh", "-c", "kill -s KILL -- -1 2>/dev/null; exit 0")
 
 
 class IsolationError(Exception):
@@ -82,6 +82,33 @@ class IsolationMode(enum.Enum):
     AUTO = "auto"
     REQUIRED = "required"
     OFF = "off"
+
+
+def kill_every_process_of(uid: int, *, timeout: float = _REAP_TIMEOUT_SECONDS) -> bool:
+    """SIGKILL every process of ``uid`` with the helper above, run as that uid; blocking.
+
+    For a caller outside the event loop (the replica keeper, ``gateway/replicas/deadman.py``).
+    Returns whether the helper ran and exited 0. The caller must have checked that ``uid`` is
+    a child uid: as root or as the caller's own uid, ``kill(-1)`` reaches far more.
+    """
+    if uid in (0, os.getuid(), os.geteuid()):
+        raise IsolationError(f"refusing to reap uid {uid}: not a child uid")
+    try:
+        result = subprocess.run(
+            list(REAP_ARGV),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+            env={},
+            cwd="/",
+            timeout=timeout,
+            user=uid,
+            group=uid,
+            extra_groups=[],
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0
 
 
 @attrs.frozen
@@ -303,7 +330,7 @@ class ChildIsolation:
         try:
             with trio.fail_after(_REAP_TIMEOUT_SECONDS):
                 result = await trio.run_process(
-                    list(_REAP_ARGV),
+                    list(REAP_ARGV),
                     stdin=subprocess.DEVNULL,
                     capture_stdout=True,
                     capture_stderr=True,

@@ -17,6 +17,7 @@ import attrs
 import structlog
 import trio
 
+from gateway import metrics
 from gateway.replicas.placement import NotOwnedHere
 from gateway.sessions.directories import SessionDirectories
 from gateway.sessions.outcome import (
@@ -28,13 +29,19 @@ from gateway.sessions.outcome import (
     Unsaved,
 )
 from gateway.sessions.process_tree import end_leftover_processes
-from gateway.sessions.session import Session, SessionServices
+from gateway.sessions.session import IDLE_CHECK_SECONDS, Session, SessionServices
+from gateway.sessions.turns import child_is_busy
 
 log = structlog.get_logger(__name__)
 
 # A session that lived this long without crashing resets its workspace's crash count.
 CRASH_FORGET_SECONDS = 300.0
 CRASH_BACKOFF_MAX_SECONDS = 60.0
+# Replica drain: how often a busy session's child is asked whether its turn has ended.
+DRAIN_TURN_POLL_SECONDS = 1.0
+# Replica drain: after CXG_DRAIN_BUDGET, the sessions stopped then get their child's stop grace
+# and this long for the final save before it is abandoned (the chart's grace period adds both).
+DRAIN_FINAL_SAVE_SECONDS = 10.0
 
 
 class Unavailable(SessionStartError):
@@ -85,6 +92,8 @@ class SessionManager:
         self._crashes: dict[str, _CrashRecord] = {}
         self._nursery: trio.Nursery | None = None
         self.draining = False
+        #: Why this pod is fenced (``fence_all``); ``None`` while it may start sessions.
+        self.fenced: str | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[SessionManager]) -> None:
         """Own the sessions' nursery until cancelled (after ``drain``)."""
@@ -146,6 +155,12 @@ class SessionManager:
     def _start(self, workspace_id: str, adopt: Unsaved | None) -> _Entry:
         if self.draining or self._nursery is None:
             raise Unavailable("gateway is shutting down; reconnect to another instance")
+        if self.fenced is not None:
+            raise Unavailable(
+                "this gateway pod lost contact with the store and starts no session until it "
+                "is back; reconnect in a moment",
+                retry_after=5,
+            )
         live = sum(1 for e in self._sessions.values() if not e.session.stopping)
         if self._config.max_sessions and live >= self._config.max_sessions:
             raise Unavailable(
@@ -229,7 +244,13 @@ class SessionManager:
         return None
 
     async def drain(self) -> None:
-        """Stop every session with 1001, saving each, within ``CXG_DRAIN_BUDGET``."""
+        """Stop every session with 1001, saving each, within ``CXG_DRAIN_BUDGET``.
+
+        In replica mode a running turn is not cut short: see ``_drain_replica``.
+        """
+        if self._config.replicas is not None:
+            await self._drain_replica()
+            return
         self.draining = True
         sessions = [entry.session for entry in self._sessions.values()]
         log.info("drain.started", sessions=len(sessions), budget_seconds=self._config.drain_budget)
@@ -248,11 +269,86 @@ class SessionManager:
             self._nursery.cancel_scope.cancel()
         log.info("drain.finished", saved=len(saved), total=len(sessions))
 
+    async def _drain_replica(self) -> None:
+        """Leave the workspaces to the other pods without cutting a turn short.
+
+        The pod says it is draining (``Placement.set_draining``: no more claims, and its
+        heartbeat shows it) and starts no session. An idle session (no turn running) is
+        stopped and saved at once; a busy one when its turn has ended, or at
+        ``CXG_DRAIN_BUDGET``, whichever comes first. Each stop saves (and, with ownership
+        records, releases the workspace, so the next connect anywhere takes it over at once).
+        The last stops get the child's stop grace and ``DRAIN_FINAL_SAVE_SECONDS`` more; a
+        final save still running then is abandoned, its home kept on disk.
+        """
+        self.draining = True
+        self._services.placement.set_draining()
+        sessions = [entry.session for entry in self._sessions.values()]
+        budget = self._config.drain_budget
+        log.info("drain.started", sessions=len(sessions), budget_seconds=budget, mode="replicas")
+        turns_end_by = trio.current_time() + budget
+        saves_end_by = turns_end_by + self._config.child_stop_grace + DRAIN_FINAL_SAVE_SECONDS
+        with trio.move_on_at(saves_end_by) as scope:
+            async with trio.open_nursery() as nursery:
+                for session in sessions:
+                    nursery.start_soon(_drain_session, session, turns_end_by)
+        saved = [s for s in sessions if s.outcome is not None and s.outcome.save == Saved()]
+        if scope.cancelled_caught:
+            unsaved = [s.workspace_id for s in sessions if s not in saved]
+            log.error("drain.budget_exhausted", unsaved_workspaces=unsaved)
+            for session in sessions:
+                session.abandon_final_save()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        log.info("drain.finished", saved=len(saved), total=len(sessions))
+
+    def fence_all(self, reason: str) -> None:
+        """Stop every session now, unsaved, and start none until ``lift_fence``.
+
+        Replica mode calls this when this pod can no longer be sure it owns its workspaces (its
+        heartbeat has not been renewed for ``fence_after``, or its keeper fired): a peer may
+        take them over soon, so nothing here may keep running or write to the store. Children
+        are SIGKILLed, clients closed with 1012, and each home is set aside under
+        ``.orphaned`` (``Fenced``), as is every unsaved home kept for adoption.
+        """
+        self.fenced = reason
+        metrics.SELF_FENCES.inc()
+        log.error("fence.sessions_stopped", reason=reason, sessions=len(self._sessions))
+        for workspace_id, entry in list(self._sessions.items()):
+            outcome = entry.session.outcome
+            if outcome is None:
+                entry.session.fence()
+            elif isinstance(outcome.save, Unsaved):
+                # Kept for a later session here to adopt: the workspace may move elsewhere now.
+                del self._sessions[workspace_id]
+                _set_aside_leftover(entry.session.directories)
+
+    def lift_fence(self) -> None:
+        """This pod's hold on the store is confirmed again: sessions may start."""
+        if self.fenced is not None:
+            log.info("fence.lifted", reason=self.fenced)
+        self.fenced = None
+
     # -- introspection ----------------------------------------------------------------------
 
     def describe(self) -> list[dict[str, Any]]:
         """The admin listing."""
         return [entry.session.describe() for entry in self._sessions.values()]
+
+
+async def _drain_session(session: Session, turns_end_by: float) -> None:
+    """Stop ``session`` once no turn runs in it (or at ``turns_end_by``), and wait for its end."""
+    waited = False
+    with trio.move_on_at(turns_end_by):
+        while not session.stopping and session.child is not None:
+            if not await child_is_busy(session.child, within=IDLE_CHECK_SECONDS):
+                break
+            if not waited:
+                log.info("drain.waiting_for_turn", workspace_id=session.workspace_id)
+                waited = True
+            # The child is asked again; the relay stays a byte pipe (gateway/sessions/turns.py).
+            await trio.sleep(DRAIN_TURN_POLL_SECONDS)
+    session.stop(StopReason.DRAIN)
+    await session.ended()
 
 
 def _set_aside_leftover(directories: SessionDirectories) -> None:

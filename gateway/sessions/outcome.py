@@ -21,6 +21,8 @@ class StopReason(enum.Enum):
     SUPERSEDED = (1012, "a newer snapshot of this workspace exists elsewhere")
     # Replica mode: another pod owns the workspace; the connect is forwarded there.
     OWNED_ELSEWHERE = (1012, "workspace is served by another pod")
+    # Replica mode: this pod lost its hold on the store; every session stopped, unsaved.
+    FENCED = (1012, "this gateway pod lost contact with the store; reconnect")
 
     @property
     def close_code(self) -> int:
@@ -64,6 +66,15 @@ class Superseded:
 
 
 @attrs.frozen
+class Fenced:
+    """The session was fenced (``SessionManager.fence_all``): no final save was attempted,
+    because this pod may no longer own the workspace; the home was set aside at ``kept_at``
+    (``None``: the session had no home on disk yet)."""
+
+    kept_at: Path | None
+
+
+@attrs.frozen
 class Unsaved:
     """The final save did not succeed; the home stays at ``codex_home``, written over
     ``generation``. The workspace's next session adopts it instead of restoring."""
@@ -72,7 +83,7 @@ class Unsaved:
     generation: Generation
 
 
-SaveResult = Saved | Superseded | Unsaved
+SaveResult = Saved | Superseded | Fenced | Unsaved
 
 
 @attrs.frozen

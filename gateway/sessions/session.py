@@ -17,14 +17,16 @@
     final save (``Saver``); the local directory is deleted only after the save succeeded.
 
 The session's life ends with one frozen ``Outcome`` (``gateway.sessions.outcome``): why it
-stopped, and whether its home is ``Saved``, ``Superseded`` (set aside) or ``Unsaved`` (kept for
-the workspace's next session to adopt). The manager decides from that alone.
+stopped, and whether its home is ``Saved``, ``Superseded`` (set aside), ``Fenced`` (stopped at
+once without a save, set aside) or ``Unsaved`` (kept for the workspace's next session to
+adopt). The manager decides from that alone.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -46,6 +48,7 @@ from gateway.sessions.directories import SessionDirectories
 from gateway.sessions.executor_channel import descends_from, serve_executor_channel
 from gateway.sessions.isolation import ChildIdentity, ChildIsolation, IsolationError, UidRange
 from gateway.sessions.outcome import (
+    Fenced,
     Outcome,
     Saved,
     SaveResult,
@@ -55,6 +58,7 @@ from gateway.sessions.outcome import (
     Superseded,
     Unsaved,
 )
+from gateway.sessions.process_tree import SessionTree
 from gateway.sessions.relay import ClientRelay
 from gateway.sessions.saver import FinalSave, Saver
 from gateway.sessions.turns import child_is_busy
@@ -141,6 +145,8 @@ class Session:
         self._stop_reason: StopReason | None = None
         self._outcome: Outcome | None = None
         self._ended = trio.Event()
+        # Set by fence(): no final save, the home is set aside.
+        self._fenced = False
 
     # -- what the manager and the web layer call ------------------------------------------
 
@@ -179,6 +185,32 @@ class Session:
             relay.close_code, relay.close_reason = reason.close_code, reason.close_reason
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    def fence(self) -> None:
+        """Stop now without a final save: this pod may no longer own the workspace.
+
+        The child's process tree is SIGKILLed at once (no SIGTERM grace: a peer may start the
+        workspace elsewhere soon), clients are closed with 1012, a save under way is abandoned
+        and the home is set aside for an operator (``Fenced``), never adopted or uploaded.
+        """
+        self._fenced = True
+        self._saver.abandon()
+        self._stop_reason = StopReason.FENCED
+        self._kill_child_now()
+        self.stop(StopReason.FENCED)
+
+    def _kill_child_now(self) -> None:
+        child = self.child
+        if child is None or child.process.returncode is not None:
+            # Not started yet: its stop skips the grace (ChildSpec.kill_at_once). Or reaped.
+            return
+        # While the leader lives its whole tree is below it (it is a subreaper): kill that
+        # first, then the leader and its group; stop_process_tree then finds the stragglers.
+        tree = SessionTree(child.process, None)
+        tree.refresh()
+        tree.signal_members(signal.SIGKILL)
+        child.process.kill()
+        tree.signal_group(signal.SIGKILL)
 
     def hand_over(self) -> None:
         """A new session needs this home: give up a final save that has already failed."""
@@ -359,6 +391,7 @@ class Session:
             ready_timeout=config.child_ready_timeout,
             stop_grace=config.child_stop_grace,
             identity=self.identity,
+            kill_at_once=lambda: self._fenced,
         )
         if self._stop_reason is not None:
             # Stopped while preparing: no child; the manager sees a stopping session.
@@ -387,6 +420,10 @@ class Session:
                 nursery.start_soon(credentials.keep_fresh)
                 if config.checkpoint_interval > 0:
                     nursery.start_soon(self._checkpoints)
+            if self.child is None:
+                # Stopped while its child was starting (the stop cancelled the start): the
+                # connect sees a stopping session, as for a stop while preparing.
+                task_status.started(self)
         finally:
             if self._state in (SessionState.RUNNING, SessionState.STOPPING):
                 metrics.SESSIONS_ACTIVE.dec()
@@ -478,14 +515,23 @@ class Session:
         self._state = SessionState.SAVING
         metrics.SESSION_STOPS.labels(reason=reason.name.lower()).inc()
         stop_started = trio.current_time()
-        log.info("session.final_save", reason=reason.name.lower())
-        final = await self._saver.final_save(child_ran=child_ran)
+        if self._fenced:
+            final = FinalSave.UNSAVED
+        else:
+            log.info("session.final_save", reason=reason.name.lower())
+            final = await self._saver.final_save(child_ran=child_ran)
         metrics.SESSION_STOP_SECONDS.observe(trio.current_time() - stop_started)
         # A saved home is deleted next: closing its root is enough. A kept one is taken back whole.
         await self._release_identity(whole=final is not FinalSave.SAVED)
         save: SaveResult
         with trio.CancelScope(shield=True):
-            if final is FinalSave.SAVED:
+            if self._fenced and final is not FinalSave.SAVED:
+                # Fenced (maybe while its final save ran): never adopted, never uploaded.
+                reason = self._stop_reason = StopReason.FENCED
+                kept = await trio.to_thread.run_sync(self._set_aside)
+                log.error("session.stopped_fenced", kept_at=str(kept) if kept else None)
+                save = Fenced(kept_at=kept)
+            elif final is FinalSave.SAVED:
                 await trio.to_thread.run_sync(self.directories.remove)
                 log.info("session.stopped", reason=reason.name.lower())
                 save = Saved()
@@ -502,6 +548,11 @@ class Session:
                     error=self._saver.last_error,
                 )
         return Outcome(reason=reason, save=save)
+
+    def _set_aside(self) -> Path | None:
+        if not self.directories.root.exists():
+            return None
+        return self.directories.set_aside()
 
     def _read_as(self) -> ReadAs | None:
         """Read the home for a snapshot with the child's file ids (isolation.reading_as)."""

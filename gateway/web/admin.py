@@ -17,7 +17,7 @@ from gateway.auth.authenticators import Authenticator, Unauthorized, VerifierUna
 from gateway.auth.tokens import extract_bearer, is_safe_workspace_id
 from gateway.config import Secret
 from gateway.sessions.manager import SessionManager
-from gateway.sessions.outcome import Saved, Superseded
+from gateway.sessions.outcome import Fenced, Saved, Superseded
 
 log = structlog.get_logger(__name__)
 
@@ -96,6 +96,12 @@ class AdminRoutes:
                     "session stopped but not saved: a newer snapshot of this workspace exists "
                     "elsewhere; its CODEX_HOME is set aside under CXG_TMP_ROOT/.orphaned\n",
                     status_code=409,
+                )
+            if isinstance(saved, Fenced):
+                return PlainTextResponse(
+                    "session stopped unsaved: this pod lost contact with the store (fenced); "
+                    "its CODEX_HOME is set aside under CXG_TMP_ROOT/.orphaned\n",
+                    status_code=503,
                 )
             return PlainTextResponse(
                 "session stopped but its CODEX_HOME is not saved yet; it is kept and retried\n",

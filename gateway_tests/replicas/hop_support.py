@@ -59,6 +59,9 @@ class TablePlacement:
         owner = self.owners.get(workspace_id)
         return owner is not None and owner.pod == self.pod and owner.epoch == epoch
 
+    def set_draining(self) -> None:
+        """The table has no heartbeat to mark; the manager refuses new sessions itself."""
+
 
 def free_port() -> int:
     """A loopback port free right now (for an internal listener whose address peers must

@@ -71,10 +71,16 @@ less than that fails rendering.
 {{- define "cxg.terminationGracePeriodSeconds" -}}
 {{- $s := .Values.shutdown }}
 {{- $needed := add (int $s.preStopSleepSeconds) (int $s.drainBudgetSeconds) (int $s.marginSeconds) }}
+{{- $what := printf "the preStop sleep (%d s), the drain budget (%d s) and the margin (%d s)" (int $s.preStopSleepSeconds) (int $s.drainBudgetSeconds) (int $s.marginSeconds) }}
+{{- if include "cxg.replicaMode" . }}
+{{- /* A turn still running at the drain budget is stopped then, and saved after. */}}
+{{- $needed = add $needed (int .Values.sessions.childStopGraceSeconds) (include "cxg.drainFinalSaveSeconds" . | int) }}
+{{- $what = printf "the preStop sleep (%d s), the drain budget (%d s), the child stop grace (%d s), the final save (%s s) and the margin (%d s)" (int $s.preStopSleepSeconds) (int $s.drainBudgetSeconds) (int .Values.sessions.childStopGraceSeconds) (include "cxg.drainFinalSaveSeconds" .) (int $s.marginSeconds) }}
+{{- end }}
 {{- if kindIs "invalid" $s.terminationGracePeriodSeconds }}
 {{- $needed }}
 {{- else if lt (int $s.terminationGracePeriodSeconds) (int $needed) }}
-{{- fail (printf "shutdown.terminationGracePeriodSeconds is %d but the preStop sleep (%d s), the drain budget (%d s) and the margin (%d s) need %d s: raise it or leave it null to derive it" (int $s.terminationGracePeriodSeconds) (int $s.preStopSleepSeconds) (int $s.drainBudgetSeconds) (int $s.marginSeconds) (int $needed)) }}
+{{- fail (printf "shutdown.terminationGracePeriodSeconds is %d but %s need %d s: raise it or leave it null to derive it" (int $s.terminationGracePeriodSeconds) $what (int $needed)) }}
 {{- else }}
 {{- int $s.terminationGracePeriodSeconds }}
 {{- end }}
@@ -124,6 +130,9 @@ the daemon as a 0400 file (CXG_<NAME>_FILE, secrets.asFiles) or as a secretKeyRe
 {{- if .Values.model.staticApiKey }}
 {{- $wanted = append $wanted (dict "env" "CXG_CODEX_API_KEY" "ref" .Values.secrets.codexApiKey "path" "secrets.codexApiKey") }}
 {{- end }}
+{{- if include "cxg.replicaMode" . }}
+{{- $wanted = append $wanted (dict "env" "CXG_PEER_SECRET" "ref" .Values.secrets.peer "path" "secrets.peer") }}
+{{- end }}
 {{- $refs := list }}
 {{- range $wanted }}
 {{- $name := default $.Values.secrets.existingSecret .ref.name }}
@@ -137,6 +146,21 @@ the daemon as a 0400 file (CXG_<NAME>_FILE, secrets.asFiles) or as a secretKeyRe
 {{- end }}
 {{- toYaml $refs }}
 {{- end }}
+
+{{/*
+Replica mode: replicas.enabled when it is set, else on exactly when replicaCount > 1.
+Renders "true" or nothing.
+*/}}
+{{- define "cxg.replicaMode" -}}
+{{- if kindIs "invalid" .Values.replicas.enabled }}
+{{- if gt (int .Values.replicaCount) 1 }}true{{- end }}
+{{- else if .Values.replicas.enabled }}true
+{{- end }}
+{{- end }}
+
+{{/* What a replica-mode drain allows the last final saves (gateway/sessions/manager.py
+DRAIN_FINAL_SAVE_SECONDS). */}}
+{{- define "cxg.drainFinalSaveSeconds" -}}10{{- end }}
 
 {{/* Where secret files are mounted (secrets.asFiles). */}}
 {{- define "cxg.secretDir" -}}/etc/codex-app-gateway/secrets{{- end }}
@@ -160,6 +184,9 @@ the daemon as a 0400 file (CXG_<NAME>_FILE, secrets.asFiles) or as a secretKeyRe
 {{- end }}
 {{- if gt (int .Values.sessions.childStopGraceSeconds) (int .Values.shutdown.drainBudgetSeconds) }}
 {{- fail (printf "sessions.childStopGraceSeconds (%d) exceeds shutdown.drainBudgetSeconds (%d): a stopping child could outlive the drain" (int .Values.sessions.childStopGraceSeconds) (int .Values.shutdown.drainBudgetSeconds)) }}
+{{- end }}
+{{- if and (include "cxg.replicaMode" .) (not .Values.s3.bucket) }}
+{{- fail "replica mode (replicaCount > 1, or replicas.enabled) needs s3.bucket: ownership of workspaces is decided in the bucket, and each pod's local store is its own disk" }}
 {{- end }}
 {{- if and .Values.s3.endpoint (not .Values.s3.bucket) }}
 {{- fail "s3.endpoint is set but s3.bucket is not: set the bucket too" }}
