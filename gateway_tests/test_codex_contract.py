@@ -201,10 +201,14 @@ async def test_the_tui_bootstrap_answers_match_the_real_schema(
                         assert result["model"] == "contract-model"
                         assert result["modelProvider"] == "gw"
                     if method == "turn/start":
+                        # Only to end the turn: one that already ended on its own (its model
+                        # is unreachable; a busy machine is slow to interrupt) is as good.
                         turn_id = result["turn"]["id"]
-                        await rpc.result(
+                        answer = await rpc.call(
                             "turn/interrupt", {"threadId": thread_id, "turnId": turn_id}
                         )
+                        if "error" in answer:
+                            assert "no active turn" in answer["error"]["message"], answer
 
 
 async def test_a_client_close_code_is_answered_and_sigterm_ends_the_server(
