@@ -73,6 +73,7 @@ class Saver:
         self._superseded = False
         self._lock = trio.Lock()
         self._final_scope = trio.CancelScope(shield=True)
+        self._checkpoint_scope: trio.CancelScope | None = None
         self._final_failures = 0
         self._handed_over = False
 
@@ -87,8 +88,20 @@ class Saver:
         await trio.to_thread.run_sync(relocate_codex_home, self._codex_home)
 
     async def checkpoint(self) -> bool:
-        """Save the live home; returns ``False`` once a newer snapshot exists (stop saving)."""
-        await self._save(kind="checkpoint")
+        """Save the live home; returns ``False`` once a newer snapshot exists (stop saving).
+
+        A checkpoint that has begun runs to its end even when the session stops meanwhile: cut
+        short after the store took the archive, its new generation would be lost, and the final
+        save, fenced on the old one, would take the session's own snapshot for a newer one from
+        elsewhere and set the home aside. Only ``abandon`` (the drain budget) cuts it short.
+        """
+        scope = trio.CancelScope(shield=True)
+        self._checkpoint_scope = scope
+        try:
+            with scope:
+                await self._save(kind="checkpoint")
+        finally:
+            self._checkpoint_scope = None
         return not self._superseded
 
     async def final_save(self, *, child_ran: bool) -> FinalSave:
@@ -126,8 +139,10 @@ class Saver:
             self._final_scope.cancel()
 
     def abandon(self) -> None:
-        """Stop the final save now, whatever it is doing; the home is kept as it is."""
+        """Stop the final save (and a checkpoint still running) now; the home is kept as it is."""
         self._final_scope.cancel()
+        if self._checkpoint_scope is not None:
+            self._checkpoint_scope.cancel()
 
     def unsaved(self) -> Unsaved:
         """The home as it is left when the final save did not succeed."""
