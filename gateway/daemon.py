@@ -6,6 +6,8 @@
     ├── httpx2.AsyncClient            internal API calls (verifier, agentserver, exec gateway)
     ├── object store                  CODEX_HOME archives
     └── root nursery
+        ├── run_heartbeat             replica mode only: this pod's heartbeat, the peers' liveness
+        │                             and self-fencing (gateway/replicas/heartbeat.py)
         ├── SessionManager.run        owns every session's nursery (see gateway/sessions/)
         ├── serve_http (Hypercorn)    the ASGI app; per-connection tasks are Hypercorn's
         └── serve_http (metrics)      only when CXG_METRICS_LISTEN_ADDR is set
@@ -25,7 +27,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
+from typing import cast
 
+import attrs
 import httpx2
 import structlog
 import trio
@@ -34,12 +38,22 @@ from gateway import metrics
 from gateway.auth.authenticators import build_authenticator
 from gateway.config import Config
 from gateway.preflight import PreflightState, run_preflight
+from gateway.replicas.heartbeat import (
+    DuplicatePodName,
+    HeartbeatState,
+    PeerLiveness,
+    check_pod_name_free,
+    run_heartbeat,
+)
+from gateway.replicas.ownership import StorePlacement
+from gateway.replicas.placement import Placement, SolePlacement
+from gateway.replicas.records import Records, new_write_id
 from gateway.sessions.budget import InflightBudget
 from gateway.sessions.isolation import ChildIsolation, IsolationMode, UidRange, harden_process
 from gateway.sessions.manager import SessionManager
 from gateway.sessions.session import SessionServices
 from gateway.sessions.wiring import credentials_factory, executors_factory, open_persistence
-from gateway.store.base import ObjectStore, StoreNotFenced, StoreUnavailable
+from gateway.store.base import ObjectStore, ReplicaStore, StoreNotFenced, StoreUnavailable
 from gateway.version import package_version
 from gateway.web.admin import AdminRoutes
 from gateway.web.app import Readiness, build_app, build_metrics_app
@@ -200,6 +214,23 @@ async def _checks_in_scope(
         await run_preflight(codex_bin, store, state, task_status=task_status)
 
 
+async def _heartbeat_in_scope(
+    scope: trio.CancelScope,
+    replica: _Replica,
+    fence: Callable[[str], None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await run_heartbeat(
+            replica.records,
+            replica.heartbeat,
+            replica.liveness,
+            fence=fence,
+            task_status=task_status,
+        )
+
+
 async def run_daemon(
     config: Config,
     *,
@@ -219,7 +250,62 @@ async def run_daemon(
         bind_errors, _ = group.split(BindError)
         if bind_errors is not None:
             raise first_leaf(bind_errors) from None
+        # Another process serves this pod's name: one sentence, exit non-zero.
+        duplicates, _ = group.split(DuplicatePodName)
+        if duplicates is not None:
+            raise first_leaf(duplicates) from None
         raise
+
+
+@attrs.define
+class _Replica:
+    """Replica mode's parts, built before the root nursery opens."""
+
+    records: Records
+    heartbeat: HeartbeatState
+    liveness: PeerLiveness
+    placement: StorePlacement
+
+
+async def _open_replica(config: Config, store: ObjectStore) -> _Replica | None:
+    """Replica mode's parts (``None`` without ``CXG_PEER_ADDR``); refuses a taken pod name."""
+    settings = config.replicas
+    if settings is None:
+        return None
+    if not hasattr(store, "write_small"):
+        # Config refuses this already; the local directory store is one pod's disk.
+        raise StoreNotFenced("replica mode (CXG_PEER_ADDR) needs the S3 store: set CXG_S3_BUCKET")
+    replica_store = cast(ReplicaStore, store)
+    records = Records(replica_store)
+    # A process that finds its pod's heartbeat still live refuses to start.
+    etag = await check_pod_name_free(records, settings)
+    heartbeat = HeartbeatState(settings, incarnation=new_write_id(), etag=etag)
+    liveness = PeerLiveness(settings.takeover_after)
+    placement = StorePlacement(settings, replica_store, liveness, heartbeat)
+    log.info(
+        "replica.mode",
+        pod=settings.pod_name,
+        peer_addr=settings.peer_addr,
+        incarnation=heartbeat.incarnation,
+        takeover_after_seconds=settings.takeover_after,
+    )
+    return _Replica(records, heartbeat, liveness, placement)
+
+
+def _fence_sessions(manager: SessionManager, root: trio.Nursery, reason: str) -> None:
+    """Self-fencing: this pod may no longer own anything; stop every session now.
+
+    ``SessionManager.fence_all`` (children killed, clients closed 1012, no final save) is the
+    intended call; until it exists, every session is stopped through ``restart`` — its final
+    save is still safe, as a commit is refused once another pod holds the workspace.
+    """
+    fence_all: Callable[[str], None] | None = getattr(manager, "fence_all", None)
+    if fence_all is not None:
+        fence_all(reason)
+        return
+    log.error("replica.fencing_sessions", reason=reason, sessions=len(manager.describe()))
+    for session in manager.describe():
+        root.start_soon(manager.restart, session["workspaceId"])
 
 
 async def _run_daemon(
@@ -246,6 +332,8 @@ async def _run_daemon(
         store = persistence.store
         try:
             await check_store_fencing(store, config)
+            replica = await _open_replica(config, store)
+            placement: Placement = replica.placement if replica is not None else SolePlacement()
             services = SessionServices(
                 config=config,
                 persistence=persistence,
@@ -253,9 +341,20 @@ async def _run_daemon(
                 executors=executors_factory(config, http, self_command()),
                 inherited_env=dict(os.environ),
                 isolation=isolation,
+                placement=placement,
             )
             async with trio.open_nursery() as root:
-                manager: SessionManager = await root.start(SessionManager(services).run)
+                manager = SessionManager(services)
+                heartbeat_scope = trio.CancelScope()
+                if replica is not None:
+                    # Before anything is claimed: the first heartbeat and look at the peers.
+                    await root.start(
+                        _heartbeat_in_scope,
+                        heartbeat_scope,
+                        replica,
+                        partial(_fence_sessions, manager, root),
+                    )
+                await root.start(manager.run)
                 authenticator = build_authenticator(config, http)
                 app = build_app(
                     AdminRoutes(
@@ -266,6 +365,7 @@ async def _run_daemon(
                             "gateway": package_version(),
                             "codex": preflight.codex_version,
                         },
+                        placement=placement,
                     ),
                     readiness,
                     metrics=config.metrics_listen_addr is None,
@@ -312,7 +412,11 @@ async def _run_daemon(
                     root.start_soon(_in_scope, signal_scope, watch_stop_signals, stop)
                 await stop.wait()
                 readiness.draining = True
+                placement.set_draining()
                 await manager.drain()
+                # After the drain: the last heartbeat says "stopped", so peers take whatever
+                # could not be released at once.
+                heartbeat_scope.cancel()
                 http_stopped.set()
                 signal_scope.cancel()
                 checks_scope.cancel()
