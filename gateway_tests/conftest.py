@@ -24,9 +24,18 @@ from gateway.config import S3Settings
 from gateway_tests.executor_fixtures import exec_gateway, model
 from gateway_tests.harness import LaunchGateway, RunningGateway, gateway_env, start_gateway
 from gateway_tests.s3_control import BucketView, S3Outage
-from gateway_tests.s3_server import MotoServer, closed_port_settings, moto_server, s3_settings
+from gateway_tests.s3_server import (
+    MotoServer,
+    atomic_moto,
+    atomic_s3_settings,
+    closed_port_settings,
+    moto_server,
+    s3_settings,
+)
 
 __all__ = [
+    "atomic_moto",
+    "atomic_s3_settings",
     "bucket",
     "closed_port_settings",
     "exec_gateway",

@@ -20,6 +20,7 @@ that stays in doubt is remembered and recognised by the next read.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -266,12 +267,12 @@ class StorePlacement:
                 "this gateway pod cannot renew its heartbeat in the object store; reconnect "
                 "in a moment"
             )
-        if not self.liveness.fresh(
-            trio.current_time(), within=2 * self.settings.heartbeat_interval
-        ):
+        # A stale view of the peers is safe (it can only make a dead owner look alive for
+        # longer); no view at all is not.
+        if not self.liveness.fresh(trio.current_time(), within=math.inf):
             raise SessionStartError(
-                "this gateway pod cannot read its peers' heartbeats from the object store; "
-                "reconnect in a moment"
+                "this gateway pod has not read its peers' heartbeats from the object store "
+                "yet; reconnect in a moment"
             )
 
     def _mine(self, record: OwnershipRecord) -> bool:

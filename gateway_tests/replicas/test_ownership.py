@@ -31,8 +31,8 @@ from gateway_tests.reliability.support import CuttableProxy
 from gateway_tests.s3_server import MotoServer, settings_for
 
 # Short enough for a test, long enough that one slow moto round trip on a busy machine does
-# not make a live pod look dead (a heartbeat every 0.3 s).
-TAKEOVER = 1.5
+# not make a live pod look dead (a heartbeat every 0.6 s, moto in this very process).
+TAKEOVER = 3.0
 WS = "ws-own"
 LIMITS = RestoreLimits(max_total_bytes=64 * 1024 * 1024, max_entries=10_000)
 
@@ -60,17 +60,17 @@ StartPod = Callable[..., Awaitable[Pod]]
 
 @pytest.fixture
 async def start_pod(
-    nursery: trio.Nursery, moto_server: MotoServer, s3_settings: S3Settings
+    nursery: trio.Nursery, atomic_moto: MotoServer, atomic_s3_settings: S3Settings
 ) -> AsyncIterator[StartPod]:
     """Start pods whose S3 traffic goes through their own cuttable proxy."""
     pods: list[Pod] = []
-    host, port = moto_server.endpoint.removeprefix("http://").split(":")
+    host, port = atomic_moto.endpoint.removeprefix("http://").split(":")
 
     async def start(name: str, *, check_name: bool = False) -> Pod:
         proxy = CuttableProxy(host, int(port))
         await nursery.start(proxy.serve)
         store = S3ObjectStore(
-            settings_for(proxy.url, s3_settings.bucket), max_attempts=1, timeout=2
+            settings_for(proxy.url, atomic_s3_settings.bucket), max_attempts=1, timeout=2
         )
         settings = ReplicaSettings(
             pod_name=name,
@@ -197,7 +197,7 @@ async def restore_text(persistence: Persistence, tmp: Path, key: str | None = No
 
 
 async def test_a_paused_owners_late_save_never_becomes_the_current_snapshot(
-    start_pod: StartPod, tmp_path: Path, moto_server: MotoServer, s3_settings: S3Settings
+    start_pod: StartPod, tmp_path: Path, atomic_moto: MotoServer, atomic_s3_settings: S3Settings
 ) -> None:
     """The hard case: its write lands after the takeover, before the new owner wrote a thing."""
     owner, other = await start_pod("pod-a"), await start_pod("pod-b")
@@ -226,12 +226,12 @@ async def test_a_paused_owners_late_save_never_becomes_the_current_snapshot(
         await old.save(home_a, generation, read_as=None, recorded_home=None)
     found = await other.placement.records.read_owner(WS)
     assert found is not None and found.value.pod == "pod-b" and found.value.epoch == 2
-    reader = Persistence(S3ObjectStore(s3_settings), LIMITS)
+    reader = Persistence(S3ObjectStore(atomic_s3_settings), LIMITS)
     assert await restore_text(reader, tmp_path, key=found.value.committed) == "committed by a\n"
     assert await restore_text(reader, tmp_path) == "committed by a\n"
     # What it wrote is deleted again; nothing of it is reachable.
-    listed = moto_server.boto_client().list_objects_v2(
-        Bucket=s3_settings.bucket, Prefix=f"codex-app-gateway/.snapshots/{WS}/"
+    listed = atomic_moto.boto_client().list_objects_v2(
+        Bucket=atomic_s3_settings.bucket, Prefix=f"codex-app-gateway/.snapshots/{WS}/"
     )
     assert [item["Key"] for item in listed.get("Contents", [])] == [found.value.committed]
 
@@ -243,9 +243,9 @@ async def test_a_paused_owners_late_save_never_becomes_the_current_snapshot(
 
 
 async def test_the_legacy_archive_is_adopted_and_kept_current_for_a_single_pod_gateway(
-    start_pod: StartPod, tmp_path: Path, s3_settings: S3Settings
+    start_pod: StartPod, tmp_path: Path, atomic_s3_settings: S3Settings
 ) -> None:
-    single = Persistence(S3ObjectStore(s3_settings), LIMITS)
+    single = Persistence(S3ObjectStore(atomic_s3_settings), LIMITS)
     # A Go or single-pod archive before replica mode was turned on.
     write_home(tmp_path / "go", "from the single-pod gateway\n")
     await single.save(WS, tmp_path / "go", Generation(stored=None))
