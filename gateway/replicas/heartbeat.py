@@ -6,11 +6,12 @@ reads the peers' heartbeats into ``PeerLiveness``.
 
 Liveness is judged on *this* pod's clock only. Pod P's incarnation I counts as alive while this
 pod keeps seeing P's heartbeat change while it shows I; the first sighting counts as a change;
-a heartbeat showing another incarnation freezes I's clock; an incarnation never seen has been
-frozen since this pod's first look. I is dead once ``takeover_after`` has passed, between its
-last seen change and this pod's latest *successful* look, without a change — so a pod whose
-own reads fail never takes a peer for dead, and a peer's wall clock is never consulted. A
-heartbeat that says ``stopped`` (a clean exit after the drain) is dead at once.
+a heartbeat showing another incarnation freezes I's clock; an incarnation this pod has never
+seen (a record names it, its heartbeat never showed it) starts its clock when it is first asked
+about — it may be a pod started since the last look. I is dead once ``takeover_after`` has
+passed, between its last seen change and this pod's latest *successful* look, without a change
+— so a pod whose own reads fail never takes a peer for dead, and a peer's wall clock is never
+consulted. A heartbeat that says ``stopped`` (a clean exit after the drain) is dead at once.
 
 Self-fencing. A heartbeat write that succeeds pets the keeper (``Keeper.pet``) with what is
 left of ``fence_after`` since the write started; when no write has succeeded for
@@ -79,7 +80,6 @@ class PeerLiveness:
 
     def __init__(self, takeover_after: float) -> None:
         self.takeover_after = takeover_after
-        self._first_look: float | None = None
         self._last_look: float | None = None
         self._shown: dict[str, _PodSighting] = {}
         self._changed_at: dict[tuple[str, str], float] = {}
@@ -103,21 +103,22 @@ class PeerLiveness:
 
     def looked(self, now: float) -> None:
         """A whole pass over the peers' heartbeats succeeded at ``now``."""
-        if self._first_look is None:
-            self._first_look = now
         self._last_look = now
 
     def fresh(self, now: float, within: float) -> bool:
         """Whether the last successful pass is at most ``within`` seconds old."""
         return self._last_look is not None and now - self._last_look <= within
 
-    def is_dead(self, pod: str, incarnation: str) -> bool:
-        """Whether ``pod``'s ``incarnation`` has been silent for ``takeover_after``."""
+    def is_dead(self, pod: str, incarnation: str, now: float) -> bool:
+        """Whether ``pod``'s ``incarnation`` has been silent for ``takeover_after``.
+
+        ``now``: when it is asked, the start of the clock of an incarnation never seen.
+        """
         if (pod, incarnation) in self._stopped:
             return True
-        if self._last_look is None or self._first_look is None:
+        if self._last_look is None:
             return False
-        changed = self._changed_at.get((pod, incarnation), self._first_look)
+        changed = self._changed_at.setdefault((pod, incarnation), now)
         return self._last_look - changed >= self.takeover_after
 
     def is_draining(self, pod: str) -> bool:

@@ -168,7 +168,9 @@ class StorePlacement:
                         "epoch": record.epoch,
                         "state": record.state.value,
                         "ownerAlive": record.state is OwnerState.OWNED
-                        and not self.liveness.is_dead(record.pod, record.incarnation),
+                        and not self.liveness.is_dead(
+                            record.pod, record.incarnation, trio.current_time()
+                        ),
                     }
                 )
 
@@ -301,7 +303,7 @@ class StorePlacement:
             current = found.value
             if current.state is OwnerState.RELEASED:
                 kind = "released"
-            elif self.liveness.is_dead(current.pod, current.incarnation):
+            elif self.liveness.is_dead(current.pod, current.incarnation, trio.current_time()):
                 kind = "takeover"
             else:
                 raise OwnedElsewhere(PeerOwner(current.pod, current.peer_addr, current.epoch))

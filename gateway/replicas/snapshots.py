@@ -68,6 +68,7 @@ class CommittedSnapshots:
         # Written snapshots that are not (or may not be) the committed one: deleted once a
         # later commit succeeded.
         self._leftovers: set[str] = set()
+        self._restored = False
 
     async def restore(self, codex_home: Path) -> Generation:
         """Fill the empty home from the committed snapshot (or the legacy archive)."""
@@ -98,6 +99,7 @@ class CommittedSnapshots:
             generation = await self._persistence.restore(self._workspace_id, codex_home, key=key)
             self._legacy_seen = record.legacy_seen
         self._committed = record.committed
+        self._restored = True
         return generation
 
     async def save(
@@ -110,9 +112,13 @@ class CommittedSnapshots:
     ) -> Generation:
         """Write a snapshot under a fresh key and commit it; ``StaleSnapshot`` if refused."""
         try:
-            self._placement.hold(self._workspace_id, self._epoch)
+            hold = self._placement.hold(self._workspace_id, self._epoch)
         except NoLongerOwner as exc:
             raise StaleSnapshot(f"not saving workspace {self._workspace_id}: {exc}") from exc
+        if not self._restored:
+            # An adopted home (never restored here): what the record says is current.
+            self._restored = True
+            self._committed, self._legacy_seen = hold.record.committed, hold.record.legacy_seen
         if self._unmirrored is not None:
             key, committed_as = self._unmirrored
             await self._mirror(key)

@@ -70,6 +70,9 @@ class Saver:
         #: Replica mode: commit-fenced restore and saves, set by the session once it holds the
         #: workspace; ``None`` reads and writes the archive key itself, fenced on its ETag.
         self.snapshots: Snapshots | None = None
+        #: False when the session never came to hold its workspace (replica mode: owned
+        #: elsewhere, or undecided): an adopted home is then kept on disk, never written.
+        self.may_write = True
         self._adopted = adopted is not None
         self.generation = adopted.generation if adopted is not None else Generation(stored=None)
         self.last_checkpoint: float | None = None
@@ -106,6 +109,8 @@ class Saver:
         """
         if not child_ran and not self._adopted:
             return FinalSave.SAVED
+        if not self.may_write:
+            return FinalSave.UNSAVED
         saved = False
         with self._final_scope:
             delay = FIRST_RETRY_SECONDS

@@ -261,7 +261,10 @@ class Session:
             try:
                 # First of all: is this pod the workspace's owner? Nothing is touched if not.
                 placement = self._services.placement
+                # Until the claim succeeds this session holds nothing it may save.
+                self._saver.may_write = False
                 self.epoch = await placement.claim(self.workspace_id)
+                self._saver.may_write = True
                 self._saver.snapshots = placement.snapshots(
                     self.workspace_id, self.epoch, self._services.persistence
                 )

@@ -338,6 +338,7 @@ async def test_sigkill_of_the_owner_moves_the_workspace_from_its_last_committed_
                 assert thread_id in listed
                 resumed = await rpc.result("thread/resume", {"threadId": thread_id})
                 assert text in Path(resumed["thread"]["path"]).read_text()
+            assert await other.metric("cxg_owner_acquisitions_total", kind="takeover") == 1
         counts["takeover_seconds"] = round(moved[1][0] - killed, 2)
         counts["connects_before_takeover"] = len(statuses) - 1
 
@@ -401,5 +402,7 @@ async def test_a_paused_owner_never_makes_its_late_save_the_current_snapshot(
         # Nothing the paused owner wrote late is left to be restored.
         assert all("/000000000001-" not in key for key in bucket.snapshots(ws))
         assert committed_by_new and mine
+        assert await owner.metric("cxg_owner_commits_total", result="superseded") >= 1
+        assert await other.metric("cxg_owner_acquisitions_total", kind="takeover") == 1
         counts["paused_seconds"] = round(trio.current_time() - paused, 1)
         counts["late_commits_refused"] = len(owner.find("session.superseded"))

@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 import httpx2
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from gateway.config import S3Settings
@@ -144,6 +145,19 @@ class Pod:
         """Send ``signum`` to the daemon itself."""
         assert self.process is not None
         os.kill(self.process.pid, signum)
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample of this pod's ``/metrics`` (0 when it is not exported)."""
+        async with httpx2.AsyncClient(timeout=10) as http:
+            response = await http.get(f"{self.url}/metrics")
+        response.raise_for_status()
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        return 0.0
 
     async def admin_sessions(self) -> dict[str, Any]:
         """``GET /admin/sessions`` of this pod."""
