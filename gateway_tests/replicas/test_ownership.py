@@ -323,3 +323,16 @@ async def test_a_second_process_that_writes_first_refuses_at_its_first_heartbeat
     assert first.refused is None
     shown = await first.placement.records.read_heartbeat("pod-a")
     assert shown is not None and shown.value.incarnation == first.heartbeat.incarnation
+
+
+async def test_a_draining_pod_claims_nothing_and_its_heartbeat_says_so(
+    start_pod: StartPod,
+) -> None:
+    pod, other = await start_pod("pod-a"), await start_pod("pod-b")
+    pod.placement.set_draining()
+    with pytest.raises(SessionStartError, match="draining"):
+        await pod.placement.claim(WS)
+    with trio.fail_after(10 * pod.heartbeat.settings.heartbeat_interval):
+        while not other.placement.liveness.is_draining("pod-a"):  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    assert await other.placement.claim(WS) == 1
