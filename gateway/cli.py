@@ -48,6 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.daemon import run_daemon
     from gateway.logs import configure_logging
+    from gateway.replicas.heartbeat import DuplicatePodName
     from gateway.sessions.isolation import IsolationError
     from gateway.store.base import StoreNotFenced
     from gateway.web.server import BindError
@@ -64,7 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
         # Like a config error: the operator fixes the address (CXG_LISTEN_ADDR), no traceback.
         print(f"{PROG} serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (OSError, StoreNotFenced) as exc:
+    except (OSError, StoreNotFenced, DuplicatePodName) as exc:
         print(f"{PROG} serve: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     return EXIT_OK

@@ -6,6 +6,8 @@
     ├── httpx2.AsyncClient            internal API calls (verifier, agentserver, exec gateway)
     ├── object store                  CODEX_HOME archives
     └── root nursery
+        ├── run_heartbeat             replica mode only: this pod's heartbeat, the peers' liveness
+        │                             and self-fencing (gateway/replicas/heartbeat.py)
         ├── SessionManager.run        owns every session's nursery (see gateway/sessions/)
         ├── serve_http (Hypercorn)    the ASGI app; per-connection tasks are Hypercorn's;
         │                             a connect owned by another pod is forwarded from its task
@@ -25,10 +27,13 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import cast
 
+import attrs
 import httpx2
 import structlog
 import trio
@@ -37,15 +42,25 @@ from gateway import metrics
 from gateway.auth.authenticators import build_authenticator
 from gateway.config import Config
 from gateway.preflight import PreflightState, run_preflight
+from gateway.replicas.deadman import Deadman, open_deadman
 from gateway.replicas.forward import HOP_ANSWER_MARGIN, Forwarder
+from gateway.replicas.heartbeat import (
+    DuplicatePodName,
+    HeartbeatState,
+    PeerLiveness,
+    check_pod_name_free,
+    run_heartbeat,
+)
+from gateway.replicas.ownership import StorePlacement
 from gateway.replicas.peer_listener import PeerListener, serve_peer_listener
-from gateway.replicas.placement import Placement, SolePlacement
+from gateway.replicas.placement import ChildWatch, Placement, SolePlacement, Unwatched
+from gateway.replicas.records import Records, new_write_id
 from gateway.sessions.budget import InflightBudget
 from gateway.sessions.isolation import ChildIsolation, IsolationMode, UidRange, harden_process
 from gateway.sessions.manager import SessionManager
 from gateway.sessions.session import SessionServices
 from gateway.sessions.wiring import credentials_factory, executors_factory, open_persistence
-from gateway.store.base import ObjectStore, StoreNotFenced, StoreUnavailable
+from gateway.store.base import ObjectStore, ReplicaStore, StoreNotFenced, StoreUnavailable
 from gateway.version import package_version
 from gateway.web.admin import AdminRoutes
 from gateway.web.app import Readiness, build_app, build_metrics_app
@@ -251,6 +266,26 @@ async def _checks_in_scope(
         await run_preflight(codex_bin, store, state, task_status=task_status)
 
 
+async def _heartbeat_in_scope(
+    scope: trio.CancelScope,
+    replica: _Replica,
+    manager: SessionManager,
+    keeper: Deadman | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await run_heartbeat(
+            replica.records,
+            replica.heartbeat,
+            replica.liveness,
+            fence=manager.fence_all,
+            unfence=manager.lift_fence,
+            keeper=keeper,
+            task_status=task_status,
+        )
+
+
 async def run_daemon(
     config: Config,
     *,
@@ -272,7 +307,197 @@ async def run_daemon(
         bind_errors, _ = group.split(BindError)
         if bind_errors is not None:
             raise first_leaf(bind_errors) from None
+        # Another process serves this pod's name: one sentence, exit non-zero.
+        duplicates, _ = group.split(DuplicatePodName)
+        if duplicates is not None:
+            raise first_leaf(duplicates) from None
         raise
+
+
+@attrs.define
+class _Replica:
+    """Replica mode's parts, built before the root nursery opens."""
+
+    records: Records
+    heartbeat: HeartbeatState
+    liveness: PeerLiveness
+    placement: StorePlacement
+
+
+async def _open_replica(config: Config, store: ObjectStore) -> _Replica | None:
+    """Replica mode's parts (``None`` without ``CXG_PEER_ADDR``); refuses a taken pod name."""
+    settings = config.replicas
+    if settings is None:
+        return None
+    if not hasattr(store, "write_small"):
+        # Config refuses this already; the local directory store is one pod's disk.
+        raise StoreNotFenced("replica mode (CXG_PEER_ADDR) needs the S3 store: set CXG_S3_BUCKET")
+    replica_store = cast(ReplicaStore, store)
+    records = Records(replica_store)
+    # A process that finds its pod's heartbeat still live refuses to start.
+    etag = await check_pod_name_free(records, settings)
+    heartbeat = HeartbeatState(settings, incarnation=new_write_id(), etag=etag)
+    liveness = PeerLiveness(settings.takeover_after)
+    placement = StorePlacement(settings, replica_store, liveness, heartbeat)
+    log.info(
+        "replica.mode",
+        pod=settings.pod_name,
+        peer_addr=settings.peer_addr,
+        incarnation=heartbeat.incarnation,
+        takeover_after_seconds=settings.takeover_after,
+    )
+    return _Replica(records, heartbeat, liveness, placement)
+
+
+async def _fence_when_the_keeper_fires(
+    scope: trio.CancelScope, deadman: Deadman, manager: SessionManager, interval: float
+) -> None:
+    """The keeper killed this pod's children (the daemon was frozen past its deadline): fence.
+
+    ``deadman.fired`` is replaced by a fresh event at the first pet after a firing, so the
+    watch looks for the next one only once the heartbeat has been renewed since.
+    """
+    with scope:
+        while True:
+            fired = deadman.fired
+            await fired.wait()
+            manager.fence_all("the keeper killed this pod's children: its heartbeat was late")
+            while deadman.fired is fired:  # noqa: ASYNC110 - the next pet replaces the event
+                await trio.sleep(interval / 4)
+
+
+@asynccontextmanager
+async def _keeper(config: Config, replica: _Replica | None) -> AsyncIterator[Deadman | None]:
+    """Replica mode's keeper process (``None`` on a single pod), for as long as the daemon."""
+    if replica is None or config.replicas is None:
+        yield None
+        return
+    first_deadline = trio.current_time() + config.replicas.fence_after
+    async with open_deadman(
+        first_deadline=first_deadline, uid_range=UidRange(*config.child_uid_range)
+    ) as deadman:
+        yield deadman
+
+
+@attrs.frozen
+class _ServingParts:
+    """What ``_run_daemon`` built before the root nursery opens."""
+
+    http: httpx2.AsyncClient
+    store: ObjectStore
+    preflight: PreflightState
+    readiness: Readiness
+    replica: _Replica | None
+    keeper: Deadman | None
+
+
+async def _serve(
+    config: Config,
+    stop: trio.Event | None,
+    policy_for: PolicyFactory | None,
+    services: SessionServices,
+    parts: _ServingParts,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    """The root nursery: sessions, the heartbeat, the listeners, the checks; then the drain."""
+    replicas, replica, keeper = config.replicas, parts.replica, parts.keeper
+    preflight, readiness, store = parts.preflight, parts.readiness, parts.store
+    placement = services.placement
+    forwarder = (
+        None
+        if replicas is None
+        else Forwarder(replicas, answer_timeout=config.child_ready_timeout + HOP_ANSWER_MARGIN)
+    )
+    async with trio.open_nursery() as root:
+        manager = SessionManager(services)
+        heartbeat_scope, keeper_scope = trio.CancelScope(), trio.CancelScope()
+        if replica is not None:
+            # Before anything is claimed: the first heartbeat and a look at the peers.
+            await root.start(_heartbeat_in_scope, heartbeat_scope, replica, manager, keeper)
+            if keeper is not None and replicas is not None:
+                root.start_soon(
+                    _fence_when_the_keeper_fires,
+                    keeper_scope,
+                    keeper,
+                    manager,
+                    replicas.heartbeat_interval,
+                )
+        await root.start(manager.run)
+        authenticator = build_authenticator(config, parts.http)
+        app = build_app(
+            AdminRoutes(
+                manager,
+                authenticator,
+                config.admin_secret,
+                versions=lambda: {
+                    "gateway": package_version(),
+                    "codex": preflight.codex_version,
+                },
+                placement=placement,
+            ),
+            readiness,
+            metrics=config.metrics_listen_addr is None,
+        )
+        endpoint = WebSocketEndpoint(
+            manager,
+            authenticator,
+            config,
+            budget=InflightBudget(config.ws_inflight_budget),
+            policy_for=policy_for,
+            forwarder=forwarder,
+        )
+        http_stopped = trio.Event()
+        urls: list[str] = await root.start(
+            partial(serve_http, upgrades=endpoint.serve),
+            app,
+            hypercorn_config(config, config.listen_addr),
+            config.listen_addr,
+            http_stopped,
+        )
+        if config.metrics_listen_addr:
+            await root.start(
+                serve_http,
+                build_metrics_app(),
+                hypercorn_config(config, config.metrics_listen_addr),
+                config.metrics_listen_addr,
+                http_stopped,
+            )
+        if replicas is not None:
+            await root.start(
+                serve_peer_listener,
+                PeerListener(replicas, manager, endpoint),
+                replicas.peer_listen_addr,
+                http_stopped,
+            )
+        readiness.serving = True
+        log.info(
+            "daemon.serving",
+            urls=urls,
+            version=package_version(),
+            codex_bin=config.codex_bin,
+            store=store.describe(),
+        )
+        # The checks retry until they pass; a store still failing at shutdown must not keep
+        # the root nursery open, so they end with the signal watcher.
+        checks_scope = trio.CancelScope()
+        await root.start(_checks_in_scope, checks_scope, config.codex_bin, store, preflight)
+        task_status.started(urls)
+        signal_scope = trio.CancelScope()
+        if stop is None:
+            stop = trio.Event()
+            root.start_soon(_in_scope, signal_scope, watch_stop_signals, stop)
+        await stop.wait()
+        readiness.draining = True
+        if forwarder is not None:
+            await forwarder.drain()
+        await manager.drain()
+        # After the drain: the last heartbeat says "stopped", so peers take whatever could
+        # not be released at once.
+        heartbeat_scope.cancel()
+        keeper_scope.cancel()
+        http_stopped.set()
+        signal_scope.cancel()
+        checks_scope.cancel()
 
 
 async def _run_daemon(
@@ -300,95 +525,30 @@ async def _run_daemon(
         store = persistence.store
         try:
             await check_store_fencing(store, config)
-            services = SessionServices(
-                config=config,
-                persistence=persistence,
-                credentials=credentials_factory(config, http),
-                executors=executors_factory(config, http, self_command()),
-                inherited_env=dict(os.environ),
-                isolation=isolation,
-                placement=placement or SolePlacement(),
-            )
-            replicas = config.replicas
-            forwarder = (
-                None
-                if replicas is None
-                else Forwarder(
-                    replicas, answer_timeout=config.child_ready_timeout + HOP_ANSWER_MARGIN
-                )
-            )
-            async with trio.open_nursery() as root:
-                manager: SessionManager = await root.start(SessionManager(services).run)
-                authenticator = build_authenticator(config, http)
-                app = build_app(
-                    AdminRoutes(
-                        manager,
-                        authenticator,
-                        config.admin_secret,
-                        versions=lambda: {
-                            "gateway": package_version(),
-                            "codex": preflight.codex_version,
-                        },
-                    ),
-                    readiness,
-                    metrics=config.metrics_listen_addr is None,
-                )
-                endpoint = WebSocketEndpoint(
-                    manager,
-                    authenticator,
+            replica = await _open_replica(config, store)
+            if placement is None:
+                placement = replica.placement if replica is not None else SolePlacement()
+            # Outside the root nursery: the keeper outlives every session whose child it
+            # watches, and ends with the daemon.
+            async with _keeper(config, replica) as keeper:
+                child_watch: ChildWatch = keeper if keeper is not None else Unwatched()
+                await _serve(
                     config,
-                    budget=InflightBudget(config.ws_inflight_budget),
-                    policy_for=policy_for,
-                    forwarder=forwarder,
+                    stop,
+                    policy_for,
+                    SessionServices(
+                        config=config,
+                        persistence=persistence,
+                        credentials=credentials_factory(config, http),
+                        executors=executors_factory(config, http, self_command()),
+                        inherited_env=dict(os.environ),
+                        isolation=isolation,
+                        placement=placement,
+                        child_watch=child_watch,
+                    ),
+                    _ServingParts(http, store, preflight, readiness, replica, keeper),
+                    task_status,
                 )
-                http_stopped = trio.Event()
-                urls: list[str] = await root.start(
-                    partial(serve_http, upgrades=endpoint.serve),
-                    app,
-                    hypercorn_config(config, config.listen_addr),
-                    config.listen_addr,
-                    http_stopped,
-                )
-                if config.metrics_listen_addr:
-                    await root.start(
-                        serve_http,
-                        build_metrics_app(),
-                        hypercorn_config(config, config.metrics_listen_addr),
-                        config.metrics_listen_addr,
-                        http_stopped,
-                    )
-                if replicas is not None:
-                    await root.start(
-                        serve_peer_listener,
-                        PeerListener(replicas, manager, endpoint),
-                        replicas.peer_listen_addr,
-                        http_stopped,
-                    )
-                readiness.serving = True
-                log.info(
-                    "daemon.serving",
-                    urls=urls,
-                    version=package_version(),
-                    codex_bin=config.codex_bin,
-                    store=store.describe(),
-                )
-                # The checks retry until they pass; a store still failing at shutdown must not
-                # keep the root nursery open, so they end with the signal watcher.
-                checks_scope = trio.CancelScope()
-                await root.start(_checks_in_scope, checks_scope, config.codex_bin, store, preflight)
-                task_status.started(urls)
-                signal_scope = trio.CancelScope()
-                if stop is None:
-                    stop = trio.Event()
-                    root.start_soon(_in_scope, signal_scope, watch_stop_signals, stop)
-                await stop.wait()
-                readiness.draining = True
-                if forwarder is not None:
-                    await forwarder.drain()
-                await manager.drain()
-                http_stopped.set()
-                signal_scope.cancel()
-                checks_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await store.aclose()

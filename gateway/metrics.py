@@ -86,7 +86,23 @@ PEER_CONNECTS = Counter(
     "Forwarded connects received on the internal listener, by result.",
     ["result"],
 )
-SELF_FENCES = Counter(
-    "cxg_replica_self_fences_total",
-    "Times this pod stopped every session unsaved because its hold on the store was in doubt.",
+OWNER_ACQUISITIONS = Counter(
+    "cxg_owner_acquisitions_total",
+    "Workspaces this pod became the owner of (replica mode), by how: new (no record), "
+    "released (let go by its owner), takeover (its owner's heartbeat went silent).",
+    ["kind"],
+)
+OWNER_COMMITS = Counter(
+    "cxg_owner_commits_total",
+    "Snapshot commits on ownership records (replica mode), by result: ok, superseded (another "
+    "pod owns the workspace: refused), failed (store unreachable; retried).",
+    ["result"],
+)
+OWNER_RELEASES = Counter(
+    "cxg_owner_releases_total", "Workspaces released after a final save, by result.", ["result"]
+)
+REPLICA_EVENTS = Counter(
+    "cxg_replica_events_total",
+    "Replica-mode events: heartbeat_failed, fenced (self-fencing), duplicate_pod_name.",
+    ["event"],
 )

@@ -33,10 +33,19 @@ from gateway_tests.harness import (
     start_gateway,
 )
 from gateway_tests.s3_control import BucketView, S3Outage
-from gateway_tests.s3_server import MotoServer, closed_port_settings, moto_server, s3_settings
+from gateway_tests.s3_server import (
+    MotoServer,
+    atomic_moto,
+    atomic_s3_settings,
+    closed_port_settings,
+    moto_server,
+    s3_settings,
+)
 from gateway_tests.tui import tui_gateway, tui_model
 
 __all__ = [
+    "atomic_moto",
+    "atomic_s3_settings",
     "bucket",
     "closed_port_settings",
     "exec_gateway",

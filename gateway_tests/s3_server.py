@@ -3,6 +3,7 @@
 ``gateway_tests/conftest.py`` registers the fixtures for every test module.
 
 ``moto_server`` starts one server per test session (a thread, so a plain sync fixture);
+``atomic_moto`` / ``atomic_s3_settings`` the same with conditional writes atomic as on S3;
 ``s3_settings`` wipes its state, creates a fresh bucket and returns the ``S3Settings`` a store
 needs. ``closed_port_settings`` points at a port nobody listens on (an unreachable store).
 """
@@ -10,14 +11,22 @@ needs. ``closed_port_settings`` points at a port nobody listens on (an unreachab
 from __future__ import annotations
 
 import socket
+import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import attrs
 import boto3
 import pytest
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
 from moto.server import ThreadedMotoServer
+from werkzeug.serving import make_server
 
 from gateway.config import S3Settings, Secret
 
@@ -30,7 +39,7 @@ class MotoServer:
     """A running server: its endpoint URL and a way to stop it early."""
 
     endpoint: str
-    server: ThreadedMotoServer
+    server: ThreadedMotoServer | AtomicMotoServer
 
     def reset(self) -> None:
         """Wipe every bucket and object (moto's reset API)."""
@@ -59,6 +68,73 @@ def running_moto() -> Iterator[MotoServer]:
         yield MotoServer(endpoint=f"http://{host}:{port}", server=server)
     finally:
         server.stop()
+
+
+class _OneRequestAtATime:
+    """A WSGI wrapper that runs moto's requests one at a time.
+
+    moto checks ``If-None-Match`` / ``If-Match`` and then writes, without a lock: two
+    conditional writes racing on one key can both succeed, which S3 never allows. Serialised,
+    every conditional write is atomic as on S3 (each body is read and each answer built whole
+    inside the lock; moto holds objects in memory anyway).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        with self._lock:
+            return list(self._app(environ, start_response))
+
+
+class AtomicMotoServer:
+    """moto's server with atomic conditional writes (``_OneRequestAtATime``), in a thread."""
+
+    def __init__(self) -> None:
+        app = _OneRequestAtATime(DomainDispatcherApplication(create_backend_app))
+        self._server = make_server(
+            "127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler
+        )
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def get_host_and_port(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join()
+
+
+@contextmanager
+def running_atomic_moto() -> Iterator[MotoServer]:
+    """Like ``running_moto``, with conditional writes atomic as on S3 (replica mode's tests)."""
+    server = AtomicMotoServer()
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield MotoServer(endpoint=f"http://{host}:{port}", server=server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def atomic_moto() -> Iterator[MotoServer]:
+    """One atomic moto server for the whole test session (replica mode's races)."""
+    with running_atomic_moto() as server:
+        yield server
+
+
+@pytest.fixture
+def atomic_s3_settings(atomic_moto: MotoServer) -> S3Settings:
+    """A clean atomic server with an empty bucket; the settings to reach it."""
+    atomic_moto.reset()
+    atomic_moto.boto_client().create_bucket(Bucket=BUCKET)
+    return settings_for(atomic_moto.endpoint)
 
 
 @pytest.fixture(scope="session")

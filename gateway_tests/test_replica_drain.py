@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from gateway.config import S3Settings
+from gateway.replicas.ownership import StorePlacement
 from gateway.replicas.placement import SolePlacement
 from gateway.sessions.outcome import StopReason
 from gateway_tests import s3_server
@@ -79,6 +80,13 @@ def draining_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records each ``set_draining`` the daemon's placement receives."""
     calls: list[str] = []
     monkeypatch.setattr(SolePlacement, "set_draining", lambda self: calls.append("draining"))
+    store_set_draining = StorePlacement.set_draining
+
+    def recorded(self: StorePlacement) -> None:
+        calls.append("draining")
+        store_set_draining(self)
+
+    monkeypatch.setattr(StorePlacement, "set_draining", recorded)
     return calls
 
 

@@ -172,7 +172,9 @@ class Persistence:
 
     # --- restore ------------------------------------------------------------------------------
 
-    async def restore(self, workspace_id: str, codex_home: Path) -> Generation:
+    async def restore(
+        self, workspace_id: str, codex_home: Path, *, key: str | None = None
+    ) -> Generation:
         """Fill the empty (or missing) directory ``codex_home`` from the stored archive.
 
         No object: ``codex_home`` is left empty (created 0700 if missing) and the generation's
@@ -180,8 +182,9 @@ class Persistence:
         directory beside ``codex_home``, which replaces it only once everything was checked
         and written: a bad archive leaves nothing behind. Restored files are 0600, directories
         0700. Raises ``HostileArchive``, ``PersistenceUnavailable`` or ``PersistenceError``.
+        ``key``: another object than the workspace's archive (a replica-mode snapshot).
         """
-        key = archive_key(workspace_id)
+        key = key or archive_key(workspace_id)
         await trio.to_thread.run_sync(_prepare_target, codex_home, key)
         staging = Path(
             await trio.to_thread.run_sync(
@@ -256,6 +259,7 @@ class Persistence:
         *,
         read_as: ReadAs | None = None,
         recorded_home: Path | None = None,
+        key: str | None = None,
     ) -> Generation:
         """Snapshot ``codex_home`` and write it, conditional on ``expected``; may run live.
 
@@ -267,8 +271,9 @@ class Persistence:
         (the Go service's ``<CXG_TMP_ROOT>/<workspace>``, so a rollback resumes threads);
         ``None`` keeps ``codex_home``. Raises ``StaleSnapshot``, ``PersistenceUnavailable``
         or ``PersistenceError``; on any failure the stored object is the previous one.
+        ``key``: write another object than the workspace's archive (a replica-mode snapshot).
         """
-        key = archive_key(workspace_id)
+        key = key or archive_key(workspace_id)
         try:
             fingerprint = await trio.to_thread.run_sync(
                 snapshot.fingerprint_home, codex_home, self.policy

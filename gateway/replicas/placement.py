@@ -11,10 +11,12 @@ Without replica mode there is one pod: ``SolePlacement`` owns everything at epoc
 
 from __future__ import annotations
 
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import attrs
 
+from gateway.codex_home.persistence import Generation, Persistence, ReadAs
 from gateway.sessions.outcome import SessionStartError
 
 
@@ -44,6 +46,53 @@ class NotOwnedHere(SessionStartError):
         super().__init__(message, status=409)
 
 
+class Snapshots(Protocol):
+    """How one session's restore and saves go through the store in replica mode.
+
+    A save counts only once the ownership record names it (the commit); one that cannot be
+    committed because another pod owns the workspace raises ``StaleSnapshot``.
+    """
+
+    async def restore(self, codex_home: Path) -> Generation:
+        """Fill the empty ``codex_home`` from the workspace's committed snapshot."""
+        ...
+
+    async def save(
+        self,
+        codex_home: Path,
+        expected: Generation,
+        *,
+        read_as: ReadAs | None,
+        recorded_home: Path | None,
+    ) -> Generation:
+        """Snapshot ``codex_home`` and commit it; ``expected`` itself when nothing changed."""
+        ...
+
+
+class ChildWatch(Protocol):
+    """The self-fencing keeper's view of a session's child (``gateway/replicas/deadman.py``).
+
+    In replica mode a separate keeper process kills every watched process group (and uid)
+    when this daemon stops renewing its heartbeat, even while the daemon itself is frozen.
+    """
+
+    def watch(self, key: str, *, pgid: int, uid: int | None) -> None:
+        """Kill ``pgid`` (and every process of ``uid``) if the keeper's deadline passes."""
+
+    def unwatch(self, key: str) -> None:
+        """``key``'s child has stopped: forget it."""
+
+
+class Unwatched:
+    """No keeper (a single pod): children are stopped by their sessions alone."""
+
+    def watch(self, key: str, *, pgid: int, uid: int | None) -> None:
+        """Nothing to do."""
+
+    def unwatch(self, key: str) -> None:
+        """Nothing to do."""
+
+
 class Placement(Protocol):
     """Decides which pod serves a workspace."""
 
@@ -59,8 +108,25 @@ class Placement(Protocol):
         """Whether this pod owns ``workspace_id`` at exactly ``epoch`` right now."""
         ...
 
+    async def release(self, workspace_id: str, epoch: int) -> None:
+        """Let the workspace go after a successful final save: the next claim takes it at once.
+
+        Never raises for a store failure (the workspace then waits for the takeover time).
+        """
+        ...
+
     def set_draining(self) -> None:
-        """This pod is draining: claim nothing more, and say so in its heartbeat."""
+        """This pod is draining: claims answer 503 from now on, the heartbeat says so."""
+        ...
+
+    def snapshots(
+        self, workspace_id: str, epoch: int, persistence: Persistence
+    ) -> Snapshots | None:
+        """How the session at ``epoch`` restores and saves; ``None``: the archive key as is."""
+        ...
+
+    async def describe_owners(self) -> dict[str, Any]:
+        """For the admin listing: this pod's name and the owner of each workspace."""
         ...
 
 
@@ -75,5 +141,16 @@ class SolePlacement:
         """Only epoch 0 exists."""
         return epoch == 0
 
+    async def release(self, workspace_id: str, epoch: int) -> None:
+        """Nothing to let go."""
+
     def set_draining(self) -> None:
-        """Nothing to tell: the session manager itself refuses new sessions while draining."""
+        """The manager refuses new sessions itself."""
+
+    def snapshots(self, workspace_id: str, epoch: int, persistence: Persistence) -> None:
+        """Saves are fenced on the archive's own generation (``Persistence``)."""
+        return None
+
+    async def describe_owners(self) -> dict[str, Any]:
+        """Nothing beyond the sessions themselves."""
+        return {}

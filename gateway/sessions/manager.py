@@ -311,7 +311,7 @@ class SessionManager:
         ``.orphaned`` (``Fenced``), as is every unsaved home kept for adoption.
         """
         self.fenced = reason
-        metrics.SELF_FENCES.inc()
+        metrics.REPLICA_EVENTS.labels(event="fenced").inc()
         log.error("fence.sessions_stopped", reason=reason, sessions=len(self._sessions))
         for workspace_id, entry in list(self._sessions.items()):
             outcome = entry.session.outcome

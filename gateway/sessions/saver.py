@@ -30,6 +30,7 @@ import trio
 from gateway import metrics
 from gateway.codex_home.persistence import Generation, Persistence, ReadAs, StaleSnapshot
 from gateway.codex_home.relocate import relocate_codex_home
+from gateway.replicas.placement import Snapshots
 from gateway.sessions.outcome import Unsaved
 
 log = structlog.get_logger(__name__)
@@ -66,6 +67,12 @@ class Saver:
         #: How the live home is read for a snapshot (the child's file ids), set by the session
         #: once its child's identity is known; ``None`` reads as the gateway.
         self.read_as: ReadAs | None = None
+        #: Replica mode: commit-fenced restore and saves, set by the session once it holds the
+        #: workspace; ``None`` reads and writes the archive key itself, fenced on its ETag.
+        self.snapshots: Snapshots | None = None
+        #: False when the session never came to hold its workspace (replica mode: owned
+        #: elsewhere, or undecided): an adopted home is then kept on disk, never written.
+        self.may_write = True
         self._adopted = adopted is not None
         self.generation = adopted.generation if adopted is not None else Generation(stored=None)
         self.last_checkpoint: float | None = None
@@ -84,7 +91,10 @@ class Saver:
         """
         if self._adopted:
             return
-        self.generation = await self._persistence.restore(self._workspace_id, self._codex_home)
+        if self.snapshots is not None:
+            self.generation = await self.snapshots.restore(self._codex_home)
+        else:
+            self.generation = await self._persistence.restore(self._workspace_id, self._codex_home)
         await trio.to_thread.run_sync(relocate_codex_home, self._codex_home)
 
     async def checkpoint(self) -> bool:
@@ -112,6 +122,8 @@ class Saver:
         """
         if not child_ran and not self._adopted:
             return FinalSave.SAVED
+        if not self.may_write:
+            return FinalSave.UNSAVED
         saved = False
         with self._final_scope:
             delay = FIRST_RETRY_SECONDS
@@ -154,13 +166,21 @@ class Saver:
             start = trio.current_time()
             previous = self.generation
             try:
-                self.generation = await self._persistence.save(
-                    self._workspace_id,
-                    self._codex_home,
-                    self.generation,
-                    read_as=self.read_as,
-                    recorded_home=self._recorded_home,
-                )
+                if self.snapshots is not None:
+                    self.generation = await self.snapshots.save(
+                        self._codex_home,
+                        self.generation,
+                        read_as=self.read_as,
+                        recorded_home=self._recorded_home,
+                    )
+                else:
+                    self.generation = await self._persistence.save(
+                        self._workspace_id,
+                        self._codex_home,
+                        self.generation,
+                        read_as=self.read_as,
+                        recorded_home=self._recorded_home,
+                    )
             except StaleSnapshot as exc:
                 # Another writer (a newer session elsewhere) owns the workspace now; writing
                 # again can never succeed and must not be tried.

@@ -42,7 +42,13 @@ from gateway.codex_home.persistence import HostileArchive, Persistence, ReadAs
 from gateway.config import Config
 from gateway.envmcp.channel import SOCKET_NAME
 from gateway.executor_directory import ExecutorDirectory, ExecutorSetup
-from gateway.replicas.placement import OwnedElsewhere, Placement, SolePlacement
+from gateway.replicas.placement import (
+    ChildWatch,
+    OwnedElsewhere,
+    Placement,
+    SolePlacement,
+    Unwatched,
+)
 from gateway.sessions.child import ChildSpec, CodexChild, build_child_env, run_codex_child
 from gateway.sessions.directories import SessionDirectories
 from gateway.sessions.executor_channel import descends_from, serve_executor_channel
@@ -104,6 +110,8 @@ class SessionServices:
     isolation: ChildIsolation = attrs.field(factory=lambda: ChildIsolation(False, UidRange(1, 1)))
     # Which pod serves each workspace (replica mode); one pod owns everything otherwise.
     placement: Placement = attrs.field(factory=SolePlacement)
+    # Replica mode's self-fencing keeper, told about every child (nothing on a single pod).
+    child_watch: ChildWatch = attrs.field(factory=Unwatched)
 
 
 class Session:
@@ -293,7 +301,14 @@ class Session:
         try:
             try:
                 # First of all: is this pod the workspace's owner? Nothing is touched if not.
-                self.epoch = await self._services.placement.claim(self.workspace_id)
+                placement = self._services.placement
+                # Until the claim succeeds this session holds nothing it may save.
+                self._saver.may_write = False
+                self.epoch = await placement.claim(self.workspace_id)
+                self._saver.may_write = True
+                self._saver.snapshots = placement.snapshots(
+                    self.workspace_id, self.epoch, self._services.persistence
+                )
                 self.identity = self._services.isolation.allocate()
                 self._saver.read_as = self._read_as()
                 credentials = await self._prepare()
@@ -409,6 +424,12 @@ class Session:
                     )
                     nursery.cancel_scope.cancel()
                     return False
+                watched = f"{self.workspace_id}:{self.child.pid}"
+                self._services.child_watch.watch(
+                    watched,
+                    pgid=self.child.pid,
+                    uid=self.identity.uid if self.identity is not None else None,
+                )
                 self._state = SessionState.RUNNING
                 self.touch()
                 metrics.SESSION_STARTS.labels(result="started").inc()
@@ -427,6 +448,9 @@ class Session:
         finally:
             if self._state in (SessionState.RUNNING, SessionState.STOPPING):
                 metrics.SESSIONS_ACTIVE.dec()
+                # The nursery is over: the child's process tree is stopped.
+                assert self.child is not None
+                self._services.child_watch.unwatch(f"{self.workspace_id}:{self.child.pid}")
             self._nursery = None
         return True
 
@@ -521,6 +545,10 @@ class Session:
             log.info("session.final_save", reason=reason.name.lower())
             final = await self._saver.final_save(child_ran=child_ran)
         metrics.SESSION_STOP_SECONDS.observe(trio.current_time() - stop_started)
+        if final is FinalSave.SAVED and self.epoch is not None:
+            # Saved: any pod may take the workspace at once (never after a failed save).
+            with trio.CancelScope(shield=True):
+                await self._services.placement.release(self.workspace_id, self.epoch)
         # A saved home is deleted next: closing its root is enough. A kept one is taken back whole.
         await self._release_identity(whole=final is not FinalSave.SAVED)
         save: SaveResult

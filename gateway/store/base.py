@@ -98,3 +98,51 @@ class ObjectStore(Protocol):
     async def aclose(self) -> None:
         """Release connections."""
         ...
+
+
+class SmallObjects(Protocol):
+    """Small JSON-sized objects with conditional writes: what replica mode coordinates with.
+
+    Ownership records and heartbeats are a few hundred bytes; each read returns the body with
+    its generation, each write is conditional (``If-None-Match: *`` to create, ``If-Match`` to
+    change). A write whose answer was lost (time-out, 5xx, reset) raises ``StoreUnavailable``
+    and may have landed all the same: the caller resolves it by reading the object back.
+    """
+
+    async def read_small(self, key: str, *, max_bytes: int) -> tuple[bytes, str] | None:
+        """The body and generation of ``key``, or ``None`` when there is no object.
+
+        A body over ``max_bytes`` is ``StoreUnavailable`` (nothing of ours is that large).
+        """
+        ...
+
+    async def write_small(self, key: str, body: bytes, *, expected_generation: str | None) -> str:
+        """Write ``body`` under ``key`` if the stored generation is ``expected_generation``.
+
+        ``None`` expects no object. Returns the new generation; raises ``PreconditionFailed``
+        (the object is not the expected one) or ``StoreUnavailable`` (outcome unknown).
+        """
+        ...
+
+    async def list_generations(self, prefix: str, *, limit: int) -> dict[str, str]:
+        """Every key under ``prefix`` with its generation, at most ``limit`` of them."""
+        ...
+
+    async def copy(self, source: str, target: str, *, metadata: dict[str, str]) -> str:
+        """Copy ``source`` to ``target`` inside the store, with ``metadata``; the new generation.
+
+        Raises ``ObjectNotFound`` when ``source`` is missing.
+        """
+        ...
+
+    async def read_metadata(self, key: str) -> tuple[str, dict[str, str]] | None:
+        """The generation and user metadata of ``key``, or ``None`` when there is no object."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Delete ``key`` (no error when it is already gone)."""
+        ...
+
+
+class ReplicaStore(ObjectStore, SmallObjects, Protocol):
+    """A store replica mode can run on: archives plus conditional small objects (S3)."""

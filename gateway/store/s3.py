@@ -482,6 +482,96 @@ class S3ObjectStore:
                     Bucket=self.settings.bucket, Key=key, UploadId=upload_id
                 )
 
+    # --- small objects (replica mode's records and heartbeats) -----------------------------
+
+    async def read_small(self, key: str, *, max_bytes: int) -> tuple[bytes, str] | None:
+        """``GetObject`` of a small object: its body and ETag, or ``None`` when missing."""
+        client = await self._get_client()
+        try:
+            with self._mapped("GetObject", key):
+                response = await client.get_object(Bucket=self.settings.bucket, Key=key)
+                body = response["Body"]
+                try:
+                    length = response.get("ContentLength")
+                    if length is not None and length > max_bytes:
+                        raise StoreUnavailable(
+                            f"{self._where(key)} is {length} bytes, more than the {max_bytes} "
+                            "a record may have"
+                        )
+                    data = await body.read(max_bytes + 1)
+                finally:
+                    await body.close()
+        except ObjectNotFound:
+            return None
+        if len(data) > max_bytes:
+            raise StoreUnavailable(f"{self._where(key)} is larger than {max_bytes} bytes")
+        return data, response["ETag"]
+
+    async def write_small(self, key: str, body: bytes, *, expected_generation: str | None) -> str:
+        """One conditional ``PutObject``; see ``SmallObjects.write_small``."""
+        client = await self._get_client()
+        with self._conditional(key), self._mapped("PutObject", key):
+            response = await client.put_object(
+                Bucket=self.settings.bucket,
+                Key=key,
+                Body=body,
+                ContentType="application/json",
+                **self._conditions(expected_generation),  # type: ignore[arg-type]
+            )
+        return response["ETag"]
+
+    async def list_generations(self, prefix: str, *, limit: int) -> dict[str, str]:
+        """``ListObjectsV2`` under ``prefix``, following pages up to ``limit`` keys."""
+        client = await self._get_client()
+        found: dict[str, str] = {}
+        token: str | None = None
+        while len(found) < limit:
+            extra = {"ContinuationToken": token} if token else {}
+            with self._mapped("ListObjectsV2", prefix):
+                page = await client.list_objects_v2(
+                    Bucket=self.settings.bucket,
+                    Prefix=prefix,
+                    MaxKeys=min(1000, limit - len(found)),
+                    **extra,  # type: ignore[arg-type]
+                )
+            for item in page.get("Contents", []):
+                found[item["Key"]] = item["ETag"]
+            if not page.get("IsTruncated"):
+                break
+            token = page.get("NextContinuationToken")
+        return found
+
+    async def copy(self, source: str, target: str, *, metadata: dict[str, str]) -> str:
+        """``CopyObject`` inside the bucket (no data passes through this pod)."""
+        client = await self._get_client()
+        bucket = self.settings.bucket
+        with self._mapped("CopyObject", target):
+            response = await client.copy_object(
+                Bucket=bucket,
+                Key=target,
+                CopySource={"Bucket": bucket, "Key": source},
+                MetadataDirective="REPLACE",
+                Metadata=metadata,
+                ContentType="application/gzip",
+            )
+        return response["CopyObjectResult"]["ETag"]
+
+    async def read_metadata(self, key: str) -> tuple[str, dict[str, str]] | None:
+        """``HeadObject``: the ETag and user metadata, or ``None`` when missing."""
+        client = await self._get_client()
+        try:
+            with self._mapped("HeadObject", key):
+                response = await client.head_object(Bucket=self.settings.bucket, Key=key)
+        except ObjectNotFound:
+            return None
+        return response["ETag"], dict(response.get("Metadata", {}))
+
+    async def delete(self, key: str) -> None:
+        """``DeleteObject`` (S3 answers success for a missing key too)."""
+        client = await self._get_client()
+        with self._mapped("DeleteObject", key):
+            await client.delete_object(Bucket=self.settings.bucket, Key=key)
+
     async def probe_conditional_writes(self) -> list[str]:
         """Check that the bucket honours conditional writes; return what it ignored.
 

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from gateway.auth.authenticators import Authenticator, Unauthorized, VerifierUnavailable
 from gateway.auth.tokens import extract_bearer, is_safe_workspace_id
 from gateway.config import Secret
+from gateway.replicas.placement import Placement, SolePlacement
 from gateway.sessions.manager import SessionManager
 from gateway.sessions.outcome import Fenced, Saved, Superseded
 
@@ -34,11 +35,13 @@ class AdminRoutes:
         admin_secret: Secret | None,
         *,
         versions: Callable[[], dict[str, str | None]] = dict,
+        placement: Placement | None = None,
     ) -> None:
         self._manager = manager
         self._authenticator = authenticator
         self._admin_secret = admin_secret
         self._versions = versions
+        self._placement = placement or SolePlacement()
 
     def _is_admin(self, token: str) -> bool:
         if not self._admin_secret:
@@ -57,7 +60,15 @@ class AdminRoutes:
         if not self._is_admin(token):
             return PlainTextResponse("unauthorized\n", status_code=401)
         # "version" is beside "sessions", so existing readers of the listing keep working.
-        return JSONResponse({"sessions": self._manager.describe(), "version": self._versions()})
+        sessions = self._manager.describe()
+        listing: dict[str, object] = {"sessions": sessions, "version": self._versions()}
+        # Replica mode: this pod's name on each of its sessions, and every workspace's owner.
+        replica = await self._placement.describe_owners()
+        if replica:
+            for session in sessions:
+                session["ownerPod"] = replica["pod"]
+            listing["replica"] = replica
+        return JSONResponse(listing)
 
     async def restart_session(self, request: Request) -> Response:
         """``POST /admin/sessions/restart`` ``{"workspaceId"}``: stop and save; 204."""

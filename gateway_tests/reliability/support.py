@@ -113,6 +113,8 @@ class CuttableProxy:
         self.port = 0
         self.down = False
         self.lose_answers = False
+        # With lose_answers: lose only this many answers, then pass them again (None: all).
+        self.answers_to_lose: int | None = None
         self.answers_lost = 0
         self.accepted = 0
         self.refused = 0
@@ -199,6 +201,9 @@ class CuttableProxy:
                         await sink.send_all(interim)
                     if data:
                         self.answers_lost += 1
+                        if self.answers_to_lose is not None:
+                            self.answers_to_lose -= 1
+                            self.lose_answers = self.answers_to_lose > 0
                         self._bump()
                         break
                     continue

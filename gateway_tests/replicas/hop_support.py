@@ -16,10 +16,12 @@ import socket
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
 
+from gateway.codex_home.persistence import Persistence
 from gateway.replicas.placement import OwnedElsewhere, PeerOwner
 from gateway_tests.harness import RunningGateway, gateway_env, start_gateway
 from gateway_tests.s3_control import s3_env
@@ -59,8 +61,19 @@ class TablePlacement:
         owner = self.owners.get(workspace_id)
         return owner is not None and owner.pod == self.pod and owner.epoch == epoch
 
+    async def release(self, workspace_id: str, epoch: int) -> None:
+        """The table is the test's to change."""
+
     def set_draining(self) -> None:
         """The table has no heartbeat to mark; the manager refuses new sessions itself."""
+
+    def snapshots(self, workspace_id: str, epoch: int, persistence: Persistence) -> None:
+        """Saves go to the archive key itself, as on a single pod."""
+        return None
+
+    async def describe_owners(self) -> dict[str, Any]:
+        """Nothing beyond the sessions themselves."""
+        return {}
 
 
 def free_port() -> int:
