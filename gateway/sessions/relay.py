@@ -28,12 +28,13 @@ import functools
 import math
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from time import monotonic as _monotonic
 from urllib.parse import urlsplit
 
 import structlog
 import trio
+from prometheus_client import Counter
 from trio.lowlevel import checkpoint, wait_readable
 
 from gateway import metrics
@@ -72,6 +73,14 @@ KEEPALIVE_PAYLOAD = b"cxg-keepalive"
 # Codes a peer may put in a close frame (RFC 6455 §7.4); 1005/1006/1015 are reserved for
 # "no code"/"abnormal" and must never be sent.
 _UNSENDABLE = {1004, 1005, 1006, 1015}
+
+
+@functools.cache
+def _frame_counters(direction: str) -> tuple[Counter, Counter]:
+    """The frame and byte counters of one direction (looked up by label once)."""
+    return metrics.FRAMES.labels(direction=direction), metrics.FRAME_BYTES.labels(
+        direction=direction
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -272,6 +281,7 @@ class ClientRelay:
         child, client, lock = self._child, self._client, self._client_lock
         assert child is not None
         tracker, counts = self._s2c, self._counts
+        child_fd = child.fileno()  # waited on by number: one call less per wait
         buffer = _copy_buffer()
         capacity = len(buffer)
         data: bytes | memoryview = self._early
@@ -287,7 +297,7 @@ class ClientRelay:
                 waited = False
                 if not data:
                     if drained:
-                        await wait_readable(child)
+                        await wait_readable(child_fd)
                         waited = True
                     try:
                         received = child.recv_into(buffer)
@@ -350,6 +360,7 @@ class ClientRelay:
     async def _client_to_child(self) -> None:
         client, child = self._client, self._child
         assert child is not None
+        client_fd = client.fileno()
         counts, check, max_size = self._counts, self._policy.check, self._max_message_size
         reads_binary = self._policy.reads_binary
         message: list[bytes | bytearray] = []  # raw frames of a fragmented message
@@ -360,7 +371,7 @@ class ClientRelay:
             while True:
                 waited = False
                 if drained:
-                    await wait_readable(client)
+                    await wait_readable(client_fd)
                     waited = True
                 try:
                     data = client.recv(RECEIVE_BUFFER)
@@ -655,11 +666,13 @@ class ClientRelay:
     def _flush_counts(self) -> None:
         counts = self._counts
         if counts[0]:
-            metrics.FRAMES.labels(direction="client_to_child").inc(counts[0])
-            metrics.FRAME_BYTES.labels(direction="client_to_child").inc(counts[1])
+            frames_c2s, bytes_c2s = _frame_counters("client_to_child")
+            frames_c2s.inc(counts[0])
+            bytes_c2s.inc(counts[1])
         if counts[2]:
-            metrics.FRAMES.labels(direction="child_to_client").inc(counts[2])
-            metrics.FRAME_BYTES.labels(direction="child_to_client").inc(counts[3])
+            frames_s2c, bytes_s2c = _frame_counters("child_to_client")
+            frames_s2c.inc(counts[2])
+            bytes_s2c.inc(counts[3])
         counts[:] = [0, 0, 0, 0]
 
     def _closing_started(self) -> None:
@@ -682,16 +695,22 @@ class ClientRelay:
                         await send_all(child, frames.client_close(1000, ""))
                     except OSError:
                         self._child_gone = True
-                async with trio.open_nursery() as nursery:
-                    client_owes_close = not (
-                        self._client_gone or self._client_dead or self._client_close_seen
-                    )
-                    if client_owes_close and (self._closed_client or self._child_close_seen):
-                        # Wait for the client's answering close frame, then drop TCP.
-                        nursery.start_soon(self._drain_client)
-                    if not self._child_gone and child is not None:
-                        # The child, as the server, closes TCP once the handshake is done.
-                        nursery.start_soon(drain_to_eof, child)
+                drains: list[Callable[[], Awaitable[None]]] = []
+                client_owes_close = not (
+                    self._client_gone or self._client_dead or self._client_close_seen
+                )
+                if client_owes_close and (self._closed_client or self._child_close_seen):
+                    # Wait for the client's answering close frame, then drop TCP.
+                    drains.append(self._drain_client)
+                if not self._child_gone and child is not None:
+                    # The child, as the server, closes TCP once the handshake is done.
+                    drains.append(functools.partial(drain_to_eof, child))
+                if len(drains) == 1:
+                    await drains[0]()  # the usual case: no task needed
+                elif drains:
+                    async with trio.open_nursery() as nursery:
+                        for drain in drains:
+                            nursery.start_soon(drain)
             except Exception as exc:
                 log.debug("relay.close_error", error=repr(exc)[:200])
         close_socket(child)
