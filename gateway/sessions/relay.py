@@ -341,7 +341,7 @@ class ClientRelay:
                     return
                 data = b""
                 # Only a child's frame cut by this read keeps the client's stream to itself.
-                if tracker.at_boundary:
+                if not tracker.remaining and not tracker.partial:  # at a frame boundary
                     if holding:
                         lock.release()
                         holding = False
@@ -441,7 +441,8 @@ class ClientRelay:
                             del content, payload
                             if refusal is not None:
                                 waited |= await self._refused(refusal)
-                                self._release_budget(state)
+                                if state.budgeted:
+                                    self._release_budget(state)
                                 continue
                         try:
                             sent = child.send(raw)
@@ -452,7 +453,8 @@ class ClientRelay:
                             raise _PeerGone("child") from None
                         if sent != total:
                             waited |= await self._to_child(raw, sent)
-                        self._release_budget(state)
+                        if state.budgeted:
+                            self._release_budget(state)
                         continue
                     waited |= await self._client_frame(header, raw, message, parts, state)
                     if self._client_close_seen:
