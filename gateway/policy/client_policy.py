@@ -13,7 +13,8 @@ JSON escapes such as ``"\\u0066s/readFile"`` would defeat it) and then looked up
   nesting deeper than the parser takes — is refused with a clear error instead, so that the
   gateway and codex can never read one message two ways.
 * binary messages are forwarded unparsed: codex 0.169.0 ignores binary frames (checked: a
-  JSON request in a binary frame gets no answer and has no effect).
+  JSON request in a binary frame gets no answer and has no effect). ``reads_binary`` says so
+  to the relay, which then does not unmask them for ``check``.
 
 The policy does no I/O; the relay sends ``Refusal.response`` to the client, logs
 ``Refusal.log_fields`` and counts the refusal by rule.
