@@ -64,7 +64,7 @@ typecheck: $(PY_STAMP)
 test: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP) lint typecheck
 	$(BIN)/pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
-bench: $(PY_STAMP) $(CODEX_STAMP)
+bench: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP)
 	$(BIN)/python -m gateway_tests.bench
 
 soak: $(PY_STAMP) $(CODEX_STAMP)

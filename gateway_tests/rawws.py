@@ -56,6 +56,17 @@ class RawClient:
             head = bytes([0x80 | opcode, 0x80 | 127]) + struct.pack("!Q", length)
         await self.stream.send_all(head + key + frames.apply_mask(payload, key))
 
+    async def send_fragments(self, opcode: int, parts: list[bytes]) -> None:
+        """One message in several masked frames (each under 126 bytes)."""
+        data = b""
+        for index, part in enumerate(parts):
+            key = os.urandom(4)
+            first = (opcode if index == 0 else frames.CONTINUATION) | (
+                0x80 if index == len(parts) - 1 else 0
+            )
+            data += bytes([first, 0x80 | len(part)]) + key + frames.apply_mask(part, key)
+        await self.stream.send_all(data)
+
     async def _need(self, size: int) -> None:
         while len(self.buffer) < size:
             chunk = await self.stream.receive_some(1 << 20)

@@ -7,10 +7,12 @@ real daemon with the fake codex as its child, on real sockets.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,8 @@ from gateway.sessions import frames
 from gateway.sessions.budget import InflightBudget
 from gateway.sessions.handshake import MAX_HEAD
 from gateway.sessions.relay import FrameTracker
+from gateway.sessions.sockets import close_socket
+from gateway.sessions.sockets import connect as connect_tcp
 from gateway.web import server as front_door
 from gateway_tests.fakes.launchers import make_fake_codex_launcher
 from gateway_tests.harness import (
@@ -101,6 +105,32 @@ async def test_the_budget_serves_waiters_in_order_and_a_cancelled_waiter_takes_n
     assert budget.used == 0
     with pytest.raises(ValueError, match="whole in-flight budget"):
         await budget.acquire(101)
+
+
+async def test_the_child_connect_sets_nodelay_and_refused_ports_fail_clearly() -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    port = listener.getsockname()[1]
+    try:
+        with trio.fail_after(TIMEOUT):
+            for host in ("127.0.0.1", "localhost"):  # an IP literal, and a name to look up
+                sock = await connect_tcp(host, port)
+                try:
+                    assert sock.getpeername()[1] == port
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                    assert not sock.getblocking()
+                    accepted, _ = await listener.accept()
+                    accepted.close()
+                finally:
+                    close_socket(sock)
+    finally:
+        listener.close()
+    # Nothing listens on the port any more: the connect fails with the kernel's reason.
+    with trio.fail_after(TIMEOUT), pytest.raises(OSError) as refused:
+        await connect_tcp("127.0.0.1", port)
+    assert refused.value.errno == errno.ECONNREFUSED
+    assert f"127.0.0.1:{port}" in str(refused.value)
 
 
 # -- raw WebSocket clients ------------------------------------------------------------------------
@@ -234,6 +264,89 @@ class _RefuseFakePid(ClientPolicy):
             error = {"id": request_id, "error": {"code": -32600, "message": "not allowed"}}
             return Refusal("test_rule", json.dumps(error), {"method": "fake/pid"})
         return None
+
+
+class _RefuseBinaryStartingWithNo(ClientPolicy):
+    reads_binary = True  # this policy reads binary messages: the relay unmasks them for it
+
+    def check(self, message: str | bytes) -> Refusal | None:
+        if isinstance(message, bytes) and message.startswith(b"no"):
+            error = {"id": None, "error": {"code": -32600, "message": "binary refused"}}
+            return Refusal("test_binary", json.dumps(error), {"method": None})
+        return None
+
+
+async def test_a_policy_that_reads_binary_gets_each_binary_message_unmasked(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    launcher = make_fake_codex_launcher(tmp_path / "bin", ECHO_BINARY="1")
+    env = gateway_env(tmp_path, launcher)
+    policy = _RefuseBinaryStartingWithNo.for_session(
+        load_config(env), home="/nowhere", codex_home="/nowhere"
+    )
+    gateway = await start_gateway(nursery, env, policy_for=lambda _session: policy)
+    try:
+        with trio.fail_after(TIMEOUT):
+            head, client = await _raw_connect(gateway, "ws_binary_policy")
+            assert _status(head) == 101
+            # Whole frames, and a message in two fragments (the continuation path).
+            await client.send(frames.BINARY, b"no, not this one")
+            opcode, payload = await client.receive()
+            assert opcode == frames.TEXT and json.loads(payload)["error"]["message"] == (
+                "binary refused"
+            )
+            await client.send(frames.BINARY, b"yes, echo this")
+            assert await client.receive() == (frames.BINARY, b"yes, echo this")
+            await client.send_fragments(frames.BINARY, [b"n", b"o, in two parts"])
+            opcode, payload = await client.receive()
+            assert opcode == frames.TEXT and b"binary refused" in payload
+            await client.send_fragments(frames.BINARY, [b"y", b"es, in two parts"])
+            assert await client.receive() == (frames.BINARY, b"yes, in two parts")
+            await client.stream.aclose()
+    finally:
+        await gateway.shutdown()
+
+
+async def test_a_client_that_stops_reading_gets_every_byte_later_and_holds_up_no_other(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # Every relay reads its child's bytes into one shared buffer; a client whose socket is
+    # full must get what did not fit later, intact, while other clients' bytes keep flowing.
+    launcher = make_fake_codex_launcher(tmp_path / "bin", ECHO_BINARY="1")
+    gateway = await start_gateway(nursery, gateway_env(tmp_path, launcher))
+    try:
+        with trio.fail_after(60):
+            head, stalled = await _raw_connect(gateway, "ws_stalled_reader")
+            assert _status(head) == 101
+            head, reader = await _raw_connect(gateway, "ws_stalled_reader")
+            assert _status(head) == 101
+            # Shrink the stalled client's receive buffer so its relay meets a full socket soon.
+            stalled.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            blobs = [os.urandom(2 << 20) for _ in range(6)]
+            all_sent = trio.Event()
+
+            async def send_all_blobs() -> None:
+                for blob in blobs:
+                    await stalled.send(frames.BINARY, blob)
+                all_sent.set()
+
+            async with trio.open_nursery() as senders:
+                senders.start_soon(send_all_blobs)
+                # 12 MiB echoed towards a client that reads nothing: more than its relay's
+                # socket can hold (the kernel's send buffer is at most 4 MiB, the client's
+                # window 64 KiB), so that relay waits on a full socket holding its own copy.
+                with trio.fail_after(30):
+                    await all_sent.wait()
+                for index in range(20):
+                    payload = index.to_bytes(2, "big") * (32 << 10)
+                    await reader.send(frames.BINARY, payload)
+                    assert await reader.receive() == (frames.BINARY, payload)
+                for blob in blobs:
+                    assert await stalled.receive() == (frames.BINARY, blob)
+            await stalled.stream.aclose()
+            await reader.stream.aclose()
+    finally:
+        await gateway.shutdown()
 
 
 async def test_a_refused_message_gets_the_policys_answer_and_never_reaches_the_child(

@@ -1,7 +1,7 @@
 """``ClientPolicy``: one pure check per client→child WebSocket message.
 
-A text message is parsed once with ``json.loads`` (no prefilter on the raw text: JSON escapes
-such as ``"\\u0066s/readFile"`` would defeat it) and then looked up by method:
+A text message is parsed once by the standard ``json`` decoder (no prefilter on the raw text:
+JSON escapes such as ``"\\u0066s/readFile"`` would defeat it) and then looked up by method:
 
 * a method in ``methods.PLAIN`` is forwarded; one in ``methods.CHECKED`` is forwarded when its
   parameters pass ``checks.CHECKS``; every other method (unknown, or one that runs processes,
@@ -13,7 +13,8 @@ such as ``"\\u0066s/readFile"`` would defeat it) and then looked up by method:
   nesting deeper than the parser takes — is refused with a clear error instead, so that the
   gateway and codex can never read one message two ways.
 * binary messages are forwarded unparsed: codex 0.169.0 ignores binary frames (checked: a
-  JSON request in a binary frame gets no answer and has no effect).
+  JSON request in a binary frame gets no answer and has no effect). ``reads_binary`` says so
+  to the relay, which then does not unmask them for ``check``.
 
 The policy does no I/O; the relay sends ``Refusal.response`` to the client, logs
 ``Refusal.log_fields`` and counts the refusal by rule.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
@@ -57,6 +58,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+# One decoder for every message: ``json.loads`` with a hook builds a new one per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+
+
 def _matches(method: str, patterns: tuple[str, ...]) -> bool:
     for pattern in patterns:
         if pattern == method or (pattern.endswith("/*") and method.startswith(pattern[:-1])):
@@ -73,6 +78,9 @@ class ClientPolicy:
     codex_home: PurePosixPath = attrs.field(converter=PurePosixPath)
     provider: str
     _context: checks.Context = attrs.field(init=False)
+    # Binary messages are forwarded without being read (see the module docstring), so the relay
+    # need not unmask them for ``check``; a policy that reads them says so here.
+    reads_binary: ClassVar[bool] = False
 
     def __attrs_post_init__(self) -> None:
         context = checks.Context(
@@ -94,7 +102,7 @@ class ClientPolicy:
         if not isinstance(message, str):
             return None
         try:
-            parsed = json.loads(message, object_pairs_hook=_no_duplicates)
+            parsed = _DECODER.decode(message)
         except _DuplicateKey:
             return _refuse("duplicate_key", None, None, REFUSED, "a JSON object repeats a key")
         except RecursionError:

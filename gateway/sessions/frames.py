@@ -12,7 +12,12 @@ import os
 import struct
 from typing import NamedTuple
 
-from websockets.utils import apply_mask
+try:
+    # websockets' compiled unmasking (vectorised C); its pure-Python fallback builds several
+    # payload-sized integers and byte strings per call.
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - the wheel ships the extension
+    from websockets.utils import apply_mask
 
 CONTINUATION, TEXT, BINARY = 0x0, 0x1, 0x2
 CLOSE, PING, PONG = 0x8, 0x9, 0xA

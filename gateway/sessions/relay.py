@@ -24,23 +24,36 @@ here after start reaches the session's nursery.
 
 from __future__ import annotations
 
+import functools
 import math
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable
+from time import monotonic as _monotonic
 from urllib.parse import urlsplit
 
 import structlog
 import trio
+from prometheus_client import Counter
 from trio.lowlevel import checkpoint, wait_readable
 
 from gateway import metrics
 from gateway.policy import ClientPolicy
+from gateway.policy.client_policy import Refusal
 from gateway.sessions import frames
 from gateway.sessions.budget import InflightBudget
-from gateway.sessions.frames import CLOSE, CONTINUATION, PING, PONG, TEXT, FrameError, Header
+from gateway.sessions.frames import (
+    BINARY,
+    CLOSE,
+    CONTINUATION,
+    PONG,
+    TEXT,
+    FrameError,
+    Header,
+)
 from gateway.sessions.handshake import MAX_HEAD, RequestHead, child_upgrade_request, head_end
 from gateway.sessions.handshake import response_status as _response_status
-from gateway.sessions.sockets import close_socket, drain_to_eof, recv, send_all, take_socket
+from gateway.sessions.sockets import close_socket, connect, drain_to_eof, recv, send_all
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +75,22 @@ KEEPALIVE_PAYLOAD = b"cxg-keepalive"
 _UNSENDABLE = {1004, 1005, 1006, 1015}
 
 
+@functools.cache
+def _frame_counters(direction: str) -> tuple[Counter, Counter]:
+    """The frame and byte counters of one direction (looked up by label once)."""
+    return metrics.FRAMES.labels(direction=direction), metrics.FRAME_BYTES.labels(
+        direction=direction
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _child_address(url: str) -> tuple[str, int, str]:
+    """Host, port and request target of a child's ``ws://`` URL (parsed once per child)."""
+    parts = urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.hostname or "127.0.0.1", parts.port or 80, target
+
+
 def sendable_close(code: int | None, reason: str | None, *, fallback: int) -> tuple[int, str]:
     """A close code and reason that may legally be sent on, given what the other side said."""
     # A reason longer than 123 UTF-8 bytes does not fit a close frame, whichever code it goes with.
@@ -69,6 +98,22 @@ def sendable_close(code: int | None, reason: str | None, *, fallback: int) -> tu
     if code is None or code in _UNSENDABLE or not (1000 <= code <= 4999) or 1016 <= code < 3000:
         return fallback, sendable_reason
     return code, sendable_reason
+
+
+# The read buffer of every relay's child→client copy. A read and the write of what it read
+# follow each other with no scheduling point in between, so one buffer serves every relay of
+# the event loop; bytes the client's socket does not take at once are copied out before the
+# relay waits. Large enough that one read takes whatever a large frame has queued.
+COPY_BUFFER = 1 << 20
+_per_thread = threading.local()
+
+
+def _copy_buffer() -> memoryview:
+    """The copy buffer of the calling thread's event loop."""
+    buffer: memoryview | None = getattr(_per_thread, "copy_buffer", None)
+    if buffer is None:
+        buffer = _per_thread.copy_buffer = memoryview(bytearray(COPY_BUFFER))
+    return buffer
 
 
 class ChildRejected(ConnectionError):
@@ -210,11 +255,9 @@ class ClientRelay:
         log.info("client.detached", closed_by=closed_by, code=code, reason=reason)
 
     async def _open(self, url: str, authorization: str) -> None:
-        parts = urlsplit(url)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host, port, target = _child_address(url)
         with trio.fail_after(CHILD_CONNECT_TIMEOUT):
-            child = take_socket(await trio.open_tcp_stream(host, port))
+            child = await connect(host, port)
             self._child = child
             request = child_upgrade_request(self._request, f"{host}:{port}", target, authorization)
             await send_all(child, request)
@@ -238,59 +281,76 @@ class ClientRelay:
         child, client, lock = self._child, self._client, self._client_lock
         assert child is not None
         tracker, counts = self._s2c, self._counts
-        data = self._early
+        child_fd = child.fileno()  # waited on by number: one call less per wait
+        buffer = _copy_buffer()
+        capacity = len(buffer)
+        data: bytes | memoryview = self._early
         self._early = b""
         holding = False
-        # Every pass through the loop must reach a scheduling point; a wait for the socket is
-        # one, so an explicit checkpoint is only needed when neither read nor write waited.
-        yielded = False
+        # A short read has most likely emptied the socket: the next pass waits for it first
+        # rather than trying a read that would only fail with EAGAIN.
+        drained = not data
         try:
             while True:
+                # Every pass reaches a scheduling point: the wait for the socket, a write that
+                # had to wait, or the explicit checkpoint at the end.
+                waited = False
                 if not data:
+                    if drained:
+                        await wait_readable(child_fd)
+                        waited = True
                     try:
-                        data = child.recv(RECEIVE_BUFFER)
+                        received = child.recv_into(buffer)
                     except BlockingIOError:
-                        await wait_readable(child)
-                        yielded = True
+                        drained = True
                         continue
                     except OSError:
-                        data = b""
-                    if not data:
+                        received = 0
+                    if not received:
                         self._child_gone = True
                         self._end(1011, "codex app-server connection lost")
                         return
+                    drained = received < capacity
+                    data = buffer[:received]
                 counts[2] += tracker.feed(data)
                 counts[3] += len(data)
                 if tracker.close_seen and not self._child_close_seen:
                     self._child_close_seen = True
                     self._closing_started()
-                if not holding:
-                    if lock.locked():
-                        await lock.acquire()
-                        yielded = True
-                    else:
-                        lock.acquire_nowait()
-                    holding = True
+                # The shared buffer must not be waited on: what is not written at once is copied.
+                if not holding and lock.locked():
+                    data = bytes(data)
+                    await lock.acquire()
+                    holding = waited = True
                 try:
                     try:
                         sent = client.send(data)
                     except BlockingIOError:
                         sent = 0
                     if sent != len(data):
-                        await send_all(client, memoryview(data)[sent:])
-                        yielded = True
+                        rest = bytes(data[sent:])
+                        data = b""
+                        if not holding:
+                            lock.acquire_nowait()
+                            holding = True
+                        await send_all(client, rest)
+                        waited = True
                 except OSError:
                     self._client_gone = True
                     self._pumps.cancel()
                     return
-                if tracker.at_boundary:
-                    lock.release()
-                    holding = False
                 data = b""
+                # Only a child's frame cut by this read keeps the client's stream to itself.
+                if not tracker.remaining and not tracker.partial:  # at a frame boundary
+                    if holding:
+                        lock.release()
+                        holding = False
+                elif not holding:
+                    lock.acquire_nowait()
+                    holding = True
                 self._touch()
-                if not yielded:
+                if not waited and not drained:
                     await checkpoint()
-                yielded = False
         finally:
             if holding:
                 lock.release()
@@ -298,18 +358,25 @@ class ClientRelay:
     # -- client → child: whole messages, checked, original frames forwarded ---------------------
 
     async def _client_to_child(self) -> None:
-        client = self._client
+        client, child = self._client, self._child
+        assert child is not None
+        client_fd = client.fileno()
+        counts, check, max_size = self._counts, self._policy.check, self._max_message_size
+        reads_binary = self._policy.reads_binary
         message: list[bytes | bytearray] = []  # raw frames of a fragmented message
         parts: list[bytes] = []  # their unmasked payloads
         state = _Message()
-        yielded = False  # as in _child_to_client
+        drained = True  # as in _child_to_client
         try:
             while True:
+                waited = False
+                if drained:
+                    await wait_readable(client_fd)
+                    waited = True
                 try:
                     data = client.recv(RECEIVE_BUFFER)
                 except BlockingIOError:
-                    await wait_readable(client)
-                    yielded = True
+                    drained = True
                     continue
                 except OSError:
                     data = b""
@@ -318,20 +385,31 @@ class ClientRelay:
                     self._client_gone = True
                     self._pumps.cancel()
                     return
+                drained = len(data) < RECEIVE_BUFFER
                 buffer: bytes | bytearray = data
                 if self._c2s_rest is not None:
                     self._c2s_rest += data
                     buffer, self._c2s_rest = self._c2s_rest, None
                 position, size = 0, len(buffer)
-                waited = yielded
                 while position < size:
                     header = frames.parse_header(buffer, position)
                     if header is None:
                         break
-                    total = header.header_size + header.length
-                    if header.mask is None:
+                    opcode, length, mask = header.opcode, header.length, header.mask
+                    total = header.header_size + length
+                    if mask is None:
                         raise FrameError("client frames must be masked")
-                    self._check_size(header, state)
+                    if opcode < CLOSE:  # a data frame: the message's bounds and size
+                        if opcode == CONTINUATION:
+                            if not state.active:
+                                raise FrameError("continuation frame without a message to continue")
+                        elif state.active:
+                            raise FrameError("new message before the previous one ended")
+                        if state.size + length > max_size:
+                            raise FrameError(
+                                f"message larger than {max_size} bytes (CXG_WS_MAX_MESSAGE_SIZE)",
+                                1009,
+                            )
                     if position + total > size:
                         if total <= RECEIVE_BUFFER:
                             break
@@ -339,10 +417,45 @@ class ClientRelay:
                             buffer, position, header, state
                         )
                         position = size
+                        drained = True
                     else:
                         whole = position == 0 and total == size
                         raw = buffer if whole else buffer[position : position + total]
                         position += total
+                    if header.fin and opcode in (TEXT, BINARY):
+                        # The common case, a whole message in one frame: checked and forwarded
+                        # here, without the bookkeeping of fragmented messages.
+                        counts[0] += 1
+                        counts[1] += total
+                        if opcode == TEXT or reads_binary:
+                            payload = frames.apply_mask(memoryview(raw)[header.header_size :], mask)
+                            content: str | bytes = payload
+                            if opcode == TEXT:
+                                try:
+                                    content = payload.decode()
+                                except UnicodeDecodeError:
+                                    raise FrameError(
+                                        "text message is not valid UTF-8", 1007
+                                    ) from None
+                            refusal = check(content)
+                            del content, payload
+                            if refusal is not None:
+                                waited |= await self._refused(refusal)
+                                if state.budgeted:
+                                    self._release_budget(state)
+                                continue
+                        try:
+                            sent = child.send(raw)
+                        except BlockingIOError:
+                            sent = 0
+                        except OSError:
+                            self._child_gone = True
+                            raise _PeerGone("child") from None
+                        if sent != total:
+                            waited |= await self._to_child(raw, sent)
+                        if state.budgeted:
+                            self._release_budget(state)
+                        continue
                     waited |= await self._client_frame(header, raw, message, parts, state)
                     if self._client_close_seen:
                         return
@@ -352,9 +465,8 @@ class ClientRelay:
                 # paid for by the budget only until it has been written to the child.
                 data = buffer = raw = b""
                 self._touch()
-                if not waited:
+                if not waited and not drained:
                     await checkpoint()
-                yielded = False
         except FrameError as error:
             self._end(error.code, str(error))
         except _PeerGone as gone:
@@ -362,23 +474,12 @@ class ClientRelay:
                 self._client_gone = True
             self._pumps.cancel()
         finally:
-            if state.budgeted:
-                self._budget.release(state.budgeted)
-                state.budgeted = 0
+            self._release_budget(state)
 
-    def _check_size(self, header: Header, state: _Message) -> None:
-        if header.opcode in (CLOSE, PING, PONG):
-            return
-        if header.opcode == CONTINUATION:
-            if not state.active:
-                raise FrameError("continuation frame without a message to continue")
-        elif state.active:
-            raise FrameError("new message before the previous one ended")
-        if state.size + header.length > self._max_message_size:
-            raise FrameError(
-                f"message larger than {self._max_message_size} bytes (CXG_WS_MAX_MESSAGE_SIZE)",
-                1009,
-            )
+    def _release_budget(self, state: _Message) -> None:
+        if state.budgeted:
+            self._budget.release(state.budgeted)
+            state.budgeted = 0
 
     async def _read_large(
         self, buffer: bytes | bytearray, position: int, header: Header, state: _Message
@@ -429,7 +530,7 @@ class ClientRelay:
         parts: list[bytes],
         state: _Message,
     ) -> bool:
-        """Handle one complete client frame; returns whether a write had to wait."""
+        """Handle a control frame or a fragment of a message; returns whether a write waited."""
         opcode, mask = header.opcode, header.mask
         assert mask is not None
         counts = self._counts
@@ -449,60 +550,59 @@ class ClientRelay:
                 self._client_close_seen = True
                 self._closing_started()
             return await self._to_child(raw)
-        payload = frames.apply_mask(memoryview(raw)[header.header_size :], mask)
-        if not header.fin or state.active:
-            if not state.active:
-                state.active, state.opcode = True, opcode
-            if len(raw) <= RECEIVE_BUFFER:
-                # Held past this read: it counts against the budget like a large frame.
-                await self._take_budget(header.length, state)
-                raw = bytes(raw)
-            message.append(raw)
-            parts.append(payload)
-            state.size += header.length
-            if not header.fin:
-                return False
+        if not state.active:
+            state.active, state.opcode = True, opcode
+        inspect = state.opcode == TEXT or self._policy.reads_binary
+        if len(raw) <= RECEIVE_BUFFER:
+            # Held past this read: it counts against the budget like a large frame.
+            await self._take_budget(header.length, state)
+            raw = bytes(raw)
+        message.append(raw)
+        if inspect:
+            parts.append(frames.apply_mask(memoryview(raw)[header.header_size :], mask))
+        state.size += header.length
+        if not header.fin:
+            return False
+        refusal = None
+        if inspect:
             payload = b"".join(parts)
-            opcode = state.opcode
-        content: str | bytes = payload
-        if opcode == TEXT:
-            try:
-                content = payload.decode()
-            except UnicodeDecodeError:
-                raise FrameError("text message is not valid UTF-8", 1007) from None
-        refusal = self._policy.check(content)
-        # The unmasked copy is not what is forwarded: let it go before waiting on the child.
-        del content, payload
-        parts.clear()
-        waited = False
+            parts.clear()
+            content = _text(payload) if state.opcode == TEXT else payload
+            refusal = self._policy.check(content)
+            # The unmasked copy is not what is forwarded: let it go before waiting on the child.
+            del content, payload
         if refusal is not None:
-            metrics.POLICY_REFUSALS.labels(rule=refusal.rule).inc()
-            log.warning("policy.refused", **dict(refusal.log_fields))
-            if refusal.response is not None:
-                await self._to_client(frames.server_text(refusal.response))
-                waited = True
-        elif message:
+            waited = await self._refused(refusal)
+        else:
+            waited = False
             for frame in message:
                 waited |= await self._to_child(frame)
-        else:
-            waited = await self._to_child(raw)
         message.clear()
         state.reset()
-        if state.budgeted:
-            self._budget.release(state.budgeted)
-            state.budgeted = 0
+        self._release_budget(state)
         return waited
 
-    async def _to_child(self, data: bytes | bytearray) -> bool:
+    async def _refused(self, refusal: Refusal) -> bool:
+        """Count and log a refused message, answer it if it wants an answer; whether it waited."""
+        metrics.POLICY_REFUSALS.labels(rule=refusal.rule).inc()
+        log.warning("policy.refused", **dict(refusal.log_fields))
+        if refusal.response is None:
+            return False
+        await self._to_client(frames.server_text(refusal.response))
+        return True
+
+    async def _to_child(self, data: bytes | bytearray, sent: int | None = None) -> bool:
+        """Write ``data`` (``sent``: how much of it is written already); whether it waited."""
         child = self._child
         assert child is not None
-        try:
-            sent = child.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._child_gone = True
-            raise _PeerGone("child") from None
+        if sent is None:
+            try:
+                sent = child.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._child_gone = True
+                raise _PeerGone("child") from None
         if sent == len(data):
             return False  # the common case: the kernel took it all at once
         self._child_mid_frame = True
@@ -557,7 +657,9 @@ class ClientRelay:
                 lock.release()
 
     def _touch(self) -> None:
-        now = trio.current_time()
+        # The process's monotonic clock, not Trio's: this runs on every read, and the interval
+        # only bounds how often the session and the metrics hear about it.
+        now = _monotonic()
         if now - self._last_touch >= TOUCH_INTERVAL:
             self._last_touch = now
             self._on_activity()
@@ -566,11 +668,13 @@ class ClientRelay:
     def _flush_counts(self) -> None:
         counts = self._counts
         if counts[0]:
-            metrics.FRAMES.labels(direction="client_to_child").inc(counts[0])
-            metrics.FRAME_BYTES.labels(direction="client_to_child").inc(counts[1])
+            frames_c2s, bytes_c2s = _frame_counters("client_to_child")
+            frames_c2s.inc(counts[0])
+            bytes_c2s.inc(counts[1])
         if counts[2]:
-            metrics.FRAMES.labels(direction="child_to_client").inc(counts[2])
-            metrics.FRAME_BYTES.labels(direction="child_to_client").inc(counts[3])
+            frames_s2c, bytes_s2c = _frame_counters("child_to_client")
+            frames_s2c.inc(counts[2])
+            bytes_s2c.inc(counts[3])
         counts[:] = [0, 0, 0, 0]
 
     def _closing_started(self) -> None:
@@ -593,16 +697,22 @@ class ClientRelay:
                         await send_all(child, frames.client_close(1000, ""))
                     except OSError:
                         self._child_gone = True
-                async with trio.open_nursery() as nursery:
-                    client_owes_close = not (
-                        self._client_gone or self._client_dead or self._client_close_seen
-                    )
-                    if client_owes_close and (self._closed_client or self._child_close_seen):
-                        # Wait for the client's answering close frame, then drop TCP.
-                        nursery.start_soon(self._drain_client)
-                    if not self._child_gone and child is not None:
-                        # The child, as the server, closes TCP once the handshake is done.
-                        nursery.start_soon(drain_to_eof, child)
+                drains: list[Callable[[], Awaitable[None]]] = []
+                client_owes_close = not (
+                    self._client_gone or self._client_dead or self._client_close_seen
+                )
+                if client_owes_close and (self._closed_client or self._child_close_seen):
+                    # Wait for the client's answering close frame, then drop TCP.
+                    drains.append(self._drain_client)
+                if not self._child_gone and child is not None:
+                    # The child, as the server, closes TCP once the handshake is done.
+                    drains.append(functools.partial(drain_to_eof, child))
+                if len(drains) == 1:
+                    await drains[0]()  # the usual case: no task needed
+                elif drains:
+                    async with trio.open_nursery() as nursery:
+                        for drain in drains:
+                            nursery.start_soon(drain)
             except Exception as exc:
                 log.debug("relay.close_error", error=repr(exc)[:200])
         close_socket(child)
@@ -658,7 +768,7 @@ class FrameTracker:
         """Whether the stream so far ends exactly between two frames."""
         return not self.remaining and not self.partial
 
-    def feed(self, data: bytes | bytearray) -> int:
+    def feed(self, data: bytes | bytearray | memoryview) -> int:
         """Account for ``data``; returns how many frames start in it."""
         size = len(data)
         remaining = self.remaining
@@ -688,6 +798,14 @@ class FrameTracker:
             position += header.header_size + header.length
         self.remaining = position - size
         return started
+
+
+def _text(payload: bytes) -> str:
+    """A text message's payload as the policy reads it (1007 if it is not UTF-8)."""
+    try:
+        return payload.decode()
+    except UnicodeDecodeError:
+        raise FrameError("text message is not valid UTF-8", 1007) from None
 
 
 class _Message:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hmac
 import secrets
 import socket
+import weakref
 from collections.abc import Callable
 
 import structlog
@@ -124,13 +125,20 @@ class WebSocketEndpoint:
         self._budget = budget
         self._policy_for = policy_for or self._session_policy
         self._forwarder = forwarder
+        # A session's policy is pure and the same for each of its clients: built once.
+        self._policies: weakref.WeakKeyDictionary[Session, ClientPolicy] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def _session_policy(self, session: Session) -> ClientPolicy:
         """The operator's policy, bounded to ``session``'s own home and CODEX_HOME."""
-        directories = session.directories
-        return ClientPolicy.for_session(
-            self._config, home=str(directories.home), codex_home=str(directories.codex_home)
-        )
+        policy = self._policies.get(session)
+        if policy is None:
+            directories = session.directories
+            policy = self._policies[session] = ClientPolicy.for_session(
+                self._config, home=str(directories.home), codex_home=str(directories.codex_home)
+            )
+        return policy
 
     async def serve(self, stream: trio.SocketStream, request: RequestHead, rest: bytes) -> None:
         """Serve one connection whose first request is ``request`` (``rest``: bytes after it)."""
@@ -306,9 +314,11 @@ async def hold(relay: ClientRelay) -> None:
     try:
         await relay.finished.wait()
     finally:
-        relay.cancel_scope.cancel()
-        with trio.CancelScope(shield=True), trio.move_on_after(3 * CLOSE_TIMEOUT):
-            await relay.finished.wait()
+        if not relay.finished.is_set():
+            # Cancelled (server shutdown): stop the relay, let it send its close first.
+            relay.cancel_scope.cancel()
+            with trio.CancelScope(shield=True), trio.move_on_after(3 * CLOSE_TIMEOUT):
+                await relay.finished.wait()
 
 
 async def refuse(client: socket.socket, refused: Refused) -> None:

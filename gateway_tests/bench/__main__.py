@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         return _render_again(args)
     _raise_fd_limit()
     work_dir = Path(tempfile.mkdtemp(prefix="cxg-bench-", dir="/var/tmp"))
+    # Each session's child runs under its own uid (gateway/sessions/isolation.py) and must be
+    # able to pass through (not list) the directories above its CXG_TMP_ROOT.
+    work_dir.chmod(0o711)
     opts = Options(quick=args.quick, work_dir=work_dir, reps=max(1, args.reps))
     results = Results()
     started = time.monotonic()

@@ -5,10 +5,8 @@ the environment, stop on SIGTERM, drain) plus two things the benchmarks need:
 
 * the listening URLs are printed to stdout as one JSON line once the daemon serves;
 * with ``CXG_BENCH_PROFILE=PATH`` the daemon runs under cProfile (stats written at exit);
-* every client→child message goes through ``MeasuredPolicy``: a stand-in for the access policy
-  with its real cost (each text message parsed with ``json.loads`` and its method looked up in
-  a table), so the figures include the policy's work; the policy package on this branch is
-  a placeholder that allows everything at no cost;
+* every client→child message goes through the operator's default access policy
+  (``gateway/policy/``), as in production: its cost is part of every figure;
 * with ``CXG_BENCH_PLACEMENT`` (JSON ``{"pod": NAME, "owners": {WS: [POD, PEER_ADDR, EPOCH]}}``)
   the daemon decides ownership from that fixed table (the hop benchmark's two pods: one owns
   the workspace, the other forwards to it);
@@ -71,22 +69,6 @@ def _install_child_recorder(path: Path) -> None:
 
     # The session module calls the name it imported; replace that one.
     session_module.run_codex_child = recording_run_codex_child  # type: ignore[attr-defined]
-
-
-# What a method-level access policy looks up per message (every method lets through here).
-_METHODS: dict[str, bool] = {
-    name: True
-    for name in (
-        "initialize",
-        "initialized",
-        "thread/read",
-        "thread/start",
-        "thread/list",
-        "turn/start",
-        "fake/echo",
-        "fake/pid",
-    )
-}
 
 
 def _placement() -> TablePlacement | None:
