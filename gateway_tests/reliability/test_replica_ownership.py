@@ -143,7 +143,54 @@ async def test_concurrent_first_connects_on_every_pod_start_exactly_one_child(
         counts["pods"] = len(pods)
         counts["connects"] = len(statuses)
         counts["children"] = sum(len(cluster.children_started(ws)) for ws in workspaces)
-        counts["served_directly"] = statuses.count(101)
+        # Every connect was served: by the owner itself, or forwarded to it.
+        assert statuses == [101] * len(statuses), statuses
+        counts["served"] = statuses.count(101)
+        counts["forwarded"] = int(
+            sum(
+                [
+                    await pod.metric("cxg_forwarded_connections_total", result="relayed")
+                    for pod in pods
+                ]
+            )
+        )
+
+
+async def test_every_pod_serves_a_workspace_through_its_one_owner(
+    tmp_path: Path,
+    fake_codex_bin: Path,
+    atomic_s3_settings: S3Settings,
+    atomic_moto: MotoServer,
+    counts: CountsRecorder,
+) -> None:
+    ws = "ws_rep_everywhere"
+    async with running_cluster(tmp_path, fake_codex_bin, atomic_s3_settings) as cluster:
+        pods = await start_pods(cluster, 3)
+        with trio.fail_after(STEP):
+            async with (
+                client(pods[0], ws) as first,
+                client(pods[1], ws) as second,
+                client(pods[2], ws) as third,
+            ):
+                rpcs = (first, second, third)
+                pids = {int((await rpc.result("fake/pid"))["pid"]) for rpc in rpcs}
+                thread = (await second.result("thread/start", {}))["thread"]["id"]
+                listed = await third.result("thread/list", {})
+                big = "x" * (1 << 20)
+                echoed = await third.result("fake/echo", {"payload": big})
+        [(_, owner, child)] = cluster.children_started(ws)
+        # One child, on the owner; the clients of the other pods reached it through the hop.
+        assert pids == {child}
+        assert thread in {entry["id"] for entry in listed["data"]}
+        assert echoed == {"payload": big}
+        forwarded = [
+            await pod.metric("cxg_forwarded_connections_total", result="relayed") for pod in pods
+        ]
+        assert sum(forwarded) == 2
+        assert forwarded[[pod.name for pod in pods].index(owner)] == 0
+        counts["clients"] = len(rpcs)
+        counts["children"] = len(cluster.children_started(ws))
+        counts["forwarded"] = int(sum(forwarded))
 
 
 # -- a released workspace moves at once -----------------------------------------------------

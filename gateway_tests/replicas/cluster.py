@@ -184,14 +184,16 @@ class Cluster:
     def pod_env(self, name: str, **overrides: str) -> dict[str, str]:
         """The environment of pod ``name``: replica mode on the shared bucket."""
         env = _base_env()
+        # Where this pod's internal listener binds is where the others reach it.
+        peer = f"127.0.0.1:{free_port()}"
         env.update(
             gateway_env(
                 self.root / name,
                 self.codex_bin,
                 CXG_LOG_FORMAT="json",
                 CXG_POD_NAME=name,
-                CXG_PEER_ADDR=f"127.0.0.1:{free_port()}",
-                CXG_PEER_LISTEN_ADDR=f"127.0.0.1:{free_port()}",
+                CXG_PEER_ADDR=peer,
+                CXG_PEER_LISTEN_ADDR=peer,
                 CXG_PEER_SECRET=PEER_SECRET,
                 CXG_OWNER_TAKEOVER_AFTER=f"{TAKEOVER_SECONDS:g}s",
                 **s3_env(self.s3),
