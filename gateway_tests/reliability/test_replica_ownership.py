@@ -236,6 +236,46 @@ async def test_a_released_workspace_is_taken_over_by_the_next_connect_at_once(
         counts["drain_handover_seconds"] = round(drained[1][0] - drained_at, 2)
 
 
+async def test_a_rolling_restart_of_every_pod_loses_no_thread(
+    tmp_path: Path,
+    fake_codex_bin: Path,
+    atomic_s3_settings: S3Settings,
+    atomic_moto: MotoServer,
+    counts: CountsRecorder,
+) -> None:
+    ws = "ws_rep_rolling"
+    made: list[str] = []
+    async with running_cluster(
+        tmp_path, fake_codex_bin, atomic_s3_settings, CXG_DRAIN_BUDGET="20s"
+    ) as cluster:
+        pods = await start_pods(cluster, 3)
+        with trio.fail_after(STEP * 4):
+            # Each pod in turn, as a rolling update does: its replacement comes up first
+            # (maxSurge), then it drains (SIGTERM) while a client of the workspace keeps
+            # writing through whichever pod it reached.
+            for turn, leaving in enumerate(list(pods)):
+                await cluster.start(f"{leaving.name}-next{turn}")
+                staying = [pod for pod in cluster.pods if pod.process.returncode is None]  # type: ignore[union-attr]
+                entry = staying[turn % len(staying)]
+                async with client(entry, ws) as rpc:
+                    for _ in range(3):
+                        made.append((await rpc.result("thread/start", {}))["thread"]["id"])
+                leaving.signal(signal.SIGTERM)
+                assert await leaving.process.wait() == 0  # type: ignore[union-attr]
+            # Every thread made, whichever pod held the workspace then, is there now.
+            survivor = next(pod for pod in cluster.pods if pod.process.returncode is None)  # type: ignore[union-attr]
+            async with client(survivor, ws) as rpc:
+                listed = {t["id"] for t in (await rpc.result("thread/list", {}))["data"]}
+        assert set(made) <= listed, sorted(set(made) - listed)
+        started = cluster.children_started(ws)
+        # The workspace moved with the drains, one child per pod that held it.
+        assert len({pod for _, pod, _ in started}) == len(started) >= 2
+        counts["pods_restarted"] = len(pods)
+        counts["threads_made"] = len(made)
+        counts["threads_lost"] = len(set(made) - listed)
+        counts["owners"] = len(started)
+
+
 # -- the duplicate pod name -----------------------------------------------------------------
 
 
