@@ -17,6 +17,7 @@ never from an environment variable (``gateway.credentials.session``).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -645,12 +646,29 @@ _POD_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 _MIN_TAKEOVER_SECONDS = 5.0
 
 
+def _bracket_ipv6(address: str) -> str:
+    """``fd00::1:8087`` (what ``$(POD_IP):8087`` gives on an IPv6 pod) as ``[fd00::1]:8087``.
+
+    Only when everything before the last colon is an IPv6 address; anything else is left for
+    the usual ``HOST:PORT`` check.
+    """
+    host, _, port = address.rpartition(":")
+    if address.startswith("[") or host.count(":") < 2 or not port.isdigit():
+        return address
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return address
+    return f"[{host}]:{port}"
+
+
 def _replica_settings(values: Mapping[str, Any], *, has_s3: bool) -> ReplicaSettings | None:
     """Replica mode's settings, or ``None`` when ``CXG_PEER_ADDR`` is unset."""
     peer_addr = values["CXG_PEER_ADDR"]
     if not peer_addr:
         return None
-    match = _LISTEN.match(peer_addr.strip())
+    peer_addr = _bracket_ipv6(peer_addr.strip())
+    match = _LISTEN.match(peer_addr)
     if match is None or not match.group("host").strip("[]") or int(match.group("port")) > 65535:
         raise ConfigError(
             "CXG_PEER_ADDR must be the HOST:PORT other replicas reach this one at "
@@ -684,7 +702,7 @@ def _replica_settings(values: Mapping[str, Any], *, has_s3: bool) -> ReplicaSett
         )
     return ReplicaSettings(
         pod_name=pod_name,
-        peer_addr=peer_addr.strip(),
+        peer_addr=peer_addr,
         peer_listen_addr=values["CXG_PEER_LISTEN_ADDR"],
         peer_secret=secret,
         takeover_after=takeover,

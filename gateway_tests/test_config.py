@@ -622,3 +622,20 @@ def test_executor_layout_defaults_to_multiplexed_and_takes_per_executor() -> Non
 def test_an_unknown_executor_layout_is_refused() -> None:
     message = config_error({**EXEC_GATEWAY, "CXG_EXECUTOR_MCP_LAYOUT": "both"})
     assert "CXG_EXECUTOR_MCP_LAYOUT must be multiplexed or per-executor" in message
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("fd00::1:8087", "[fd00::1]:8087"),
+        ("[fd00::1]:8087", "[fd00::1]:8087"),
+        ("10.0.0.7:8087", "10.0.0.7:8087"),
+        ("gw-0.gw.ns.svc:8087", "gw-0.gw.ns.svc:8087"),
+    ],
+)
+def test_the_peer_address_of_an_ipv6_pod_is_read_as_the_chart_writes_it(
+    given: str, kept: str
+) -> None:
+    # The chart writes $(POD_IP):8087; on an IPv6 pod that is an address without brackets.
+    replicas = load_config({**FULL, "CXG_PEER_ADDR": given}).replicas
+    assert replicas is not None and replicas.peer_addr == kept
