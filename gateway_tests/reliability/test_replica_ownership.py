@@ -21,12 +21,13 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed
 
+from gateway.auth.tokens import mint_hmac_token
 from gateway.config import S3Settings
 from gateway.replicas.records import owner_key
 from gateway.replicas.snapshots import MIRROR_TAG
 from gateway.sessions.process_tree import read_stat
 from gateway.store.base import archive_key
-from gateway_tests.harness import closed_port
+from gateway_tests.harness import HMAC_SECRET, closed_port
 from gateway_tests.real_codex_turns import is_user_message
 from gateway_tests.reliability.support import CountsRecorder, close_code
 from gateway_tests.replicas.cluster import (
@@ -166,11 +167,14 @@ async def test_every_pod_serves_a_workspace_through_its_one_owner(
     ws = "ws_rep_everywhere"
     async with running_cluster(tmp_path, fake_codex_bin, atomic_s3_settings) as cluster:
         pods = await start_pods(cluster, 3)
+        # Many tokens of one workspace (one per client here), spread over the pods.
+        tokens = [mint_hmac_token(HMAC_SECRET.encode(), ws, f"token{n}") for n in range(3)]
+        assert len(set(tokens)) == 3
         with trio.fail_after(STEP):
             async with (
-                client(pods[0], ws) as first,
-                client(pods[1], ws) as second,
-                client(pods[2], ws) as third,
+                client(pods[0], ws, token=tokens[0]) as first,
+                client(pods[1], ws, token=tokens[1]) as second,
+                client(pods[2], ws, token=tokens[2]) as third,
             ):
                 rpcs = (first, second, third)
                 pids = {int((await rpc.result("fake/pid"))["pid"]) for rpc in rpcs}

@@ -284,11 +284,14 @@ def descendants(pid: int) -> list[int]:
 
 
 @asynccontextmanager
-async def client(pod: Pod, workspace_id: str, *, initialize: bool = True) -> AsyncIterator[Rpc]:
-    """A JSON-RPC client of ``workspace_id`` connected to ``pod``."""
+async def client(
+    pod: Pod, workspace_id: str, *, initialize: bool = True, token: str | None = None
+) -> AsyncIterator[Rpc]:
+    """A JSON-RPC client of ``workspace_id`` connected to ``pod`` (``token``: one of its own)."""
+    token = token_for(workspace_id) if token is None else token
     async with open_websocket_url(
         pod.ws_url,
-        extra_headers=[(b"authorization", f"Bearer {token_for(workspace_id)}".encode())],
+        extra_headers=[(b"authorization", f"Bearer {token}".encode())],
         max_message_size=MAX_MESSAGE,
         connect_timeout=30,
     ) as ws:
