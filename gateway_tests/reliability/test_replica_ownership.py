@@ -17,6 +17,7 @@ import signal
 import tarfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from trio_websocket import ConnectionClosed
@@ -27,6 +28,7 @@ from gateway.replicas.records import owner_key
 from gateway.replicas.snapshots import MIRROR_TAG
 from gateway.sessions.process_tree import read_stat
 from gateway.store.base import archive_key
+from gateway_tests.faultproxy import FaultProxy
 from gateway_tests.harness import HMAC_SECRET, closed_port
 from gateway_tests.real_codex_turns import is_user_message
 from gateway_tests.reliability.support import CountsRecorder, close_code
@@ -278,6 +280,55 @@ async def test_a_rolling_restart_of_every_pod_loses_no_thread(
         counts["threads_made"] = len(made)
         counts["threads_lost"] = len(set(made) - listed)
         counts["owners"] = len(started)
+
+
+async def test_an_owner_cut_off_from_the_store_fences_itself_and_its_workspace_moves(
+    tmp_path: Path,
+    fake_codex_bin: Path,
+    atomic_s3_settings: S3Settings,
+    atomic_moto: MotoServer,
+    counts: CountsRecorder,
+) -> None:
+    ws = "ws_rep_cut"
+    endpoint = urlsplit(atomic_moto.endpoint)
+    assert endpoint.hostname is not None and endpoint.port is not None
+    async with trio.open_nursery() as proxies:
+        # Only this pod reaches the store through the proxy: the S3 cut is its alone.
+        proxy: FaultProxy = await proxies.start(
+            FaultProxy((endpoint.hostname, endpoint.port)).serve
+        )
+        async with running_cluster(tmp_path, fake_codex_bin, atomic_s3_settings) as cluster:
+            cut_pod = await cluster.start("pod-cut", CXG_S3_ENDPOINT=proxy.url())
+            other = await cluster.start("pod-other")
+            with trio.fail_after(STEP * 2):
+                async with client(cut_pod, ws) as rpc:
+                    await rpc.result("thread/start", {})
+                    [(_, old_child)] = cut_pod.children_started(ws)
+                    proxy.cut()
+                    cut_at = trio.current_time()
+                    # It cannot renew its heartbeat: it fences itself, before any peer may
+                    # take the workspace over. Its client is told at once.
+                    assert await close_code(rpc.ws) == 1012
+                fenced_after = trio.current_time() - cut_at
+                assert fenced_after < TAKEOVER_SECONDS, fenced_after
+                await until_true(lambda: not child_alive(old_child), within=STEP)
+                assert not cluster.children_started(ws)[1:], "a second child started early"
+
+                async def moved() -> bool:
+                    await try_connect(other, ws)
+                    return bool(cluster.children_started(ws)[1:])
+
+                await until_true(moved, within=STEP, every=0.5)
+                [_, (_, new_owner, new_child)] = cluster.children_started(ws)
+                assert new_owner == other.name
+                # The store comes back: the pod serves again, forwarding to the new owner.
+                proxy.pass_through()
+                await cut_pod.wait_for_log("fence.lifted")
+                async with client(cut_pod, ws) as rpc:
+                    assert int((await rpc.result("fake/pid"))["pid"]) == new_child
+            counts["children"] = len(cluster.children_started(ws))
+        proxies.cancel_scope.cancel()
+    counts["fenced_after_seconds"] = round(fenced_after, 1)
 
 
 # -- the duplicate pod name -----------------------------------------------------------------
