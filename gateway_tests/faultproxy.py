@@ -188,16 +188,21 @@ class FaultProxy:
         capacity = max(1, self.max_buffered // CHUNK)
         send, receive = trio.open_memory_channel[tuple[float, bytes]](capacity)
 
+        # A broken side is caught where it breaks, inside the nursery: escaping it, it would
+        # come out as an ExceptionGroup that no plain ``except`` catches.
         async def deliver() -> None:
-            async with receive:
-                async for at, data in receive:
-                    await trio.sleep_until(at)
-                    await sink.send_all(data)
-                    self.bytes_forwarded += len(data)
+            try:
+                async with receive:
+                    async for at, data in receive:
+                        await trio.sleep_until(at)
+                        await sink.send_all(data)
+                        self.bytes_forwarded += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                failed.cancel()
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(deliver)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(deliver)
+            try:
                 async with send:
                     while data := await source.receive_some(CHUNK):
                         if self.mode is Mode.BLACK_HOLE:
@@ -205,6 +210,10 @@ class FaultProxy:
                         delay = self.delay_seconds if self.mode is Mode.DELAY else 0.0
                         # A full channel holds the reader back: backpressure to the sender.
                         await send.send((trio.current_time() + delay, data))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                failed.cancel()
+                return
+        try:
             await sink.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             failed.cancel()
