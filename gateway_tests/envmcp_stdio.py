@@ -163,6 +163,7 @@ NOT_IMPORTED_AT_START = (
     "gateway.envmcp.shell",
     # The executor tools' code: only their specs (gateway.envmcp.specs) are needed to list them.
     "gateway.envmcp.tools.exec",
+    "gateway.envmcp.tools.sessions",
     "gateway.envmcp.tools.files",
     "gateway.envmcp.tools.patch",
     "gateway.envmcp.tools.fs",

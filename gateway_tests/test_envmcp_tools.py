@@ -338,6 +338,148 @@ async def test_the_shell_tool_reports_an_executor_that_disconnects_mid_call(
     assert "executor disconnected" in result_text(result)
 
 
+# -- interactive sessions -----------------------------------------------------------------------
+
+
+async def test_a_session_lives_across_calls(exec_gateway: FakeExecGateway) -> None:
+    script = "echo ready; while read line; do echo got:$line; done; echo bye; exit 4"
+    async with alpha_envmcp(exec_gateway) as client:
+        started = await call(client, "exec_command", {"cmd": script, "yield_time_ms": 500})
+        echoed = await call(client, "write_stdin", {"session_id": 1, "chars": "hello\n"})
+        polled = await call(client, "write_stdin", {"session_id": 1, "yield_time_ms": 200})
+        again = await call(client, "write_stdin", {"session_id": 1, "chars": "world\n"})
+        ended = await call(client, "terminate_session", {"session_id": 1})
+        gone = await call(client, "write_stdin", {"session_id": 1, "chars": "x\n"})
+    running = (
+        "[session 1 is running; write_stdin with session_id 1 sends input or reads more output]"
+    )
+    assert (result_text(started), started["isError"]) == (f"ready\n{running}", False)
+    assert result_text(echoed) == f"got:hello\n{running}"
+    assert result_text(polled) == running  # nothing new since the last read
+    assert result_text(again) == f"got:world\n{running}"
+    assert result_text(ended).endswith("[exit_code=137]\n[session 1 terminated]")
+    assert ended["isError"] is False
+    assert gone["isError"] is True
+    assert result_text(gone) == (
+        "invalid arguments: there is no session 1 (it ended or never existed); running: none"
+    )
+
+
+async def test_a_session_that_exits_reports_its_exit_code_and_ends(
+    exec_gateway: FakeExecGateway,
+) -> None:
+    async with alpha_envmcp(exec_gateway) as client:
+        quick = await call(client, "exec_command", {"cmd": "echo done", "yield_time_ms": 5000})
+        reader = await call(client, "exec_command", {"cmd": "read x; echo $x; exit 5"})
+        finished = await call(
+            client, "write_stdin", {"session_id": 2, "chars": "bye\n", "yield_time_ms": 5000}
+        )
+        after = await call(client, "write_stdin", {"session_id": 2})
+    assert result_text(quick) == "done\n[exit_code=0]\n[session 1 ended]"
+    assert quick["isError"] is False
+    assert "[session 2 is running" in result_text(reader)
+    assert result_text(finished) == "bye\n[exit_code=5]\n[session 2 ended]"
+    assert finished["isError"] is True
+    assert "there is no session 2" in result_text(after)
+
+
+async def test_a_session_in_a_terminal(exec_gateway: FakeExecGateway) -> None:
+    async with alpha_envmcp(exec_gateway) as client:
+        await call(client, "exec_command", {"cmd": "read x; echo tty:$x; tty", "tty": True})
+        result = await call(
+            client, "write_stdin", {"session_id": 1, "chars": "abc\n", "yield_time_ms": 5000}
+        )
+    text = result_text(result)
+    assert "tty:abc" in text
+    assert "/dev/pts/" in text
+    assert "[session 1 ended]" in text
+
+
+async def test_session_output_is_bounded(exec_gateway: FakeExecGateway) -> None:
+    async with alpha_envmcp(exec_gateway) as client:
+        result = await call(
+            client,
+            "exec_command",
+            {"cmd": "seq 1 100000", "yield_time_ms": 10000, "max_output_bytes": 1024},
+        )
+    text = result_text(result)
+    assert text.startswith("1\n2\n")
+    assert "100000\n[exit_code=0]" in text
+    assert "bytes of output left out" in text
+    assert len(text) < 1300
+
+
+async def test_sessions_are_bounded_in_number(
+    exec_gateway: FakeExecGateway, tmp_path: Path
+) -> None:
+    async with alpha_envmcp(exec_gateway) as client:
+        for n in range(1, 9):
+            started = await call(
+                client, "exec_command", {"cmd": "exec sleep 300", "yield_time_ms": 0}
+            )
+            assert f"[session {n} is running" in result_text(started)
+        refused = await call(client, "exec_command", {"cmd": "true"})
+        await call(client, "terminate_session", {"session_id": 3})
+        allowed = await call(client, "exec_command", {"cmd": "echo nine", "yield_time_ms": 5000})
+    assert refused["isError"] is True
+    assert result_text(refused) == (
+        "too many sessions: 8 are running (1, 2, 3, 4, 5, 6, 7, 8); end one with "
+        "terminate_session first"
+    )
+    assert result_text(allowed) == "nine\n[exit_code=0]\n[session 9 ended]"
+
+
+async def test_sessions_end_when_env_mcp_ends(
+    exec_gateway: FakeExecGateway, tmp_path: Path
+) -> None:
+    pid_files = [tmp_path / f"pid{n}" for n in (1, 2)]
+    with processes_reaped(pid_files):
+        async with alpha_envmcp(exec_gateway) as client:
+            for pid_file in pid_files:
+                script = f"echo $$ > {pid_file}; echo up; exec sleep 300"
+                started = await call(client, "exec_command", {"cmd": script, "yield_time_ms": 3000})
+                assert "up\n" in result_text(started)
+            pids = [int(p.read_text()) for p in pid_files]
+            assert all(alive(pid) for pid in pids)
+        # Leaving the block closed env-mcp's stdin: its clean exit.
+        for pid in pids:
+            await wait_gone(pid)
+    assert client.process.returncode == 0
+
+
+async def test_a_session_with_a_refused_token_is_a_clear_error(
+    exec_gateway: FakeExecGateway,
+) -> None:
+    async with alpha_envmcp(exec_gateway, token_for(ttl=-1)) as client:
+        result = await call(client, "exec_command", {"cmd": "cat"})
+        after = await call(client, "write_stdin", {"session_id": 1})
+    assert result["isError"] is True
+    assert "HTTP 401" in result_text(result)
+    assert "capability token expired" in result_text(result)
+    assert "there is no session 1" in result_text(after)
+
+
+async def test_a_session_whose_executor_disconnects_mid_call_ends_clearly(
+    exec_gateway: FakeExecGateway, executor: Executor, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    with processes_reaped([pid_file]):
+        async with alpha_envmcp(exec_gateway) as client:
+            script = f"echo $$ > {pid_file}; echo up; exec cat"
+            await call(client, "exec_command", {"cmd": script, "yield_time_ms": 3000})
+            request_id = await send_call(
+                client, "write_stdin", {"session_id": 1, "yield_time_ms": 20000}
+            )
+            executor.kill()
+            result = await answer_to(client, request_id)
+            after = await call(client, "write_stdin", {"session_id": 1})
+    assert result["isError"] is True
+    assert result_text(result).startswith(
+        "[executor exe_alpha unreachable: bridge connection closed"
+    )
+    assert "there is no session 1" in result_text(after)
+
+
 # -- read_file ----------------------------------------------------------------------------------
 
 
@@ -583,7 +725,16 @@ async def test_tools_list_offers_every_tool_to_codex(exec_gateway: FakeExecGatew
             await client.initialize()
             tools = await client.request("tools/list")
     names = [tool["name"] for tool in tools["result"]["tools"]]
-    assert names == ["shell", "shell_command", "read_file", "write_file", "apply_patch"]
+    assert names == [
+        "shell",
+        "shell_command",
+        "exec_command",
+        "write_stdin",
+        "terminate_session",
+        "read_file",
+        "write_file",
+        "apply_patch",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -633,3 +784,29 @@ async def test_multiplexed_file_tools_need_a_known_environment_id(
     assert result_text(unknown).startswith("[environment exe_gamma unavailable: ")
     assert not (executor.workdir / "x").exists()
     assert (beta["isError"], result_text(beta)) == (False, "L1: hello")
+
+
+async def test_multiplexed_sessions_belong_to_their_executor(
+    exec_gateway: FakeExecGateway, tmp_path: Path
+) -> None:
+    script = "while read line; do echo got:$line; done"
+    async with served_channel(tmp_path, exec_gateway) as path, channel_envmcp(path) as client:
+        alpha = {"environment_id": "exe_alpha"}
+        started = await call(client, "exec_command", {**alpha, "cmd": script, "yield_time_ms": 0})
+        elsewhere = await call(
+            client, "write_stdin", {"environment_id": "exe_beta", "session_id": 1, "chars": "x\n"}
+        )
+        echoed = await call(
+            client,
+            "write_stdin",
+            {**alpha, "session_id": 1, "chars": "hi\n", "yield_time_ms": 5000},
+        )
+        ended = await call(client, "terminate_session", {**alpha, "session_id": 1})
+    assert "[session 1 is running" in result_text(started)
+    assert elsewhere["isError"] is True
+    assert result_text(elsewhere) == (
+        "session 1 runs on executor exe_alpha, not on exe_beta; call it with environment_id "
+        "exe_alpha"
+    )
+    assert result_text(echoed).startswith("got:hi\n[session 1 is running")
+    assert result_text(ended).endswith("[session 1 terminated]")

@@ -11,7 +11,7 @@ from gateway.envmcp.registry import ToolRegistry
 from gateway.envmcp.server import listed_tool
 from gateway.envmcp.specs import EXECUTOR_TOOLS
 from gateway.envmcp.tools import exec as exec_tool
-from gateway.envmcp.tools import files
+from gateway.envmcp.tools import files, sessions
 from gateway.envmcp.tools.files import MAX_ANSWER_CHARS, decode_text, render_lines
 from gateway.envmcp.tools.output import HeadTail
 from gateway.envmcp.tools.patch_format import (
@@ -63,6 +63,14 @@ BAD_ARGUMENTS = [
     ("shell_command", {"command": "x" * (256 * 1024 + 1)}, "at most"),
     ("shell_command", {"command": "\ud800"}, "lone surrogate"),
     ("shell_command", {"command": "ls", "login": "yes"}, "true or false"),
+    ("exec_command", {"cmd": "cat", "yield_time_ms": 30_001}, "between 0 and 30000"),
+    ("exec_command", {"cmd": "cat", "tty": 1}, "true or false"),
+    ("write_stdin", {"chars": "x"}, "session_id is required"),
+    ("write_stdin", {"session_id": "1"}, "must be an integer"),
+    ("write_stdin", {"session_id": 0}, "between 1 and"),
+    ("write_stdin", {"session_id": 1, "chars": 5}, "chars must be a string"),
+    ("write_stdin", {"session_id": 1, "chars": "x" * (64 * 1024 + 1)}, "at most"),
+    ("terminate_session", {"session_id": 1, "force": True}, "unknown argument 'force'"),
     ("read_file", {}, "path is required"),
     ("read_file", {"path": ""}, "must not be empty"),
     ("read_file", {"path": "   "}, "must not be empty"),
@@ -97,6 +105,10 @@ def test_bad_arguments_are_refused_with_what_to_fix(
 def test_good_arguments_get_defaults() -> None:
     shell = exec_tool.parse_arguments({"command": "ls", "timeout_ms": 5.0})
     assert (shell.timeout_ms, shell.login, shell.max_output_bytes) == (5, False, 64 * 1024)
+    start = sessions.parse_start({"cmd": "cat"})
+    assert (start.tty, start.yield_ms, start.workdir) == (False, 2000, None)
+    write = sessions.parse_write({"session_id": 3})
+    assert (write.session_id, write.chars, write.yield_ms) == (3, "", 1000)
     read = files.parse_read({"path": "a.txt"})
     assert (read.offset, read.limit) == (1, 2000)
 

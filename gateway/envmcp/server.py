@@ -27,6 +27,7 @@ import itertools
 import json
 import logging
 import secrets
+import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
@@ -361,11 +362,21 @@ class ToolServer:
         """Serve MCP on stdin/stdout until stdin closes (then kept connections close)."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.kept.run)
-            async with stdio_server() as (read_stream, write_stream):
-                await self.server.run(
-                    read_stream, write_stream, self.server.create_initialization_options()
-                )
+            try:
+                async with stdio_server() as (read_stream, write_stream):
+                    await self.server.run(
+                        read_stream, write_stream, self.server.create_initialization_options()
+                    )
+            finally:
+                await self.end_sessions()
             nursery.cancel_scope.cancel()
+
+    async def end_sessions(self) -> None:
+        """Kill the interactive sessions' processes while their kept connections are open."""
+        # Imported at the first session call only; without one there is nothing to end.
+        sessions = sys.modules.get("gateway.envmcp.tools.sessions")
+        if sessions is not None:
+            await sessions.TABLE.aclose(self.kept.use)
 
 
 async def _set_when_cancelled(stop: trio.Event) -> None:

@@ -71,7 +71,7 @@ _TOOLS = "gateway.envmcp.tools"
 
 
 def _parsed_by(target: str) -> Callable[[Mapping[str, Any]], None]:
-    """A ``validate`` that runs the tool module's parser, imported at the first call."""
+    """A ``validate`` that runs the tool module's check, imported at the first call."""
 
     def validate(arguments: Mapping[str, Any]) -> None:
         module, _, function = target.partition(":")
@@ -192,5 +192,80 @@ APPLY_PATCH = ToolSpec(
     validate=_parsed_by(f"{_TOOLS}.patch:parse_arguments"),
 )
 
+_SESSION_ID = _integer("Session id returned by exec_command.", 1, 2**31)
+_YIELD = _integer("How long to wait for output, in ms.", 0, 30_000)
+
+# The session tools run on the executor's kept connection: their process outlives the call.
+EXEC_COMMAND = ToolSpec(
+    name="exec_command",
+    description=(
+        "Starts a command on `{environment}` and returns its output after yield_time_ms: the "
+        "exit code if it ended, else a session_id to use with write_stdin (send input or poll "
+        "for more output) and terminate_session. Sessions end with this server."
+    ),
+    input_schema=_object(
+        {
+            "cmd": {"type": "string", "description": "Shell command to run."},
+            "workdir": _WORKDIR,
+            "tty": {
+                "type": "boolean",
+                "description": "Run in a pseudo-terminal (default false: plain pipes).",
+            },
+            "login": _LOGIN,
+            "yield_time_ms": _YIELD,
+            "max_output_bytes": _MAX_OUTPUT,
+        },
+        ["cmd"],
+    ),
+    handler=f"{_TOOLS}.sessions:handle_start",
+    validate=_parsed_by(f"{_TOOLS}.sessions:parse_start"),
+    keep_connection=True,
+)
+
+WRITE_STDIN = ToolSpec(
+    name="write_stdin",
+    description=(
+        "Writes characters to the stdin of a session started by exec_command on "
+        "`{environment}` and returns the output since the last read (chars may be empty to "
+        "only poll)."
+    ),
+    input_schema=_object(
+        {
+            "session_id": _SESSION_ID,
+            "chars": {
+                "type": "string",
+                "description": "Characters to write (may be empty to poll).",
+            },
+            "yield_time_ms": _YIELD,
+            "max_output_bytes": _MAX_OUTPUT,
+        },
+        ["session_id"],
+    ),
+    handler=f"{_TOOLS}.sessions:handle_write",
+    validate=_parsed_by(f"{_TOOLS}.sessions:check_write"),
+    keep_connection=True,
+)
+
+TERMINATE_SESSION = ToolSpec(
+    name="terminate_session",
+    description=(
+        "Kills the process of a session started by exec_command on `{environment}` and "
+        "returns its last output."
+    ),
+    input_schema=_object({"session_id": _SESSION_ID}, ["session_id"]),
+    handler=f"{_TOOLS}.sessions:handle_terminate",
+    validate=_parsed_by(f"{_TOOLS}.sessions:check_terminate"),
+    keep_connection=True,
+)
+
 # Every tool that runs on an executor, in the order listed.
-EXECUTOR_TOOLS: tuple[ToolSpec, ...] = (SHELL, SHELL_COMMAND, READ_FILE, WRITE_FILE, APPLY_PATCH)
+EXECUTOR_TOOLS: tuple[ToolSpec, ...] = (
+    SHELL,
+    SHELL_COMMAND,
+    EXEC_COMMAND,
+    WRITE_STDIN,
+    TERMINATE_SESSION,
+    READ_FILE,
+    WRITE_FILE,
+    APPLY_PATCH,
+)

@@ -4,6 +4,8 @@ Their specs (names, descriptions, schemas) are in ``gateway/envmcp/specs.py``; t
 lives here, one module per tool family, imported at the tool's first call:
 
 * ``exec`` — ``shell_command``: a script run to its end with the executor's shell;
+* ``sessions`` — ``exec_command``, ``write_stdin``, ``terminate_session``: interactive
+  processes on the executors' kept connections, in a table that lives as long as env-mcp;
 * ``files`` — ``read_file`` and ``write_file``;
 * ``patch`` (with ``patch_format``) — ``apply_patch``;
 * ``arguments``, ``paths``, ``fs``, ``process_io``, ``output`` — argument checks, executor paths,
