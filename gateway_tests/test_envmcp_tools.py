@@ -429,8 +429,9 @@ async def test_sessions_are_bounded_in_number(
     assert result_text(allowed) == "nine\n[exit_code=0]\n[session 9 ended]"
 
 
+@pytest.mark.parametrize("how", ["stdin-closed", "sigterm"])
 async def test_sessions_end_when_env_mcp_ends(
-    exec_gateway: FakeExecGateway, tmp_path: Path
+    exec_gateway: FakeExecGateway, tmp_path: Path, how: str
 ) -> None:
     pid_files = [tmp_path / f"pid{n}" for n in (1, 2)]
     with processes_reaped(pid_files):
@@ -441,10 +442,19 @@ async def test_sessions_end_when_env_mcp_ends(
                 assert "up\n" in result_text(started)
             pids = [int(p.read_text()) for p in pid_files]
             assert all(alive(pid) for pid in pids)
+            if how == "sigterm":
+                client.process.terminate()
+                with trio.fail_after(15):
+                    await client.process.wait()
+                # Gone with env-mcp, not ~80 s later when the exec-server gives up a
+                # connection that dropped without a close.
+                for pid in pids:
+                    await wait_gone(pid)
         # Leaving the block closed env-mcp's stdin: its clean exit.
         for pid in pids:
             await wait_gone(pid)
-    assert client.process.returncode == 0
+    expected = -signal.SIGTERM if how == "sigterm" else 0
+    assert client.process.returncode == expected
 
 
 async def test_a_session_with_a_refused_token_is_a_clear_error(
