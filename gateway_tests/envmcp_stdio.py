@@ -20,6 +20,7 @@ import trio
 
 from gateway.captoken import mint_cap_token
 from gateway_tests.executor_fixtures import CAP_SECRET
+from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway
 
 PROTOCOL_VERSION = "2025-06-18"
 
@@ -160,8 +161,33 @@ def token_for(
 NOT_IMPORTED_AT_START = (
     "gateway.envmcp.bridge",
     "gateway.envmcp.shell",
+    # The executor tools' code: only their specs (gateway.envmcp.specs) are needed to list them.
+    "gateway.envmcp.tools.exec",
+    "gateway.envmcp.tools.sessions",
+    "gateway.envmcp.tools.files",
+    "gateway.envmcp.tools.patch",
+    "gateway.envmcp.tools.fs",
+    "gateway.envmcp.tools.process_io",
     "trio_websocket",
     "gateway.config",
     "gateway.auth",
     "gateway.captoken",
 )
+
+
+TURN_ID = "trn_test0001"
+
+
+@asynccontextmanager
+async def alpha_envmcp(
+    gateway: FakeExecGateway, token: str | None = None, *extra: str
+) -> AsyncIterator[McpStdioClient]:
+    """env-mcp for exe_alpha (one executor), initialised, with ``token`` (default: a valid one)."""
+    command = envmcp_command(
+        "exe_alpha", f"{gateway.ws_url}/bridge/exe_alpha", TOKEN_ENV, "--turn-id", TURN_ID, *extra
+    )
+    env = {TOKEN_ENV: token_for() if token is None else token}
+    async with running_envmcp(command, env) as client:
+        with trio.fail_after(30):
+            await client.initialize()
+        yield client

@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from gateway.envmcp import main as envmcp_main
+from gateway.envmcp.specs import EXECUTOR_TOOLS
 from gateway_tests.envmcp_stdio import (
     CAP_SECRET,
     NOT_IMPORTED_AT_START,
@@ -31,6 +32,8 @@ from gateway_tests.envmcp_stdio import (
     token_for,
 )
 from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway, run_exec_server
+
+TOOL_NAMES = [spec.name for spec in EXECUTOR_TOOLS]
 
 
 @pytest.fixture
@@ -310,7 +313,7 @@ async def test_tools_list_is_answered_without_importing_the_bridge(tmp_path: Pat
             with trio.fail_after(60):
                 await client.initialize()
                 tools = await client.request("tools/list")
-    assert [tool["name"] for tool in tools["result"]["tools"]] == ["shell"]
+    assert [tool["name"] for tool in tools["result"]["tools"]] == TOOL_NAMES
     lines = stderr_path.read_text().splitlines()
     imported = {
         line.rsplit("|", 1)[1].strip()
@@ -323,7 +326,7 @@ async def test_tools_list_is_answered_without_importing_the_bridge(tmp_path: Pat
         assert early == [], f"{module} imported before the first tool call"
 
 
-async def test_mcp_surface_lists_one_shell_tool_and_no_prompts_or_resources(
+async def test_mcp_surface_lists_the_tools_and_no_prompts_or_resources(
     exec_gateway: FakeExecGateway,
 ) -> None:
     command = envmcp_command(
@@ -349,8 +352,10 @@ async def test_mcp_surface_lists_one_shell_tool_and_no_prompts_or_resources(
     assert init["result"]["protocolVersion"] == PROTOCOL_VERSION
     assert init["result"]["serverInfo"]["name"] == "codex-env-mcp"
     assert "tools" in init["result"]["capabilities"]
-    [tool] = tools["result"]["tools"]
+    tool, *others = tools["result"]["tools"]
     assert tool["name"] == "shell"
+    assert [t["name"] for t in others] == TOOL_NAMES[1:]
+    assert all("Daisy's MacBook" in t["description"] for t in others)
     assert "Daisy's MacBook" in tool["description"]
     assert tool["inputSchema"]["required"] == ["command"]
     assert tool["inputSchema"]["properties"]["command"]["type"] == "array"

@@ -11,18 +11,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import pytest
 import trio
 import trio.testing
 
-from gateway.clients.execgateway import ExecGatewayClient
-from gateway.config import ExecGatewaySettings, Secret
 from gateway.envmcp.channel import (
     MAX_REQUEST_BYTES,
     SOCKET_NAME,
@@ -34,12 +30,17 @@ from gateway.envmcp.channel import (
     parse_grant,
     parse_request,
 )
-from gateway.executor_directory import ExecutorDirectory
+from gateway.envmcp.specs import EXECUTOR_TOOLS
 from gateway.sessions import executor_channel
 from gateway.sessions.executor_channel import (
     TokenBucket,
     descends_from,
-    serve_executor_channel,
+)
+from gateway_tests.envmcp_channel_harness import (
+    CHANNEL_ENV,
+    channel_command,
+    channel_envmcp,
+    served_channel,
 )
 from gateway_tests.envmcp_stdio import (
     CAP_SECRET,
@@ -49,8 +50,6 @@ from gateway_tests.envmcp_stdio import (
     running_envmcp,
 )
 from gateway_tests.fakes.fake_exec_gateway import FakeExecGateway, run_exec_server
-
-CHANNEL_ENV = "CXG_ENVMCP_CHANNEL"
 
 
 @pytest.fixture
@@ -69,38 +68,6 @@ async def gateway_a(real_codex_bin: Path, tmp_path: Path) -> AsyncIterator[FakeE
             gateway.add_executor(exe_id, workspace_id=workspace_id, backend_url=backend)
         await nursery.start(gateway.serve)
         yield gateway
-        nursery.cancel_scope.cancel()
-
-
-def _settings(gateway: FakeExecGateway, ttl: float = 600.0) -> ExecGatewaySettings:
-    return ExecGatewaySettings(
-        ws_url=gateway.ws_url,
-        internal_url=gateway.base_url,
-        internal_secret=Secret(gateway.internal_secret),
-        captoken_secret=Secret(CAP_SECRET.decode()),
-        captoken_ttl=ttl,
-    )
-
-
-@asynccontextmanager
-async def served_channel(
-    tmp_path: Path,
-    gateway: FakeExecGateway,
-    *,
-    admits: Callable[[int, int], str | None] = lambda pid, uid: None,
-    max_age: float = 0.0,
-) -> AsyncIterator[Path]:
-    """The session's channel for workspace ws_a at ``<tmp>/run/executors.sock``."""
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
-    path = runtime / SOCKET_NAME
-    async with httpx2.AsyncClient() as http, trio.open_nursery() as nursery:
-        client = ExecGatewayClient(http, gateway.base_url, Secret(gateway.internal_secret))
-        directory = ExecutorDirectory(
-            client, _settings(gateway), "ws_a", "trn_chan0001", max_age=max_age
-        )
-        await nursery.start(serve_executor_channel, path, directory, None, admits)
-        yield path
         nursery.cancel_scope.cancel()
 
 
@@ -290,18 +257,6 @@ async def test_an_exec_gateway_outage_is_a_clear_refusal(
 # -- env-mcp in the multiplexed layout ---------------------------------------------------------
 
 
-def channel_command() -> list[str]:
-    return [sys.executable, "-m", "gateway.envmcp", "--channel-env", CHANNEL_ENV]
-
-
-@asynccontextmanager
-async def channel_envmcp(path: Path) -> AsyncIterator[McpStdioClient]:
-    async with running_envmcp(channel_command(), {CHANNEL_ENV: str(path)}) as client:
-        with trio.fail_after(30):
-            await client.initialize()
-        yield client
-
-
 async def _call(client: McpStdioClient, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
     answer = await client.request("tools/call", {"name": name, "arguments": arguments})
     assert "result" in answer, answer
@@ -316,7 +271,7 @@ async def test_multiplexed_tools_take_an_environment_id(
         with trio.fail_after(30):
             tools = (await client.request("tools/list"))["result"]["tools"]
     by_name = {tool["name"]: tool for tool in tools}
-    assert list(by_name) == ["list_environments", "shell"]
+    assert list(by_name) == ["list_environments", *(spec.name for spec in EXECUTOR_TOOLS)]
     shell = by_name["shell"]["inputSchema"]
     assert shell["required"] == ["environment_id", "command"]
     assert shell["properties"]["environment_id"]["type"] == "string"
@@ -422,7 +377,10 @@ async def test_tools_list_in_the_multiplexed_layout_imports_no_bridge(tmp_path: 
             with trio.fail_after(60):
                 await client.initialize()
                 tools = await client.request("tools/list")
-    assert [tool["name"] for tool in tools["result"]["tools"]] == ["list_environments", "shell"]
+    assert [tool["name"] for tool in tools["result"]["tools"]] == [
+        "list_environments",
+        *(spec.name for spec in EXECUTOR_TOOLS),
+    ]
     imported = {
         line.rsplit("|", 1)[1].strip()
         for line in stderr_path.read_text().splitlines()

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import attrs
@@ -79,6 +79,8 @@ class EnvironmentInfo:
     cwd_uri: str | None = None
     home_uri: str | None = None
     platform_os: str | None = None
+    # The executor's own shell (``environmentInfo.shell.path``), for tools that run a script.
+    shell_path: str | None = None
 
     @classmethod
     def from_initialize(cls, result: Mapping[str, Any]) -> EnvironmentInfo:
@@ -90,8 +92,13 @@ class EnvironmentInfo:
             value = info.get(key)
             return value if isinstance(value, str) and value else None
 
+        shell = info.get("shell")
+        shell_path = shell.get("path") if isinstance(shell, Mapping) else None
         return cls(
-            cwd_uri=text("cwd"), home_uri=text("userHomeDir"), platform_os=text("platformOs")
+            cwd_uri=text("cwd"),
+            home_uri=text("userHomeDir"),
+            platform_os=text("platformOs"),
+            shell_path=shell_path if isinstance(shell_path, str) and shell_path else None,
         )
 
 
@@ -142,6 +149,29 @@ class ExecServerClient:
                     method, int(error.get("code", 0)), str(error.get("message", "unknown error"))
                 )
             return message.get("result")
+
+
+@contextmanager
+def single_errors() -> Iterator[None]:
+    """Raise the one exception of an exception group as itself.
+
+    Trio's nurseries wrap whatever escapes them in an ``ExceptionGroup``; a tool's watcher task
+    never fails, so a group holds the one ``BridgeError`` of the work, which callers catch.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def _close_text(exc: ConnectionClosed) -> str:

@@ -26,7 +26,10 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import secrets
+import signal
+import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Protocol
@@ -361,11 +364,21 @@ class ToolServer:
         """Serve MCP on stdin/stdout until stdin closes (then kept connections close)."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.kept.run)
-            async with stdio_server() as (read_stream, write_stream):
-                await self.server.run(
-                    read_stream, write_stream, self.server.create_initialization_options()
-                )
+            try:
+                async with stdio_server() as (read_stream, write_stream):
+                    await self.server.run(
+                        read_stream, write_stream, self.server.create_initialization_options()
+                    )
+            finally:
+                await self.end_sessions()
             nursery.cancel_scope.cancel()
+
+    async def end_sessions(self) -> None:
+        """Kill the interactive sessions' processes while their kept connections are open."""
+        # Imported at the first session call only; without one there is nothing to end.
+        sessions = sys.modules.get("gateway.envmcp.tools.sessions")
+        if sessions is not None:
+            await sessions.TABLE.aclose(self.kept.use)
 
 
 async def _set_when_cancelled(stop: trio.Event) -> None:
@@ -410,5 +423,24 @@ async def serve(settings: EnvMcpSettings | ChannelSettings) -> None:
         server = ToolServer(
             FixedExecutor(settings), time_limit=settings.time_limit, exe_desc=settings.exe_desc
         )
-    await server.serve_stdio()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_end_sessions_on_sigterm, server)
+        await server.serve_stdio()
+        nursery.cancel_scope.cancel()
     log.info("env-mcp clean exit (stdin closed)")
+
+
+async def _end_sessions_on_sigterm(server: ToolServer) -> None:
+    """SIGTERM still ends env-mcp at once, but only after its interactive sessions are ended.
+
+    Dying on the signal straight away would drop the kept connections without a close, and
+    exec-server 0.169.0 keeps the processes of such a connection for about 80 s (for a resume)
+    before it kills them. (A graceful stop is not possible: the stdio transport reads stdin in
+    a thread that cancellation cannot interrupt.)
+    """
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _ in signals:
+            log.info("env-mcp stopping (SIGTERM): ending its sessions first")
+            await server.end_sessions()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -26,7 +26,13 @@ from urllib.parse import quote, unquote, urlsplit
 import attrs
 import trio
 
-from gateway.envmcp.bridge import BridgeError, EnvironmentInfo, ExecServerClient, ExecServerError
+from gateway.envmcp.bridge import (
+    BridgeError,
+    EnvironmentInfo,
+    ExecServerClient,
+    ExecServerError,
+    single_errors,
+)
 from gateway.envmcp.registry import ToolCall
 from gateway.envmcp.specs import parse_shell_arguments
 
@@ -210,8 +216,9 @@ async def _read_until_done(
             progress.exit_code = code if isinstance(code, int) else None
             if progress.exited_at is None:
                 progress.exited_at = trio.current_time()
-        grace_over = progress.exited_at is not None and progress.wait_ms() == 0 and not chunks
-        progress.finished = bool(result.get("closed")) or grace_over
+        grace_over = progress.exited_at is not None and progress.wait_ms() == 0
+        # ``closed`` can come while output is still buffered: done once a read brings none.
+        progress.finished = not chunks and (bool(result.get("closed")) or grace_over)
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
@@ -259,7 +266,7 @@ async def run_shell(
 
     progress = _Progress(streams={"stdout": _Stream(output_limit), "stderr": _Stream(output_limit)})
     try:
-        with trio.move_on_after(time_limit) as deadline:
+        with trio.move_on_after(time_limit) as deadline, single_errors():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_when_set, stop, nursery.cancel_scope)
                 await _read_until_done(client, process_id, progress, on_output)

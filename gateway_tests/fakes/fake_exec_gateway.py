@@ -32,6 +32,7 @@ import contextlib
 import datetime as dt
 import os
 import subprocess
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -85,6 +86,9 @@ class FakeExecGateway:
     connected_requests: list[dict[str, Any]] = attrs.field(factory=list)
     bridge_attempts: list[BridgeAttempt] = attrs.field(factory=list)
     base_url: str = ""
+    # Called with each frame a bridge client sends (and its number on that bridge, from 1)
+    # before it is relayed: a test's way to act at an exact point of a call.
+    on_client_frame: Callable[[int, str | bytes], None] | None = None
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
     def add_executor(
@@ -204,15 +208,20 @@ class FakeExecGateway:
                 ) as backend,
                 trio.open_nursery() as nursery,
             ):
-                nursery.start_soon(_client_to_backend, websocket, backend, nursery.cancel_scope)
+                scope, hook = nursery.cancel_scope, self.on_client_frame
+                nursery.start_soon(_client_to_backend, websocket, backend, scope, hook)
                 nursery.start_soon(_backend_to_client, backend, websocket, nursery.cancel_scope)
         except (trio_websocket.HandshakeError, OSError):
             await websocket.close(code=1011, reason="executor backend unreachable")
 
 
 async def _client_to_backend(
-    websocket: WebSocket, backend: trio_websocket.WebSocketConnection, scope: trio.CancelScope
+    websocket: WebSocket,
+    backend: trio_websocket.WebSocketConnection,
+    scope: trio.CancelScope,
+    on_frame: Callable[[int, str | bytes], None] | None = None,
 ) -> None:
+    count = 0
     try:
         while True:
             message = await websocket.receive()
@@ -221,6 +230,9 @@ async def _client_to_backend(
             data = message.get("text")
             if data is None:
                 data = message.get("bytes") or b""
+            count += 1
+            if on_frame is not None:
+                on_frame(count, data)
             await backend.send_message(data)
     except (WebSocketDisconnect, trio_websocket.ConnectionClosed):
         pass
