@@ -31,7 +31,7 @@ from gateway.store.base import archive_key
 from gateway_tests.faultproxy import FaultProxy
 from gateway_tests.harness import HMAC_SECRET, closed_port
 from gateway_tests.real_codex_turns import is_user_message
-from gateway_tests.reliability.support import CountsRecorder, close_code
+from gateway_tests.reliability.support import CountsRecorder, Scale, close_code
 from gateway_tests.replicas.cluster import (
     TAKEOVER_SECONDS,
     Cluster,
@@ -248,35 +248,46 @@ async def test_a_rolling_restart_of_every_pod_loses_no_thread(
     atomic_s3_settings: S3Settings,
     atomic_moto: MotoServer,
     counts: CountsRecorder,
+    scale: Scale,
 ) -> None:
     ws = "ws_rep_rolling"
     made: list[str] = []
+    rounds, per_turn = scale.pick(1, 4), scale.pick(3, 20)
     async with running_cluster(
         tmp_path, fake_codex_bin, atomic_s3_settings, CXG_DRAIN_BUDGET="20s"
     ) as cluster:
         pods = await start_pods(cluster, 3)
-        with trio.fail_after(STEP * 4):
+        with trio.fail_after(STEP * 4 * rounds):
             # Each pod in turn, as a rolling update does: its replacement comes up first
             # (maxSurge), then it drains (SIGTERM) while a client of the workspace keeps
             # writing through whichever pod it reached.
-            for turn, leaving in enumerate(list(pods)):
-                await cluster.start(f"{leaving.name}-next{turn}")
-                staying = [pod for pod in cluster.pods if pod.process.returncode is None]  # type: ignore[union-attr]
+            for turn in range(rounds * len(pods)):
+                live = [pod for pod in cluster.pods if pod.process.returncode is None]  # type: ignore[union-attr]
+                leaving = live[0]
+                await cluster.start(f"pod-next{turn}")
+                staying = [pod for pod in live[1:]] + [cluster.pods[-1]]
                 entry = staying[turn % len(staying)]
                 async with client(entry, ws) as rpc:
-                    for _ in range(3):
+                    for _ in range(per_turn):
                         made.append((await rpc.result("thread/start", {}))["thread"]["id"])
                 leaving.signal(signal.SIGTERM)
                 assert await leaving.process.wait() == 0  # type: ignore[union-attr]
             # Every thread made, whichever pod held the workspace then, is there now.
             survivor = next(pod for pod in cluster.pods if pod.process.returncode is None)  # type: ignore[union-attr]
             async with client(survivor, ws) as rpc:
-                listed = {t["id"] for t in (await rpc.result("thread/list", {}))["data"]}
+                listed: set[str] = set()
+                cursor = None
+                while True:  # every page: the soak run makes more threads than one holds
+                    page = await rpc.result("thread/list", {"limit": 100, "cursor": cursor})
+                    listed.update(thread["id"] for thread in page["data"])
+                    cursor = page["nextCursor"]
+                    if cursor is None:
+                        break
         assert set(made) <= listed, sorted(set(made) - listed)
         started = cluster.children_started(ws)
         # The workspace moved with the drains, one child per pod that held it.
         assert len({pod for _, pod, _ in started}) == len(started) >= 2
-        counts["pods_restarted"] = len(pods)
+        counts["pods_restarted"] = rounds * len(pods)
         counts["threads_made"] = len(made)
         counts["threads_lost"] = len(set(made) - listed)
         counts["owners"] = len(started)
