@@ -406,7 +406,11 @@ async def _serve(
     forwarder = (
         None
         if replicas is None
-        else Forwarder(replicas, answer_timeout=config.child_ready_timeout + HOP_ANSWER_MARGIN)
+        else Forwarder(
+            replicas,
+            answer_timeout=config.child_ready_timeout + HOP_ANSWER_MARGIN,
+            owner_gone=placement.owner_gone,
+        )
     )
     async with trio.open_nursery() as root:
         manager = SessionManager(services)

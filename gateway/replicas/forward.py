@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Callable
 
 import structlog
 import trio
@@ -83,6 +84,10 @@ class HopUnreachable(Exception):
     """The owner's internal listener could not be reached or gave no usable answer."""
 
 
+class OwnerGone(HopUnreachable):
+    """The owner stopped answering and has since been judged dead: claim the workspace anew."""
+
+
 class HopRefused(Exception):
     """The owner refused the connect; ``response`` is its answer, passed to the client."""
 
@@ -126,10 +131,20 @@ def _keep_alive(sock: socket.socket) -> None:
 class Forwarder:
     """Opens hops to owners and keeps the forwarded clients of this pod (for the drain)."""
 
-    def __init__(self, replicas: ReplicaSettings, *, answer_timeout: float) -> None:
+    def __init__(
+        self,
+        replicas: ReplicaSettings,
+        *,
+        answer_timeout: float,
+        owner_gone: Callable[[PeerOwner], bool] | None = None,
+    ) -> None:
         self._pod = replicas.pod_name
         self._signer = GrantSigner(replicas.peer_secret.reveal())
         self._answer_timeout = answer_timeout
+        # An owner whose process stops answering (frozen, or its node partitioned after the
+        # connect) is judged dead by the heartbeats long before ``answer_timeout``.
+        self._owner_gone = owner_gone
+        self._look_every = replicas.heartbeat_interval / 2
         self._clients: set[ForwardedClient] = set()
         self.draining = False
 
@@ -161,8 +176,9 @@ class Forwarder:
             _keep_alive(hop)
             try:
                 with trio.fail_after(self._answer_timeout):
-                    await send_all(hop, hop_request(request, owner.peer_addr, grant, self._pod))
-                    head, early = await _read_response(hop)
+                    head, early = await self._answer_unless_gone(
+                        hop, hop_request(request, owner.peer_addr, grant, self._pod), owner
+                    )
             except (OSError, trio.TooSlowError, EOFError, ValueError) as exc:
                 metrics.HOP_FAILURES.labels(stage="upgrade").inc()
                 raise HopUnreachable(f"no answer from {owner.peer_addr}: {exc!r}") from None
@@ -184,6 +200,39 @@ class Forwarder:
             raise
         forwarded = ForwardedClient(client, hop, early, owner=owner)
         return forwarded
+
+    async def _answer_unless_gone(
+        self, hop: socket.socket, request: bytes, owner: PeerOwner
+    ) -> tuple[bytes, bytes]:
+        """Send the upgrade and read the owner's answer; ``OwnerGone`` once it is judged dead.
+
+        The answer's own failures (``OSError``, ``EOFError``, ``ValueError``) come out as they
+        are, not wrapped in a group.
+        """
+        answer: list[tuple[bytes, bytes]] = []
+        failure: list[Exception] = []
+        gone = False
+        async with trio.open_nursery() as nursery:
+
+            async def ask() -> None:
+                try:
+                    await send_all(hop, request)
+                    answer.append(await _read_response(hop))
+                except (OSError, EOFError, ValueError) as exc:
+                    failure.append(exc)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(ask)
+            while self._owner_gone is not None and not gone:
+                await trio.sleep(self._look_every)
+                gone = self._owner_gone(owner)
+            if gone:
+                nursery.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
+        if gone or not answer:
+            raise OwnerGone(f"{owner.pod} stopped answering and its heartbeat went silent")
+        return answer[0]
 
     async def relay(self, forwarded: ForwardedClient) -> None:
         """Relay ``forwarded`` until it ends; a drain under way closes it at once."""

@@ -132,6 +132,10 @@ class StorePlacement:
             log.info("owner.released", workspace_id=workspace_id, epoch=epoch)
         self._held.pop(workspace_id, None)
 
+    def owner_gone(self, owner: PeerOwner) -> bool:
+        """Whether ``owner``'s process has been silent for the takeover time since."""
+        return self.liveness.is_dead(owner.pod, owner.incarnation, trio.current_time())
+
     def set_draining(self) -> None:
         """Refuse claims from now on; the next heartbeat says ``draining``."""
         self.heartbeat.draining = True
@@ -306,7 +310,9 @@ class StorePlacement:
             elif self.liveness.is_dead(current.pod, current.incarnation, trio.current_time()):
                 kind = "takeover"
             else:
-                raise OwnedElsewhere(PeerOwner(current.pod, current.peer_addr, current.epoch))
+                raise OwnedElsewhere(
+                    PeerOwner(current.pod, current.peer_addr, current.epoch, current.incarnation)
+                )
             epoch, base = current.epoch + 1, current
         record = OwnershipRecord(
             pod=self.settings.pod_name,

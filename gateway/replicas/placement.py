@@ -29,6 +29,8 @@ class PeerOwner:
     peer_addr: str
     # Raised by every change of owner; a forwarded connect carries the epoch it was sent for.
     epoch: int
+    # The owner's process (its heartbeat's incarnation): what liveness is judged by.
+    incarnation: str = ""
 
 
 class OwnedElsewhere(SessionStartError):
@@ -119,6 +121,10 @@ class Placement(Protocol):
         """This pod is draining: claims answer 503 from now on, the heartbeat says so."""
         ...
 
+    def owner_gone(self, owner: PeerOwner) -> bool:
+        """Whether ``owner`` has since been judged dead (a forward waiting on it gives up)."""
+        ...
+
     def snapshots(
         self, workspace_id: str, epoch: int, persistence: Persistence
     ) -> Snapshots | None:
@@ -146,6 +152,10 @@ class SolePlacement:
 
     def set_draining(self) -> None:
         """The manager refuses new sessions itself."""
+
+    def owner_gone(self, owner: PeerOwner) -> bool:
+        """There are no other owners."""
+        return False
 
     def snapshots(self, workspace_id: str, epoch: int, persistence: Persistence) -> None:
         """Saves are fenced on the archive's own generation (``Persistence``)."""

@@ -42,6 +42,7 @@ from gateway.replicas.forward import (
     Forwarder,
     HopRefused,
     HopUnreachable,
+    OwnerGone,
     OwnerMoved,
 )
 from gateway.replicas.placement import OwnedElsewhere
@@ -258,6 +259,14 @@ class WebSocketEndpoint:
             request_id = new_request_id()
             log.warning("forward.gave_up", tries=tries, request_id=request_id)
             raise Refused(503, OWNER_MOVING, 1, request_id) from None
+        except OwnerGone as exc:
+            # Judged dead while it kept us waiting: the next attach claims the workspace.
+            log.info("forward.owner_gone", pod=owner.pod, error=str(exc), tries=tries)
+            if tries < MAX_FORWARD_TRIES:
+                metrics.FORWARDS.labels(result="owner_gone").inc()
+                return None
+            metrics.FORWARDS.labels(result="unreachable").inc()
+            raise Refused(503, OWNER_UNREACHABLE, 1, new_request_id()) from None
         except HopUnreachable as exc:
             metrics.FORWARDS.labels(result="unreachable").inc()
             request_id = new_request_id()

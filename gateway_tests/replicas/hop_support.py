@@ -67,6 +67,10 @@ class TablePlacement:
     def set_draining(self) -> None:
         """The table has no heartbeat to mark; the manager refuses new sessions itself."""
 
+    def owner_gone(self, owner: PeerOwner) -> bool:
+        """The table's owners live as long as the test says."""
+        return False
+
     def snapshots(self, workspace_id: str, epoch: int, persistence: Persistence) -> None:
         """Saves go to the archive key itself, as on a single pod."""
         return None
