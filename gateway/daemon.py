@@ -58,6 +58,7 @@ from gateway.replicas.records import Records, new_write_id
 from gateway.sessions.budget import InflightBudget
 from gateway.sessions.isolation import ChildIsolation, IsolationMode, UidRange, harden_process
 from gateway.sessions.manager import SessionManager
+from gateway.sessions.reactor import Reactor
 from gateway.sessions.session import SessionServices
 from gateway.sessions.wiring import credentials_factory, executors_factory, open_persistence
 from gateway.store.base import ObjectStore, ReplicaStore, StoreNotFenced, StoreUnavailable
@@ -413,6 +414,9 @@ async def _serve(
         )
     )
     async with trio.open_nursery() as root:
+        # Every tunnel's sockets are served from the reactor's one epoll set (see its module).
+        reactor = Reactor()
+        await root.start(reactor.run)
         manager = SessionManager(services)
         heartbeat_scope, keeper_scope = trio.CancelScope(), trio.CancelScope()
         if replica is not None:
@@ -447,6 +451,7 @@ async def _serve(
             authenticator,
             config,
             budget=InflightBudget(config.ws_inflight_budget),
+            reactor=reactor,
             policy_for=policy_for,
             forwarder=forwarder,
         )
@@ -502,6 +507,8 @@ async def _serve(
         http_stopped.set()
         signal_scope.cancel()
         checks_scope.cancel()
+        # Last: whatever still relays after the drain falls back to Trio's own waits.
+        reactor.close()
 
 
 async def _run_daemon(

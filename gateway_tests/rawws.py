@@ -44,8 +44,9 @@ class RawClient:
         self.stream = stream
         self.buffer = rest
 
-    async def send(self, opcode: int, payload: bytes) -> None:
-        """One masked frame."""
+    @staticmethod
+    def frame(opcode: int, payload: bytes) -> bytes:
+        """One whole masked frame, as bytes (several can go out in one write)."""
         key = os.urandom(4)
         length = len(payload)
         if length < 126:
@@ -54,7 +55,11 @@ class RawClient:
             head = bytes([0x80 | opcode, 0x80 | 126]) + struct.pack("!H", length)
         else:
             head = bytes([0x80 | opcode, 0x80 | 127]) + struct.pack("!Q", length)
-        await self.stream.send_all(head + key + frames.apply_mask(payload, key))
+        return head + key + frames.apply_mask(payload, key)
+
+    async def send(self, opcode: int, payload: bytes) -> None:
+        """One masked frame."""
+        await self.stream.send_all(self.frame(opcode, payload))
 
     async def send_fragments(self, opcode: int, parts: list[bytes]) -> None:
         """One message in several masked frames (each under 126 bytes)."""

@@ -364,6 +364,75 @@ async def test_a_refused_message_gets_the_policys_answer_and_never_reaches_the_c
         await gateway.shutdown()
 
 
+async def test_messages_batched_in_one_write_keep_their_order_through_refusals_and_controls(
+    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+) -> None:
+    # The reactor's fast path forwards whole messages of a read itself and leaves the rest of
+    # the read to the pump at the first frame it does not finish (a refusal, a ping, a
+    # fragment, a frame cut by the read): nothing may be lost, doubled or reordered there.
+    env = gateway_env(tmp_path, fake_codex_bin)
+    refusing = _RefuseFakePid.for_session(load_config(env), home="/nowhere", codex_home="/nowhere")
+    gateway = await start_gateway(nursery, env, policy_for=lambda _session: refusing)
+
+    def request(request_id: int, method: str = "fake/echo") -> bytes:
+        body = {"id": request_id, "method": method, "params": {"payload": f"p{request_id}"}}
+        return json.dumps(body).encode()
+
+    async def answers(client: RawClient, ids: set[int]) -> tuple[list[int], list[int], int]:
+        echoed: list[int] = []
+        refused: list[int] = []
+        pongs = 0
+        while set(echoed) | set(refused) != ids:
+            opcode, payload = await client.receive()
+            if opcode == frames.PONG:
+                pongs += 1
+                continue
+            message = json.loads(payload)
+            if "error" in message:
+                refused.append(message["id"])
+            elif message.get("id") in ids:
+                assert message["result"]["payload"] == f"p{message['id']}", message
+                echoed.append(message["id"])
+        return echoed, refused, pongs
+
+    try:
+        with trio.fail_after(TIMEOUT):
+            head, client = await _raw_connect(gateway, "ws_batched")
+            assert _status(head) == 101
+            init = {"id": 0, "method": "initialize", "params": {"clientInfo": {"name": "t"}}}
+            await client.send(frames.TEXT, json.dumps(init).encode())
+            while json.loads((await client.receive())[1]).get("id") != 0:
+                pass
+            fragmented = request(4)
+            batch = b"".join(
+                [
+                    client.frame(frames.TEXT, request(1)),
+                    client.frame(frames.TEXT, request(2, "fake/pid")),
+                    client.frame(frames.TEXT, request(3)),
+                    client.frame(frames.PING, b"mid-batch"),
+                    bytes([frames.TEXT, 0x80 | 5]) + bytes(4) + fragmented[:5],
+                    bytes([0x80 | frames.CONTINUATION, 0x80 | (len(fragmented) - 5)])
+                    + bytes(4)
+                    + fragmented[5:],
+                    client.frame(frames.TEXT, request(5)),
+                ]
+            )
+            await client.stream.send_all(batch)
+            echoed, refused, pongs = await answers(client, {1, 2, 3, 4, 5})
+            assert echoed == [1, 3, 4, 5] and refused == [2]
+            if pongs == 0:  # the child's pong may come after the last answer
+                assert (await client.receive())[0] == frames.PONG
+            # Whole messages, then a frame the read cuts: the fast path hands the cut frame on.
+            tail = client.frame(frames.TEXT, request(7))
+            await client.stream.send_all(client.frame(frames.TEXT, request(6)) + tail[:9])
+            assert await answers(client, {6}) == ([6], [], 0)
+            await client.stream.send_all(tail[9:] + client.frame(frames.TEXT, request(8)))
+            assert await answers(client, {7, 8}) == ([7, 8], [], 0)
+            await client.stream.aclose()
+    finally:
+        await gateway.shutdown()
+
+
 # -- bounds ---------------------------------------------------------------------------------------
 
 

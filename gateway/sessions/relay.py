@@ -53,6 +53,7 @@ from gateway.sessions.frames import (
 )
 from gateway.sessions.handshake import MAX_HEAD, RequestHead, child_upgrade_request, head_end
 from gateway.sessions.handshake import response_status as _response_status
+from gateway.sessions.reactor import Reactor
 from gateway.sessions.sockets import close_socket, connect, drain_to_eof, recv, send_all
 
 log = structlog.get_logger(__name__)
@@ -145,6 +146,7 @@ class ClientRelay:
         ping_interval: float,
         budget: InflightBudget,
         policy: ClientPolicy,
+        reactor: Reactor,
     ) -> None:
         self._client = client
         self._request = request
@@ -153,6 +155,7 @@ class ClientRelay:
         self._ping_interval = ping_interval
         self._budget = budget
         self._policy = policy
+        self._reactor = reactor
         self._child: socket.socket | None = None
         self._early = b""
         self.started = False
@@ -163,14 +166,22 @@ class ClientRelay:
         self.close_code = 1001
         self.close_reason = "session stopped"
         self._stopped = False
-        # Only one task writes the client socket at a time; child→client holds this while the
-        # client's stream is inside one of the child's frames.
-        self._client_lock = trio.StrictFIFOLock()
+        # Only one writer of the client socket at a time; child→client holds this while the
+        # client's stream is inside one of the child's frames. A semaphore, not a lock: the
+        # reactor's task takes it on the child→client pump's behalf (see _child_ready).
+        self._client_lock = trio.Semaphore(1, max_value=1)
         # Frame tracking and closing-handshake state.
         self._s2c = FrameTracker()
+        self._s2c_holding = False  # child→client holds _client_lock (inside a child's frame)
+        self._s2c_pending = b""  # read by the fast path, not yet taken by the client's socket
         self._c2s_skip = 0  # payload bytes of a large client frame not read yet
         self._child_mid_frame = False
         self._c2s_rest: bytearray | None = None
+        self._c2s_message = _Message()
+        # Left by the client→child fast path for its pump: a frame the child's socket did not
+        # take whole (and how much of it it took), and read bytes the fast path did not handle.
+        self._c2s_unsent: tuple[bytes, int] | None = None
+        self._c2s_handoff: bytes | None = None
         self._client_close_seen = False  # the client's close frame went to the child
         self._child_close_seen = False  # the child's close frame went to the client
         self._closed_client = False  # the gateway's own close frame went to the client
@@ -277,16 +288,75 @@ class ClientRelay:
 
     # -- child → client: byte copy with a frame-header tracker ----------------------------------
 
+    def _child_ready(self) -> bool:
+        """The child→client fast path, run by the reactor when the child's socket is ready.
+
+        Reads what is queued and writes it to the client in the same call. Returns ``False``
+        (the pump takes over) when the client's socket is another writer's, when the child's
+        stream ended or failed, or when the client's socket did not take everything at once
+        (the rest is left in ``_s2c_pending``).
+        """
+        if self._s2c_holding:
+            pass  # the child's own frame in progress: this path holds the client's socket
+        elif self._client_lock.value == 0:
+            return False  # a ping or a refusal is being written: wait for it in the pump
+        child, client = self._child, self._client
+        assert child is not None
+        buffer = _copy_buffer()
+        try:
+            received = child.recv_into(buffer)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not received:
+            return False  # end of stream: the pump reads it again and ends the relay
+        data = buffer[:received]
+        self._account_child_bytes(data)
+        try:
+            try:
+                sent = client.send(data)
+            except BlockingIOError:
+                sent = 0
+        except OSError:
+            self._client_gone = True
+            self._pumps.cancel()
+            return True
+        if sent != received:
+            self._s2c_pending = bytes(data[sent:])  # the shared buffer is not kept
+            self._hold_client_socket(True)
+            return False
+        self._hold_client_socket(not self._s2c.at_boundary)
+        self._touch()
+        return True
+
+    def _account_child_bytes(self, data: memoryview | bytes) -> None:
+        """Follow the child's frames through ``data``; count them; note its close frame."""
+        tracker, counts = self._s2c, self._counts
+        counts[2] += tracker.feed(data)
+        counts[3] += len(data)
+        if tracker.close_seen and not self._child_close_seen:
+            self._child_close_seen = True
+            self._closing_started()
+
+    def _hold_client_socket(self, hold: bool) -> None:
+        """Take or give back the client's socket for child→client (never waits: see callers)."""
+        if hold and not self._s2c_holding:
+            self._client_lock.acquire_nowait()
+            self._s2c_holding = True
+        elif not hold and self._s2c_holding:
+            self._client_lock.release()
+            self._s2c_holding = False
+
     async def _child_to_client(self) -> None:
         child, client, lock = self._child, self._client, self._client_lock
         assert child is not None
-        tracker, counts = self._s2c, self._counts
         child_fd = child.fileno()  # waited on by number: one call less per wait
+        wait_for_child = functools.partial(self._reactor.wait_readable, child_fd, self._child_ready)
         buffer = _copy_buffer()
         capacity = len(buffer)
         data: bytes | memoryview = self._early
         self._early = b""
-        holding = False
         # A short read has most likely emptied the socket: the next pass waits for it first
         # rather than trying a read that would only fail with EAGAIN.
         drained = not data
@@ -295,33 +365,36 @@ class ClientRelay:
                 # Every pass reaches a scheduling point: the wait for the socket, a write that
                 # had to wait, or the explicit checkpoint at the end.
                 waited = False
+                accounted = False
                 if not data:
                     if drained:
-                        await wait_readable(child_fd)
+                        await wait_for_child()
                         waited = True
-                    try:
-                        received = child.recv_into(buffer)
-                    except BlockingIOError:
-                        drained = True
-                        continue
-                    except OSError:
-                        received = 0
-                    if not received:
-                        self._child_gone = True
-                        self._end(1011, "codex app-server connection lost")
-                        return
-                    drained = received < capacity
-                    data = buffer[:received]
-                counts[2] += tracker.feed(data)
-                counts[3] += len(data)
-                if tracker.close_seen and not self._child_close_seen:
-                    self._child_close_seen = True
-                    self._closing_started()
+                        # The fast path read and accounted for these; the client's socket did
+                        # not take them at once.
+                        data, self._s2c_pending = self._s2c_pending, b""
+                        accounted = bool(data)
+                    if not data:
+                        try:
+                            received = child.recv_into(buffer)
+                        except BlockingIOError:
+                            drained = True
+                            continue
+                        except OSError:
+                            received = 0
+                        if not received:
+                            self._child_gone = True
+                            self._end(1011, "codex app-server connection lost")
+                            return
+                        drained = received < capacity
+                        data = buffer[:received]
+                if not accounted:
+                    self._account_child_bytes(data)
                 # The shared buffer must not be waited on: what is not written at once is copied.
-                if not holding and lock.locked():
+                if not self._s2c_holding and lock.value == 0:
                     data = bytes(data)
                     await lock.acquire()
-                    holding = waited = True
+                    self._s2c_holding = waited = True
                 try:
                     try:
                         sent = client.send(data)
@@ -330,9 +403,7 @@ class ClientRelay:
                     if sent != len(data):
                         rest = bytes(data[sent:])
                         data = b""
-                        if not holding:
-                            lock.acquire_nowait()
-                            holding = True
+                        self._hold_client_socket(True)
                         await send_all(client, rest)
                         waited = True
                 except OSError:
@@ -341,21 +412,87 @@ class ClientRelay:
                     return
                 data = b""
                 # Only a child's frame cut by this read keeps the client's stream to itself.
-                if not tracker.remaining and not tracker.partial:  # at a frame boundary
-                    if holding:
-                        lock.release()
-                        holding = False
-                elif not holding:
-                    lock.acquire_nowait()
-                    holding = True
+                self._hold_client_socket(not self._s2c.at_boundary)
                 self._touch()
                 if not waited and not drained:
                     await checkpoint()
         finally:
-            if holding:
-                lock.release()
+            self._hold_client_socket(False)
 
     # -- client → child: whole messages, checked, original frames forwarded ---------------------
+
+    def _client_ready(self) -> bool:
+        """The client→child fast path, run by the reactor when the client's socket is ready.
+
+        Reads once; every whole, unfragmented data message in the read is checked by the
+        policy and its original frame written to the child, in this call. Returns ``False``
+        (the pump takes over) at the first frame it does not finish: a frame cut by the read, a
+        control or fragmented frame, a message the policy refuses or that is too large or not
+        UTF-8 (the pump checks it again and answers), a write the child's socket did not take
+        whole (``_c2s_unsent``). What it read and did not handle is left in ``_c2s_handoff``.
+        """
+        if self._c2s_rest is not None or self._c2s_message.active:
+            return False  # in the middle of something only the pump follows
+        client, child = self._client, self._child
+        assert child is not None
+        try:
+            data = client.recv(RECEIVE_BUFFER)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False  # end of stream: the pump reads it again and ends the relay
+        self._client_reads += 1
+        counts, check, max_size = self._counts, self._policy.check, self._max_message_size
+        reads_binary = self._policy.reads_binary
+        position, size = 0, len(data)
+        while position < size:
+            try:
+                header = frames.parse_header(data, position)
+            except FrameError:
+                break
+            if header is None:
+                break
+            opcode, mask = header.opcode, header.mask
+            total = header.header_size + header.length
+            if (
+                not header.fin
+                or opcode not in (TEXT, BINARY)
+                or mask is None
+                or header.length > max_size
+                or position + total > size
+            ):
+                break
+            raw = data if total == size else data[position : position + total]
+            if opcode == TEXT or reads_binary:
+                payload = frames.apply_mask(memoryview(raw)[header.header_size :], mask)
+                content: str | bytes = payload
+                if opcode == TEXT:
+                    try:
+                        content = payload.decode()
+                    except UnicodeDecodeError:
+                        break
+                if check(content) is not None:
+                    break
+            try:
+                sent = child.send(raw)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                break  # the pump writes it again and sees the child gone
+            counts[0] += 1
+            counts[1] += total
+            position += total
+            if sent != total:
+                self._c2s_unsent = (raw, sent)
+                break
+        if position < size:
+            self._c2s_handoff = data[position:]
+        if self._c2s_unsent is not None or self._c2s_handoff is not None:
+            return False
+        self._touch()
+        return True
 
     async def _client_to_child(self) -> None:
         client, child = self._client, self._child
@@ -365,27 +502,41 @@ class ClientRelay:
         reads_binary = self._policy.reads_binary
         message: list[bytes | bytearray] = []  # raw frames of a fragmented message
         parts: list[bytes] = []  # their unmasked payloads
-        state = _Message()
+        state = self._c2s_message
+        wait_for_client = functools.partial(
+            self._reactor.wait_readable, client_fd, self._client_ready
+        )
         drained = True  # as in _child_to_client
         try:
             while True:
                 waited = False
+                handoff = None
                 if drained:
-                    await wait_readable(client_fd)
+                    await wait_for_client()
                     waited = True
-                try:
-                    data = client.recv(RECEIVE_BUFFER)
-                except BlockingIOError:
-                    drained = True
-                    continue
-                except OSError:
-                    data = b""
-                self._client_reads += 1
-                if not data:
-                    self._client_gone = True
-                    self._pumps.cancel()
-                    return
-                drained = len(data) < RECEIVE_BUFFER
+                    if self._c2s_unsent is not None:
+                        unsent, sent = self._c2s_unsent
+                        self._c2s_unsent = None
+                        await self._to_child(unsent, sent)
+                        del unsent
+                    handoff, self._c2s_handoff = self._c2s_handoff, None
+                if handoff is not None:
+                    data = handoff  # read (and counted) by the fast path, left for this pump
+                    drained = False
+                else:
+                    try:
+                        data = client.recv(RECEIVE_BUFFER)
+                    except BlockingIOError:
+                        drained = True
+                        continue
+                    except OSError:
+                        data = b""
+                    self._client_reads += 1
+                    if not data:
+                        self._client_gone = True
+                        self._pumps.cancel()
+                        return
+                    drained = len(data) < RECEIVE_BUFFER
                 buffer: bytes | bytearray = data
                 if self._c2s_rest is not None:
                     self._c2s_rest += data
@@ -644,7 +795,7 @@ class ClientRelay:
                 self._end(1001, "client stopped answering pings")
                 return
             lock = self._client_lock
-            if lock.locked():
+            if lock.value == 0:
                 continue  # the child's frame in progress keeps the connection busy anyway
             lock.acquire_nowait()
             try:

@@ -50,6 +50,7 @@ from gateway.sessions.budget import InflightBudget
 from gateway.sessions.handshake import RequestHead, plain_response, upgrade_problem
 from gateway.sessions.manager import SessionManager, Unavailable
 from gateway.sessions.outcome import SessionStartError
+from gateway.sessions.reactor import Reactor
 from gateway.sessions.relay import CLOSE_TIMEOUT, ClientRelay
 from gateway.sessions.session import Session
 from gateway.sessions.sockets import close_socket, drain_to_eof, send_all, take_socket
@@ -117,6 +118,7 @@ class WebSocketEndpoint:
         config: Config,
         *,
         budget: InflightBudget,
+        reactor: Reactor,
         policy_for: PolicyFactory | None = None,
         forwarder: Forwarder | None = None,
     ) -> None:
@@ -124,6 +126,7 @@ class WebSocketEndpoint:
         self._authenticator = authenticator
         self._config = config
         self._budget = budget
+        self._reactor = reactor
         self._policy_for = policy_for or self._session_policy
         self._forwarder = forwarder
         # A session's policy is pure and the same for each of its clients: built once.
@@ -173,6 +176,7 @@ class WebSocketEndpoint:
             ping_interval=config.ws_ping_interval,
             budget=self._budget,
             policy=self._policy_for(session),
+            reactor=self._reactor,
         )
         await session.attach_client(relay)
         return relay
