@@ -35,8 +35,7 @@ async def test_real_tui_connects_through_the_gateway_and_reaches_its_prompt(
         assert entry is not None and entry["state"] == "running", entry
         assert entry["clients"] == 1
 
-        terminal.process.sendcontrol("c")
-        status = await trio.to_thread.run_sync(terminal.wait_exit, EXIT_TIMEOUT)
+        status = await trio.to_thread.run_sync(terminal.quit, EXIT_TIMEOUT)
         assert status == 0, terminal.text
     finally:
         terminal.kill()

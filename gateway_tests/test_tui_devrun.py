@@ -147,8 +147,7 @@ async def test_the_printed_command_holds_a_conversation_with_the_fake(
         screen = await trio.to_thread.run_sync(terminal.wait_for_screen, (ANSWER,), 30)
         assert "not supported by the fake" not in screen
         assert "failed" not in screen.lower(), screen
-        terminal.process.sendcontrol("c")
-        status = await trio.to_thread.run_sync(terminal.wait_exit, 15)
+        status = await trio.to_thread.run_sync(terminal.quit, 15)
         assert status == 0, terminal.text
     finally:
         terminal.kill()

@@ -59,7 +59,6 @@ async def test_the_tuis_normal_use_works_and_full_access_is_refused_visibly(
             **before,
             "sandbox_beyond_max": before.get("sandbox_beyond_max", 0) + 1,
         }
-        terminal.process.sendcontrol("c")
-        assert await trio.to_thread.run_sync(terminal.wait_exit, EXIT_TIMEOUT) == 0
+        assert await trio.to_thread.run_sync(terminal.quit, EXIT_TIMEOUT) == 0
     finally:
         terminal.kill()

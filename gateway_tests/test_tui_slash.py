@@ -93,7 +93,6 @@ async def test_diff_model_and_resume_work_under_the_default_policy(
         # ...and none of these normal actions was refused.
         assert [entry for entry in logs if entry["event"] == "policy.refused"] == []
         assert refusals() == before
-        terminal.process.sendcontrol("c")
-        assert await trio.to_thread.run_sync(terminal.wait_exit, EXIT_TIMEOUT) == 0
+        assert await trio.to_thread.run_sync(terminal.quit, EXIT_TIMEOUT) == 0
     finally:
         terminal.kill()

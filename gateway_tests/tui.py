@@ -93,6 +93,22 @@ class Terminal:
         status: int | None = self.process.exitstatus
         return status
 
+    def quit(self, timeout: float) -> int | None:
+        """Ctrl-C, as a user quits; the exit status (None if killed by a signal).
+
+        One Ctrl-C quits an idle TUI; while the TUI counts work as in flight, a Ctrl-C
+        interrupts that work and only arms the quit (codex's exit flow). So when the first has
+        not ended the program within 3 s, a second one follows.
+        """
+        self.process.sendcontrol("c")
+        try:
+            return self.wait_exit(min(timeout, 3.0))
+        except AssertionError:
+            if timeout <= 3.0:
+                raise
+        self.process.sendcontrol("c")
+        return self.wait_exit(timeout - 3.0)
+
     def kill(self) -> None:
         """Make sure the program is gone."""
         if self.process.isalive():
