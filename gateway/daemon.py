@@ -404,18 +404,19 @@ async def _serve(
     replicas, replica, keeper = config.replicas, parts.replica, parts.keeper
     preflight, readiness, store = parts.preflight, parts.readiness, parts.store
     placement = services.placement
+    # Every tunnel's and every hop's sockets are served from the reactor's one epoll set.
+    reactor = Reactor()
     forwarder = (
         None
         if replicas is None
         else Forwarder(
             replicas,
             answer_timeout=config.child_ready_timeout + HOP_ANSWER_MARGIN,
+            reactor=reactor,
             owner_gone=placement.owner_gone,
         )
     )
     async with trio.open_nursery() as root:
-        # Every tunnel's sockets are served from the reactor's one epoll set (see its module).
-        reactor = Reactor()
         await root.start(reactor.run)
         manager = SessionManager(services)
         heartbeat_scope, keeper_scope = trio.CancelScope(), trio.CancelScope()

@@ -22,12 +22,15 @@ client, exactly as for a direct client. Each direction holds at most one read bu
 again only once it is written, so a side that stops reading stops the other (backpressure
 through both hops by construction). Frame-header trackers follow both streams, so when this pod
 closes on its own — the hop died (1011), a drain (1001) — its close frames go in between
-frames. A close from either end travels end to end.
+frames. A close from either end travels end to end. As the tunnel's, both pumps park their
+socket with the daemon's ``Reactor``, whose task copies a read on at once (``_copy_ready``)
+and wakes the pump only when the other socket does not take it whole or a stream ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 from collections.abc import Callable
 
@@ -41,6 +44,7 @@ from gateway.replicas.grants import GrantSigner
 from gateway.replicas.placement import PeerOwner
 from gateway.sessions import frames
 from gateway.sessions.handshake import MAX_HEAD, RequestHead, head_end, response_status
+from gateway.sessions.reactor import Reactor
 from gateway.sessions.relay import CLOSE_TIMEOUT, FrameTracker
 from gateway.sessions.sockets import close_socket, drain_to_eof, recv, send_all, take_socket
 
@@ -136,9 +140,11 @@ class Forwarder:
         replicas: ReplicaSettings,
         *,
         answer_timeout: float,
+        reactor: Reactor,
         owner_gone: Callable[[PeerOwner], bool] | None = None,
     ) -> None:
         self._pod = replicas.pod_name
+        self._reactor = reactor
         self._signer = GrantSigner(replicas.peer_secret.reveal())
         self._answer_timeout = answer_timeout
         # An owner whose process stops answering (frozen, or its node partitioned after the
@@ -198,7 +204,7 @@ class Forwarder:
         except BaseException:
             close_socket(hop)
             raise
-        forwarded = ForwardedClient(client, hop, early, owner=owner)
+        forwarded = ForwardedClient(client, hop, early, owner=owner, reactor=self._reactor)
         return forwarded
 
     async def _answer_unless_gone(
@@ -304,9 +310,16 @@ class ForwardedClient:
     """One client relayed to its workspace's owner through this pod; see the module docstring."""
 
     def __init__(
-        self, client: socket.socket, hop: socket.socket, early: bytes, *, owner: PeerOwner
+        self,
+        client: socket.socket,
+        hop: socket.socket,
+        early: bytes,
+        *,
+        owner: PeerOwner,
+        reactor: Reactor,
     ) -> None:
         self.owner = owner
+        self._reactor = reactor
         self._client = client
         self._hop = hop
         self._early = early
@@ -354,32 +367,82 @@ class ForwardedClient:
 
     # -- the two pumps ------------------------------------------------------------------------
 
+    def _copy_ready(
+        self, source: socket.socket, sink: socket.socket, direction: _Direction
+    ) -> bool:
+        """The fast path, run by the reactor when ``source`` is ready: one read, written on.
+
+        Returns ``False`` (the pump takes over) at the end of ``source``'s stream or when
+        ``sink`` did not take everything at once (the rest is left in ``direction.pending``,
+        where a close after a cancellation finds it too).
+        """
+        try:
+            data = source.recv(RECEIVE_BUFFER)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False  # end of stream: the pump reads it again and ends the hop
+        self._account(direction, data)
+        try:
+            sent = sink.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = 0  # the pump's write fails again and says which side is gone
+        if sent != len(data):
+            direction.pending = memoryview(data)[sent:]
+            return False
+        return True
+
+    def _account(self, direction: _Direction, data: bytes) -> None:
+        """Follow ``direction``'s frames through ``data``; count it; note its close frame."""
+        tracker = direction.tracker
+        close_before = tracker.close_seen
+        tracker.feed(data)
+        if tracker.close_seen and not close_before:
+            self._closing_started()
+        direction.counter.inc(len(data))
+
     async def _owner_to_client(self) -> None:
         direction = self._to_client
+        hop, client = self._hop, self._client
+        wait = functools.partial(
+            self._reactor.wait_readable,
+            hop.fileno(),
+            functools.partial(self._copy_ready, hop, client, direction),
+        )
         data = self._early
         self._early = b""
+        if data:
+            self._account(direction, data)
         while True:
             if not data:
-                try:
-                    data = await recv(self._hop, RECEIVE_BUFFER)
-                except OSError:
-                    data = b""
+                await wait()
+                data = bytes(direction.pending)  # what the fast path could not write at once
                 if not data:
-                    if not direction.tracker.close_seen:
-                        # The hop died with the session's stream open: the client must know now.
-                        self._hop_gone = True
-                        metrics.HOP_FAILURES.labels(stage="mid_stream").inc()
-                        log.warning("forward.hop_lost", owner=self.owner.pod)
-                        self.stop(*HOP_LOST)
-                    else:
-                        self._pumps.cancel()
-                    return
-            close_before = direction.tracker.close_seen
-            direction.tracker.feed(data)
-            if direction.tracker.close_seen and not close_before:
-                self._closing_started()
-            # Only this task writes the client until the pumps have ended (then _finish does).
-            if not await self._write(self._client, direction, data):
+                    try:
+                        data = hop.recv(RECEIVE_BUFFER)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        data = b""
+                    if not data:
+                        if not direction.tracker.close_seen:
+                            # The hop died with the session's stream open: the client must
+                            # know now.
+                            self._hop_gone = True
+                            metrics.HOP_FAILURES.labels(stage="mid_stream").inc()
+                            log.warning("forward.hop_lost", owner=self.owner.pod)
+                            self.stop(*HOP_LOST)
+                        else:
+                            self._pumps.cancel()
+                        return
+                    self._account(direction, data)
+            # Only this task (and its fast path) writes the client until the pumps have ended
+            # (then _finish does).
+            if not await self._write(client, direction, data):
                 self._client_gone = True
                 self._pumps.cancel()
                 return
@@ -387,20 +450,28 @@ class ForwardedClient:
 
     async def _client_to_owner(self) -> None:
         direction = self._to_owner
+        hop, client = self._hop, self._client
+        wait = functools.partial(
+            self._reactor.wait_readable,
+            client.fileno(),
+            functools.partial(self._copy_ready, client, hop, direction),
+        )
         while True:
-            try:
-                data = await recv(self._client, RECEIVE_BUFFER)
-            except OSError:
-                data = b""
+            await wait()
+            data = bytes(direction.pending)
             if not data:
-                self._client_gone = True
-                self._pumps.cancel()
-                return
-            close_before = direction.tracker.close_seen
-            direction.tracker.feed(data)
-            if direction.tracker.close_seen and not close_before:
-                self._closing_started()
-            if not await self._write(self._hop, direction, data):
+                try:
+                    data = client.recv(RECEIVE_BUFFER)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    self._client_gone = True
+                    self._pumps.cancel()
+                    return
+                self._account(direction, data)
+            if not await self._write(hop, direction, data):
                 self._hop_gone = True
                 metrics.HOP_FAILURES.labels(stage="mid_stream").inc()
                 self.stop(*HOP_LOST)
@@ -410,7 +481,6 @@ class ForwardedClient:
     async def _write(sock: socket.socket, direction: _Direction, data: bytes) -> bool:
         """Write ``data``, keeping what is not written yet in ``direction.pending`` (so a close
         after a cancellation can finish it first); returns False if ``sock`` failed."""
-        direction.counter.inc(len(data))
         view = memoryview(data)
         waited = False
         try:

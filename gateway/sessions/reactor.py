@@ -96,18 +96,19 @@ class Reactor:
                     if waiter is None:
                         continue  # its wait ended earlier in this pass
                     task, handler = waiter
+                    failure: Exception | None = None
                     try:
-                        handled = handler()
-                        woken: outcome.Outcome[None] = outcome.Value(None)
+                        if handler():
+                            self.handled += 1
+                            continue  # it waits on (or, cancelled by its handler, was woken)
                     except Exception as exc:  # the handler's failure is its relay's
-                        handled, woken = False, outcome.Error(exc)
+                        failure = exc
                     if waiters.get(fd) is not waiter:
                         continue  # the handler cancelled its own waiter (Trio woke it)
-                    if handled:
-                        self.handled += 1
-                        continue
                     self._forget(fd)
-                    reschedule(task, woken)
+                    reschedule(
+                        task, outcome.Value(None) if failure is None else outcome.Error(failure)
+                    )
         finally:
             self._epoll = None
             # Whoever still waits goes back to Trio's own waits.

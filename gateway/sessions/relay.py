@@ -312,7 +312,12 @@ class ClientRelay:
         if not received:
             return False  # end of stream: the pump reads it again and ends the relay
         data = buffer[:received]
-        self._account_child_bytes(data)
+        tracker, counts = self._s2c, self._counts
+        counts[2] += tracker.feed(data)
+        counts[3] += received
+        if tracker.close_seen and not self._child_close_seen:
+            self._child_close_seen = True
+            self._closing_started()
         try:
             try:
                 sent = client.send(data)
@@ -326,8 +331,10 @@ class ClientRelay:
             self._s2c_pending = bytes(data[sent:])  # the shared buffer is not kept
             self._hold_client_socket(True)
             return False
-        self._hold_client_socket(not self._s2c.at_boundary)
-        self._touch()
+        if tracker.remaining or tracker.partial or self._s2c_holding:
+            self._hold_client_socket(not tracker.at_boundary)
+        if _monotonic() - self._last_touch >= TOUCH_INTERVAL:
+            self._touch()
         return True
 
     def _account_child_bytes(self, data: memoryview | bytes) -> None:
@@ -448,25 +455,27 @@ class ClientRelay:
         reads_binary = self._policy.reads_binary
         position, size = 0, len(data)
         while position < size:
-            try:
-                header = frames.parse_header(data, position)
-            except FrameError:
+            # The header read here, not by frames.parse_header: only whole, unfragmented,
+            # masked text or binary frames are taken (0x81/0x82 with no reserved bit set);
+            # anything else is left to the pump, which parses and judges it in full.
+            opcode = data[position] ^ 0x80
+            if (opcode != TEXT and opcode != BINARY) or size - position < 6:
                 break
-            if header is None:
-                break
-            opcode, mask = header.opcode, header.mask
-            total = header.header_size + header.length
-            if (
-                not header.fin
-                or opcode not in (TEXT, BINARY)
-                or mask is None
-                or header.length > max_size
-                or position + total > size
-            ):
+            length = data[position + 1] ^ 0x80
+            if length < 126:
+                header_size = 6
+            elif length == 126 and size - position >= 8:
+                length = (data[position + 2] << 8) | data[position + 3]
+                header_size = 8
+            else:
+                break  # unmasked (length >= 0x80 after the XOR), 64-bit length, or cut
+            total = header_size + length
+            if length > max_size or position + total > size:
                 break
             raw = data if total == size else data[position : position + total]
             if opcode == TEXT or reads_binary:
-                payload = frames.apply_mask(memoryview(raw)[header.header_size :], mask)
+                mask = data[position + header_size - 4 : position + header_size]
+                payload = frames.apply_mask(memoryview(raw)[header_size:], mask)
                 content: str | bytes = payload
                 if opcode == TEXT:
                     try:
@@ -491,7 +500,8 @@ class ClientRelay:
             self._c2s_handoff = data[position:]
         if self._c2s_unsent is not None or self._c2s_handoff is not None:
             return False
-        self._touch()
+        if _monotonic() - self._last_touch >= TOUCH_INTERVAL:
+            self._touch()
         return True
 
     async def _client_to_child(self) -> None:
