@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import structlog
 import trio
 from prometheus_client import Counter
-from trio.lowlevel import checkpoint, wait_readable
+from trio.lowlevel import checkpoint
 
 from gateway import metrics
 from gateway.policy import ClientPolicy
@@ -653,12 +653,31 @@ class ClientRelay:
         frame[:have] = buffer[position:]
         view = memoryview(frame)
         client = self._client
+        client_fd = client.fileno()
+
+        def fill() -> bool:
+            # In the reactor's task: read what has come; wake the pump once the frame is whole
+            # (or the stream ends or fails: the pump's own read sees that).
+            nonlocal have
+            try:
+                received = client.recv_into(view[have:])
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not received:
+                return False
+            self._client_reads += 1
+            have += received
+            self._c2s_skip = total - have
+            return have < total
+
         while have < total:
             self._c2s_skip = total - have
             try:
                 received = client.recv_into(view[have:])
             except BlockingIOError:
-                await wait_readable(client)
+                await self._reactor.wait_readable(client_fd, fill)
                 continue
             except OSError:
                 received = 0
