@@ -266,6 +266,15 @@ class _RefuseFakePid(ClientPolicy):
         return None
 
 
+async def _start_refusing_fake_pid(
+    nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
+) -> RunningGateway:
+    """A gateway with the fake codex whose policy refuses ``fake/pid`` (and nothing else)."""
+    env = gateway_env(tmp_path, fake_codex_bin)
+    refusing = _RefuseFakePid.for_session(load_config(env), home="/nowhere", codex_home="/nowhere")
+    return await start_gateway(nursery, env, policy_for=lambda _session: refusing)
+
+
 class _RefuseBinaryStartingWithNo(ClientPolicy):
     reads_binary = True  # this policy reads binary messages: the relay unmasks them for it
 
@@ -352,9 +361,7 @@ async def test_a_client_that_stops_reading_gets_every_byte_later_and_holds_up_no
 async def test_a_refused_message_gets_the_policys_answer_and_never_reaches_the_child(
     nursery: trio.Nursery, tmp_path: Path, fake_codex_bin: Path
 ) -> None:
-    env = gateway_env(tmp_path, fake_codex_bin)
-    refusing = _RefuseFakePid.for_session(load_config(env), home="/nowhere", codex_home="/nowhere")
-    gateway = await start_gateway(nursery, env, policy_for=lambda _session: refusing)
+    gateway = await _start_refusing_fake_pid(nursery, tmp_path, fake_codex_bin)
     try:
         async with connect(gateway, "ws_policy") as rpc:
             refused = await rpc.call("fake/pid")
@@ -370,9 +377,7 @@ async def test_messages_batched_in_one_write_keep_their_order_through_refusals_a
     # The reactor's fast path forwards whole messages of a read itself and leaves the rest of
     # the read to the pump at the first frame it does not finish (a refusal, a ping, a
     # fragment, a frame cut by the read): nothing may be lost, doubled or reordered there.
-    env = gateway_env(tmp_path, fake_codex_bin)
-    refusing = _RefuseFakePid.for_session(load_config(env), home="/nowhere", codex_home="/nowhere")
-    gateway = await start_gateway(nursery, env, policy_for=lambda _session: refusing)
+    gateway = await _start_refusing_fake_pid(nursery, tmp_path, fake_codex_bin)
 
     def request(request_id: int, method: str = "fake/echo") -> bytes:
         body = {"id": request_id, "method": method, "params": {"payload": f"p{request_id}"}}

@@ -312,6 +312,7 @@ class ClientRelay:
         if not received:
             return False  # end of stream: the pump reads it again and ends the relay
         data = buffer[:received]
+        # _account_child_bytes, inline: one call less on every read of the fast path.
         tracker, counts = self._s2c, self._counts
         counts[2] += tracker.feed(data)
         counts[3] += received
