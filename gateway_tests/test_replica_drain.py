@@ -75,15 +75,27 @@ def rollout_text(bucket: BucketView, workspace_id: str) -> str:
     )
 
 
+class DrainingCalls(list[str]):
+    """The ``set_draining`` calls a placement received; ``told`` is set at the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told = trio.Event()
+
+    def record(self) -> None:
+        self.append("draining")
+        self.told.set()
+
+
 @pytest.fixture
-def draining_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def draining_calls(monkeypatch: pytest.MonkeyPatch) -> DrainingCalls:
     """Records each ``set_draining`` the daemon's placement receives."""
-    calls: list[str] = []
-    monkeypatch.setattr(SolePlacement, "set_draining", lambda self: calls.append("draining"))
+    calls = DrainingCalls()
+    monkeypatch.setattr(SolePlacement, "set_draining", lambda self: calls.record())
     store_set_draining = StorePlacement.set_draining
 
     def recorded(self: StorePlacement) -> None:
-        calls.append("draining")
+        calls.record()
         store_set_draining(self)
 
     monkeypatch.setattr(StorePlacement, "set_draining", recorded)
@@ -95,7 +107,7 @@ async def test_idle_sessions_leave_at_once_and_a_running_turn_finishes_before_it
     tmp_path: Path,
     s3_settings: S3Settings,
     moto_server: s3_server.MotoServer,
-    draining_calls: list[str],
+    draining_calls: DrainingCalls,
 ) -> None:
     deltas = 30  # a 3 s turn, well inside the default 30 s budget
     codex = make_fake_codex_launcher(
@@ -113,10 +125,11 @@ async def test_idle_sessions_leave_at_once_and_a_running_turn_finishes_before_it
         assert await readiness(gateway) == 200
 
         gateway.stop.set()
-        # Unready at once, and the placement is told before anything is stopped.
+        # Unready at once (the daemon marks itself unready before it tells the placement), and
+        # the placement is told before anything is stopped.
         with trio.fail_after(2):
-            while await readiness(gateway) != 503:  # noqa: ASYNC110 - readiness has no event
-                await trio.sleep(0.02)
+            await draining_calls.told.wait()
+        assert await readiness(gateway) == 503
         assert draining_calls == ["draining"]
         closed = await idle.closed(within=10)
         stopped_with["idle"] = closed.code
@@ -143,7 +156,7 @@ async def test_a_turn_longer_than_the_budget_is_stopped_and_saved_at_the_budget(
     tmp_path: Path,
     s3_settings: S3Settings,
     moto_server: s3_server.MotoServer,
-    draining_calls: list[str],
+    draining_calls: DrainingCalls,
 ) -> None:
     budget = 2.0
     codex = make_fake_codex_launcher(
@@ -173,7 +186,7 @@ async def test_a_turn_longer_than_the_budget_is_stopped_and_saved_at_the_budget(
 
 
 async def test_without_replica_mode_a_busy_session_is_stopped_at_once_as_before(
-    nursery: trio.Nursery, tmp_path: Path, draining_calls: list[str]
+    nursery: trio.Nursery, tmp_path: Path, draining_calls: DrainingCalls
 ) -> None:
     codex = make_fake_codex_launcher(
         tmp_path / "bin", SLOW_DELTAS="1000", SLOW_DELTA_MS=str(DELTA_MS)
