@@ -14,7 +14,7 @@ CHILD_STAMP := $(CHILD_VENV)/.installed
 LISTEN ?= 127.0.0.1:8086
 WORKSPACE ?= dev
 
-.PHONY: run run-real test lint typecheck unit bench soak clean
+.PHONY: run run-real test lint typecheck unit bench soak clean reach
 
 $(PY_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ $(CHILD_STAMP): $(PY_STAMP)
 	else mkdir -p $(CHILD_VENV); echo "no $(CHILD_PYTHON) of the venv's version: children use the venv's python"; fi
 	touch $@
 
+# Run as root, the children (under uids of their own) execute tools inside this checkout: every
+# directory above it must let them pass (gateway_tests/checkout_reach.py).
+reach: $(PY_STAMP)
+	@$(BIN)/python -m gateway_tests.checkout_reach
+
 $(RUN_DIR)/dev-hmac-secret: | $(PY_STAMP)
 	mkdir -p $(RUN_DIR)
 	umask 077 && $(BIN)/python -c 'import secrets; print(secrets.token_hex(32))' > $@
@@ -42,14 +47,14 @@ $(RUN_DIR)/dev-hmac-secret: | $(PY_STAMP)
 # The daemon on the embedded defaults (HMAC development auth, local directory store)
 # with the fake codex as the child; the pinned real codex is installed too, as the client
 # whose command this prints. Workspace `dev`, state in .run/fake.
-run: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP) $(RUN_DIR)/dev-hmac-secret
+run: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP) $(RUN_DIR)/dev-hmac-secret reach
 	@CXG_INBOUND_HMAC_SECRET="$$(cat $(RUN_DIR)/dev-hmac-secret)" $(BIN)/python -m gateway_tests.devrun \
 		--listen-addr $(LISTEN) --workspace $(WORKSPACE) --run-dir $(RUN_DIR)/fake --codex fake
 
 # The same with the real codex and the fake model server: a conversation in the real TUI.
 # Its own workspace and store (`dev-real`, .run/real): no fake-codex file reaches a real
 # child's CODEX_HOME archive.
-run-real: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP) $(RUN_DIR)/dev-hmac-secret
+run-real: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP) $(RUN_DIR)/dev-hmac-secret reach
 	@CXG_INBOUND_HMAC_SECRET="$$(cat $(RUN_DIR)/dev-hmac-secret)" $(BIN)/python -m gateway_tests.devrun \
 		--listen-addr $(LISTEN) --workspace $(WORKSPACE)-real --run-dir $(RUN_DIR)/real --codex real
 
@@ -61,10 +66,10 @@ typecheck: $(PY_STAMP)
 	$(BIN)/mypy
 
 # The whole suite; pytest's "no tests collected" (exit 5) is a failure here, never a pass.
-test: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP) lint typecheck
+test: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP) reach lint typecheck
 	$(BIN)/pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
-bench: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP)
+bench: $(PY_STAMP) $(CODEX_STAMP) $(CHILD_STAMP) reach
 	$(BIN)/python -m gateway_tests.bench
 
 soak: $(PY_STAMP) $(CODEX_STAMP)

@@ -27,6 +27,7 @@ from gateway.sessions.isolation import (
     missing_capabilities,
     untraversable_ancestor,
 )
+from gateway_tests import checkout_reach
 from gateway_tests.daemon_process import base_env, one_line, run_cli
 
 ALL_FIVE = sum(1 << bit for bit in (0, 1, 5, 6, 7))
@@ -219,3 +220,16 @@ def test_a_uid_map_that_misses_the_range_is_seen_from_its_text() -> None:
     assert mapped_ranges("         0          0 4294967295\n") == [(0, 4294967294)]
     assert mapped_ranges("         0       1000          1\n") == [(0, 0)]
     assert mapped_ranges("") == []
+
+
+def test_a_checkout_under_a_private_directory_is_made_reachable_but_not_listable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    private = tmp_path / "private"  # as `mktemp -d` makes it
+    checkout = private / "checkout"
+    (checkout / "gateway_tests").mkdir(parents=True)
+    private.chmod(0o700)
+    checkout_reach.open_the_way_down(checkout)
+    assert private.stat().st_mode & 0o777 == 0o701  # others may pass, never list
+    assert untraversable_ancestor(checkout / "gateway_tests") is None
+    assert f"{private}: made searchable" in capsys.readouterr().out
