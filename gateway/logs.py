@@ -1,7 +1,13 @@
-"""Structured logging: JSON lines (or readable text), one pipeline for our logs and libraries'.
+"""Structured logging: JSON lines (or readable text) on stderr, ours and libraries' alike.
 
 Every line logged inside a session carries ``workspace_id`` (bound with structlog's
 contextvars, which Trio copies into the tasks a session starts).
+
+The gateway's own events are rendered by structlog and written straight to stderr: going
+through the stdlib handler as well (a ``LogRecord``, the handler's lock, the formatter's copy
+of the event) cost 50 µs a line against 16 µs, and an attach logs two lines on the path of the
+client's first message. Libraries' stdlib records get the same processors and renderer through
+the root handler, so both kinds of line look alike.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=True,
     )
