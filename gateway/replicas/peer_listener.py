@@ -47,7 +47,7 @@ from gateway.sessions.handshake import (
 from gateway.sessions.manager import SessionManager
 from gateway.sessions.outcome import SessionStartError
 from gateway.sessions.relay import ClientRelay
-from gateway.sessions.sockets import close_socket, take_socket
+from gateway.sessions.sockets import close_socket, send_all, take_socket
 from gateway.web.server import WILDCARD_HOSTS, BindError, read_first_head
 from gateway.web.websocket import Refused, WebSocketEndpoint, hold, refusal_for, refuse
 
@@ -86,21 +86,23 @@ class PeerListener:
             await trio.aclose_forcefully(stream)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
-        try:
-            received, request = await read_first_head(stream)
-        except trio.TooSlowError:
-            await _answer(stream, 408, "the request head did not arrive in time", "slow_head")
-            return
-        except ValueError:
-            await _answer(stream, 431, f"the request head is larger than {MAX_HEAD} bytes", "big")
-            return
-        if request is None or not is_relay_upgrade(request):
-            await _answer(stream, 404, NOT_FOUND, "not_an_upgrade")
-            return
-        rest = received[head_end(received) :]
         client = take_socket(stream)
         relay: ClientRelay | None = None
         try:
+            try:
+                received, request = await read_first_head(client)
+            except trio.TooSlowError:
+                await _answer(client, 408, "the request head did not arrive in time", "slow_head")
+                return
+            except ValueError:
+                await _answer(
+                    client, 431, f"the request head is larger than {MAX_HEAD} bytes", "big"
+                )
+                return
+            if request is None or not is_relay_upgrade(request):
+                await _answer(client, 404, NOT_FOUND, "not_an_upgrade")
+                return
+            rest = received[head_end(received) :]
             try:
                 relay = await self._attach(client, request, rest)
             except Refused as refused:
@@ -156,12 +158,12 @@ class PeerListener:
         return relay
 
 
-async def _answer(stream: trio.SocketStream, status: int, message: str, result: str) -> None:
+async def _answer(client: socket.socket, status: int, message: str, result: str) -> None:
+    """Answer ``status`` (within a second); the caller closes the connection."""
     metrics.PEER_CONNECTS.labels(result=result).inc()
     with trio.move_on_after(1):
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(plain_response(status, message))
-    await trio.aclose_forcefully(stream)
+        with contextlib.suppress(OSError):
+            await send_all(client, plain_response(status, message))
 
 
 async def serve_peer_listener(

@@ -54,6 +54,7 @@ from gateway.sessions.handshake import (
     parse_request_head,
     plain_response,
 )
+from gateway.sessions.sockets import close_socket, recv, send_all, take_socket
 
 log = structlog.get_logger(__name__)
 
@@ -71,7 +72,9 @@ _NO_IPV6_ERRNOS = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EA
 
 SocketFactory = Callable[[int, int], socket.socket]
 
-UpgradeHandler = Callable[[trio.SocketStream, RequestHead, bytes], Awaitable[None]]
+# Serves a relay upgrade: the connection (a non-blocking stdlib socket, the handler's to close),
+# its first request head and the bytes read after it.
+UpgradeHandler = Callable[[socket.socket, RequestHead, bytes], Awaitable[None]]
 
 
 class HypercornVersionError(RuntimeError):
@@ -179,18 +182,22 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         await self._stream.aclose()
 
 
-async def read_first_head(stream: trio.SocketStream) -> tuple[bytes, RequestHead | None]:
+async def read_first_head(sock: socket.socket) -> tuple[bytes, RequestHead | None]:
     """Read until the first request head is complete, or until it cannot be a relay upgrade.
 
     Returns the bytes read and the parsed head (``None`` when it is not a complete, well-formed
     ``GET``; Hypercorn then answers as HTTP says). Raises ``trio.TooSlowError`` when a ``GET``
     head does not complete within ``HEAD_TIMEOUT_SECONDS`` and ``ValueError`` when it exceeds
-    ``MAX_HEAD`` bytes.
+    ``MAX_HEAD`` bytes. ``sock`` is the connection as a non-blocking stdlib socket: read
+    straight, as the tunnel reads it (no stream wrapper, no extra scheduling pass per read).
     """
     received = b""
     with trio.fail_after(HEAD_TIMEOUT_SECONDS):
         while True:
-            chunk = await stream.receive_some(MAX_HEAD)
+            try:
+                chunk = await recv(sock, MAX_HEAD)
+            except OSError:
+                chunk = b""  # reset before the head was complete: nothing to answer
             if not chunk:
                 return received, None
             received += chunk
@@ -201,6 +208,11 @@ async def read_first_head(stream: trio.SocketStream) -> tuple[bytes, RequestHead
                 return received, parse_request_head(received[:end])
             if len(received) > MAX_HEAD:
                 raise ValueError("request head too large")
+
+
+def as_stream(sock: socket.socket) -> trio.SocketStream:
+    """A taken connection as a Trio stream again (for Hypercorn)."""
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
 class FrontDoor:
@@ -216,44 +228,61 @@ class FrontDoor:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serve one TCP connection; its errors end it and nothing else."""
+        # The connection as a plain socket from here on (the stream is left empty). It is
+        # closed here unless a relay upgrade took it: then it is the upgrade handler's.
+        sock = take_socket(stream)
+        handed_over = False
         try:
-            await self._dispatch(stream)
-        except* Exception as group:
-            # Cancellation (a BaseException) is not caught here and still propagates.
-            errors = [type(error).__name__ for error in group.exceptions]
-            log.warning("http.connection_error", errors=errors, detail=str(group)[:200])
-            await trio.aclose_forcefully(stream)
+            try:
+                upgrade = await self._dispatch(sock)
+                if upgrade is not None:
+                    assert self._upgrades is not None
+                    handed_over = True
+                    await self._upgrades(sock, *upgrade)
+            except* Exception as group:
+                # Cancellation (a BaseException) is not caught here and still propagates.
+                errors = [type(error).__name__ for error in group.exceptions]
+                log.warning("http.connection_error", errors=errors, detail=str(group)[:200])
+        finally:
+            if not handed_over:
+                close_socket(sock)
 
-    async def _dispatch(self, stream: trio.SocketStream) -> None:
-        upgrades = self._upgrades
-        if upgrades is None:
-            await self._hypercorn(stream, b"")
-            return
+    async def _dispatch(self, sock: socket.socket) -> tuple[RequestHead, bytes] | None:
+        """Serve the connection unless it is a relay upgrade: then its head and what followed."""
+        if self._upgrades is None:
+            await self._hypercorn(sock, b"")
+            return None
         try:
-            received, request = await read_first_head(stream)
+            received, request = await read_first_head(sock)
         except trio.TooSlowError:
-            await _answer(stream, 408, "the request head did not arrive in time")
-            return
+            await _answer(sock, 408, "the request head did not arrive in time")
+            return None
         except ValueError:
-            await _answer(stream, 431, f"the request head is larger than {MAX_HEAD} bytes")
-            return
+            await _answer(sock, 431, f"the request head is larger than {MAX_HEAD} bytes")
+            return None
         if request is not None and is_relay_upgrade(request):
-            rest = received[head_end(received) :]
-            await upgrades(stream, request, rest)
-            return
-        await self._hypercorn(stream, received)
+            return request, received[head_end(received) :]
+        await self._hypercorn(sock, received)
+        return None
 
-    async def _hypercorn(self, stream: trio.SocketStream, received: bytes) -> None:
+    async def _hypercorn(self, sock: socket.socket, received: bytes) -> None:
+        stream = as_stream(sock)
         replay: Any = ReplayStream(stream, received)  # Hypercorn types it as an SSLStream
         server = TCPServer(self._app, self._settings, self.context, {}, replay)
-        await server.run()
+        try:
+            await server.run()
+        finally:
+            # Hypercorn closes its stream; the socket is closed with it (handle's close_socket
+            # then finds it closed already).
+            await trio.aclose_forcefully(stream)
 
 
-async def _answer(stream: trio.SocketStream, status: int, message: str) -> None:
+async def _answer(sock: socket.socket, status: int, message: str) -> None:
+    """Answer ``status`` with ``message`` (within a second) and close the connection."""
     with trio.move_on_after(1):
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(plain_response(status, message))
-    await trio.aclose_forcefully(stream)
+        with contextlib.suppress(OSError):
+            await send_all(sock, plain_response(status, message))
+    close_socket(sock)
 
 
 async def serve_http(

@@ -53,10 +53,13 @@ from gateway.sessions.outcome import SessionStartError
 from gateway.sessions.reactor import Reactor
 from gateway.sessions.relay import CLOSE_TIMEOUT, ClientRelay
 from gateway.sessions.session import Session
-from gateway.sessions.sockets import close_socket, drain_to_eof, send_all, take_socket
+from gateway.sessions.sockets import close_socket, drain_to_eof, send_all
 from gateway.store.base import archive_key
 
 log = structlog.get_logger(__name__)
+
+# Counted on every connect: looked up by label once.
+_AUTH_OK = metrics.AUTH_RESULTS.labels(result="ok")
 
 # A refusal is sent, then the client has this long to read it and hang up.
 REFUSAL_LINGER = 1.0
@@ -144,9 +147,11 @@ class WebSocketEndpoint:
             )
         return policy
 
-    async def serve(self, stream: trio.SocketStream, request: RequestHead, rest: bytes) -> None:
-        """Serve one connection whose first request is ``request`` (``rest``: bytes after it)."""
-        client = take_socket(stream)
+    async def serve(self, client: socket.socket, request: RequestHead, rest: bytes) -> None:
+        """Serve one connection whose first request is ``request`` (``rest``: bytes after it).
+
+        ``client`` is this handler's to close, until its relay has started and owns it.
+        """
         relay: ClientRelay | ForwardedClient | None = None
         try:
             try:
@@ -215,7 +220,7 @@ class WebSocketEndpoint:
                 request_id=request_id,
             )
             raise Refused(503, VERIFIER_DOWN, 5, request_id) from None
-        metrics.AUTH_RESULTS.labels(result="ok").inc()
+        _AUTH_OK.inc()
         structlog.contextvars.bind_contextvars(workspace_id=identity.workspace_id)
         tries = 0
         while True:
