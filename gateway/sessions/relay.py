@@ -1,9 +1,10 @@
 """One attached client, tunnelled to its own connection to the session's child.
 
-``ClientRelay.run`` is started in the session's nursery (``nursery.start``): it opens a TCP
-connection to the child, forwards the client's upgrade (with the session's capability token
-instead of the client's), returns the child's ``101`` to the client and reports started; from
-then on bytes flow both ways without being re-framed:
+The front door's task calls ``ClientRelay.open``: it opens a TCP connection to the child,
+forwards the client's upgrade (with the session's capability token instead of the client's)
+and waits for the child's ``101``. The session then starts ``ClientRelay.run`` in its own
+nursery and passes the ``101`` on in the same step; from then on bytes flow both ways without
+being re-framed:
 
 * **child → client** is a byte copy. A frame-*header* tracker follows frame boundaries, so the
   gateway's own frames (pings, a policy's refusal, its close) go in between two of the child's
@@ -54,7 +55,14 @@ from gateway.sessions.frames import (
 from gateway.sessions.handshake import MAX_HEAD, RequestHead, child_upgrade_request, head_end
 from gateway.sessions.handshake import response_status as _response_status
 from gateway.sessions.reactor import Reactor
-from gateway.sessions.sockets import close_socket, connect, drain_to_eof, recv, send_all
+from gateway.sessions.sockets import (
+    address_family,
+    close_socket,
+    connect,
+    drain_to_eof,
+    recv,
+    send_all,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -84,12 +92,33 @@ def _frame_counters(direction: str) -> tuple[Counter, Counter]:
     )
 
 
+def close_code_label(code: int | None) -> str:
+    """The ``code`` label of a close: the codes RFC 6455 defines by number, an application's
+    by range, anything else as ``invalid`` (a client picks its code, and every distinct label
+    would be a series held for the daemon's life)."""
+    if code is None:
+        return "none"
+    if 1000 <= code <= 1015:
+        return str(code)
+    if 3000 <= code <= 4999:
+        return f"{code // 1000}xxx"
+    return "invalid"
+
+
+@functools.lru_cache(maxsize=64)
+def _close_counter(side: str, code: int | None) -> Counter:
+    """The close counter of one side and code (looked up by label once)."""
+    return metrics.WS_CLOSES.labels(side=side, code=close_code_label(code))
+
+
 @functools.lru_cache(maxsize=1024)
-def _child_address(url: str) -> tuple[str, int, str]:
-    """Host, port and request target of a child's ``ws://`` URL (parsed once per child)."""
+def _child_address(url: str) -> tuple[str, int, str, socket.AddressFamily | None]:
+    """Host, port, request target and address family (``None``: a name) of a child's
+    ``ws://`` URL, parsed once per child."""
     parts = urlsplit(url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return parts.hostname or "127.0.0.1", parts.port or 80, target
+    host = parts.hostname or "127.0.0.1"
+    return host, parts.port or 80, target, address_family(host)
 
 
 def sendable_close(code: int | None, reason: str | None, *, fallback: int) -> tuple[int, str]:
@@ -157,7 +186,9 @@ class ClientRelay:
         self._policy = policy
         self._reactor = reactor
         self._child: socket.socket | None = None
+        self._upgrade = b""  # the child's 101, until the client's socket has taken it
         self._early = b""
+        # Set by the session once run() is its task's: the relay owns the client's socket.
         self.started = False
         self.finished = trio.Event()
         self.cancel_scope = trio.CancelScope()
@@ -215,46 +246,72 @@ class ClientRelay:
 
     # -- life -----------------------------------------------------------------------------------
 
-    async def run(
-        self,
-        child_url: str,
-        child_headers: list[tuple[str, str]],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Open the child's side, hand its 101 to the client, tunnel until one side ends."""
+    async def open(self, child_url: str, authorization: str) -> None:
+        """Connect to the child and send it the client's upgrade; wait for its ``101``.
+
+        Runs in the caller's task (the front door's), before the relay is handed to the
+        session, so the client's first bytes meet no task switch on the way. Raises
+        ``ConnectionError`` if the child cannot be reached or refuses; the child's socket is
+        closed on any failure, cancellation included. The ``101`` is passed on by ``run``
+        (or by ``pass_on_upgrade`` just before it).
+        """
+        try:
+            self._upgrade = await self._open(child_url, authorization)
+        except BaseException as exc:
+            close_socket(self._child)
+            self._child = None
+            if isinstance(exc, (OSError, trio.TooSlowError)) and not isinstance(
+                exc, ConnectionError
+            ):
+                raise ConnectionError(f"cannot connect to the session's codex: {exc!r}") from None
+            raise
+
+    def abandon(self) -> None:
+        """Close the child's side of a relay that was opened but will not run."""
+        close_socket(self._child)
+        self._child = None
+
+    def pass_on_upgrade(self) -> None:
+        """Send the child's ``101`` to the client now, if the socket takes it at once.
+
+        Called in the same step that hands the relay to its task, so the client's answer
+        does not wait for that task's first turn; whatever the socket does not take (on a new
+        connection, nothing) is left for ``run``.
+        """
+        upgrade = self._upgrade
+        try:
+            sent = self._client.send(upgrade)
+        except (BlockingIOError, OSError):
+            sent = 0  # run() tries again with a wait, and sees a failure for what it is
+        self._upgrade = upgrade[sent:]
+
+    async def run(self) -> None:
+        """Tunnel until one side ends, then close both (``open`` has succeeded before)."""
         try:
             with self.cancel_scope:
                 try:
-                    await self._open(child_url, dict(child_headers).get("authorization", ""))
-                except (OSError, trio.TooSlowError) as exc:
-                    # Before started(): the caller (the front door) turns this into a denial.
-                    raise ConnectionError(
-                        f"cannot connect to the session's codex: {exc!r}"
-                    ) from None
-                self.started = True
-                task_status.started()
-                try:
+                    if self._upgrade:
+                        await send_all(self._client, self._upgrade)
+                        self._upgrade = b""
                     with self._pumps:
                         async with trio.open_nursery() as nursery:
                             nursery.start_soon(self._child_to_client)
-                            nursery.start_soon(self._client_to_child)
                             if self._ping_interval > 0:
                                 nursery.start_soon(self._keepalive)
+                            # This task is the client→child pump: one task fewer per client.
+                            await self._client_to_child()
+                except OSError:
+                    self._client_gone = True  # the 101 could not be written
                 except Exception as exc:
                     # One client's failure stays with that client.
                     log.warning("relay.error", error=repr(exc)[:300])
                     self.close_code, self.close_reason = 1011, "gateway relay error"
         finally:
             try:
-                if self.started:
-                    await self._finish()
-                else:
-                    close_socket(self._child)
+                await self._finish()
             finally:
                 self._flush_counts()
-                if self.started:
-                    self._log_detached()
+                self._log_detached()
                 self.finished.set()
 
     def _log_detached(self) -> None:
@@ -265,10 +322,10 @@ class ClientRelay:
         )
         log.info("client.detached", closed_by=closed_by, code=code, reason=reason)
 
-    async def _open(self, url: str, authorization: str) -> None:
-        host, port, target = _child_address(url)
+    async def _open(self, url: str, authorization: str) -> bytes:
+        host, port, target, family = _child_address(url)
         with trio.fail_after(CHILD_CONNECT_TIMEOUT):
-            child = await connect(host, port)
+            child = await connect(host, port, family)
             self._child = child
             request = child_upgrade_request(self._request, f"{host}:{port}", target, authorization)
             await send_all(child, request)
@@ -282,9 +339,10 @@ class ClientRelay:
                 received += chunk
         if _response_status(received[:end]) != 101:
             raise ChildRejected(_response_status(received[:end]))
-        # The child's 101 (its Sec-WebSocket-Accept answers the client's own key).
-        await send_all(self._client, received[:end])
+        # What followed the 101 is the child's first frames.
         self._early = received[end:]
+        # The child's 101 (its Sec-WebSocket-Accept answers the client's own key).
+        return received[:end]
 
     # -- child → client: byte copy with a frame-header tracker ----------------------------------
 
@@ -723,7 +781,7 @@ class ClientRelay:
                 return False  # the answer to the gateway's own ping
             if opcode == CLOSE:
                 code, reason = frames.parse_close(payload)
-                metrics.WS_CLOSES.labels(side="client", code=str(code)).inc()
+                _close_counter("client", code).inc()
                 if self._detached is None:
                     self._detached = ("client", code or 1005, reason or "")
                 if not self._stopped:
@@ -929,7 +987,7 @@ class ClientRelay:
                 tracker.remaining -= len(chunk)
                 await send_all(client, chunk)
             code, reason = sendable_close(self.close_code, self.close_reason, fallback=1011)
-            metrics.WS_CLOSES.labels(side="gateway", code=str(code)).inc()
+            _close_counter("gateway", code).inc()
             await send_all(client, frames.server_close(code, reason))
             self._closed_client = True
 

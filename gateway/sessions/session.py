@@ -229,7 +229,36 @@ class Session:
         self._saver.abandon()
 
     async def attach_client(self, relay: ClientRelay) -> None:
-        """Start ``relay`` in this session's nursery; returns once the child's 101 is passed on."""
+        """Open ``relay`` to the child, then run it in this session's nursery.
+
+        The child's side is opened in the caller's task; once the child has answered, the
+        relay's task is started and the ``101`` passed on in one step, with no scheduling
+        point in between, so a session that began stopping meanwhile refuses the client
+        instead. Returns once the relay is the session's.
+        """
+        self._check_takes_client()
+        assert self.child is not None
+        self._clients.add(relay)
+        metrics.CLIENTS_ATTACHED.inc()
+        try:
+            await relay.open(self.child.ws_url, self.child.authorization_header()[1])
+            nursery = self._nursery
+            if nursery is None or self._stop_reason is not None:
+                raise SessionStartError("session is stopping; reconnect in a moment")
+            try:
+                nursery.start_soon(self._run_client, relay)
+            except RuntimeError:  # closed to new arrivals: its last task just ended
+                raise SessionStartError("session is stopping; reconnect in a moment") from None
+            relay.started = True
+            relay.pass_on_upgrade()
+        except BaseException:
+            if not relay.started:
+                relay.abandon()
+                self._forget_client(relay)
+            raise
+        self.touch()
+
+    def _check_takes_client(self) -> None:
         if self._nursery is None or self.child is None or self._stop_reason is not None:
             raise SessionStartError("session is stopping; reconnect in a moment")
         cap = self._config.max_clients_per_workspace
@@ -239,36 +268,19 @@ class Session:
                 "close one and retry",
                 status=429,
             )
-        self._clients.add(relay)
-        metrics.CLIENTS_ATTACHED.inc()
-        try:
-            await self._nursery.start(
-                self._run_client, relay, self.child.ws_url, [self.child.authorization_header()]
-            )
-        except BaseException:
-            # _run_client's own cleanup may already have forgotten it.
-            if relay in self._clients:
-                self._clients.discard(relay)
-                metrics.CLIENTS_ATTACHED.dec()
-            raise
-        self.touch()
 
-    async def _run_client(
-        self,
-        relay: ClientRelay,
-        url: str,
-        headers: list[tuple[str, str]],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    def _forget_client(self, relay: ClientRelay) -> None:
+        if relay in self._clients:
+            self._clients.discard(relay)
+            metrics.CLIENTS_ATTACHED.dec()
+
+    async def _run_client(self, relay: ClientRelay) -> None:
         # This task's context is copied from the web handler's: name the workspace in its logs.
         structlog.contextvars.bind_contextvars(workspace_id=self.workspace_id)
         try:
-            await relay.run(url, headers, task_status=task_status)
+            await relay.run()
         finally:
-            if relay in self._clients:
-                self._clients.discard(relay)
-                metrics.CLIENTS_ATTACHED.dec()
+            self._forget_client(relay)
             # The idle time of a session counts from its last client's leaving.
             self.touch()
 

@@ -24,17 +24,29 @@ def take_socket(stream: trio.SocketStream) -> socket.socket:
     return sock
 
 
-async def connect(host: str, port: int) -> socket.socket:
+def address_family(host: str) -> socket.AddressFamily | None:
+    """The family of an IP literal; ``None`` for a name (which needs a lookup)."""
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return None
+    return socket.AF_INET6 if version == 6 else socket.AF_INET
+
+
+async def connect(
+    host: str, port: int, family: socket.AddressFamily | None = None
+) -> socket.socket:
     """A connected non-blocking TCP socket (``TCP_NODELAY`` set) to ``host``:``port``.
 
     An IP literal (what a child's banner names) is connected to straight away, with no name
     lookup, no worker thread and no extra scheduling pass when loopback completes the handshake
     during the call; any other host goes through Trio's resolver and happy eyeballs.
+    ``family``: ``address_family(host)``, when the caller has it already.
     """
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        return take_socket(await trio.open_tcp_stream(host, port))
+    if family is None:
+        family = address_family(host)
+        if family is None:
+            return take_socket(await trio.open_tcp_stream(host, port))
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
