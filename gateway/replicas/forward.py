@@ -45,7 +45,7 @@ from gateway.replicas.placement import PeerOwner
 from gateway.sessions import frames
 from gateway.sessions.handshake import MAX_HEAD, RequestHead, head_end, response_status
 from gateway.sessions.reactor import Reactor
-from gateway.sessions.relay import CLOSE_TIMEOUT, FrameTracker
+from gateway.sessions.relay import CLOSE_TIMEOUT, FrameTracker, close_code_label
 from gateway.sessions.sockets import close_socket, drain_to_eof, recv, send_all, take_socket
 
 log = structlog.get_logger(__name__)
@@ -545,7 +545,7 @@ class ForwardedClient:
             await send_all(self._client, chunk)
         if not tracker.at_boundary:
             return False  # inside a frame that cannot be finished: only dropping TCP is left
-        metrics.WS_CLOSES.labels(side="gateway", code=str(code)).inc()
+        metrics.WS_CLOSES.labels(side="gateway", code=close_code_label(code)).inc()
         await send_all(self._client, frames.server_close(code, reason))
         return True
 

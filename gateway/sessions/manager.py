@@ -139,7 +139,8 @@ class SessionManager:
                 del self._sessions[workspace_id]
                 adopt = outcome.save if isinstance(outcome.save, Unsaved) else None
                 entry = self._start(workspace_id, adopt=adopt)
-            await entry.started_event.wait()
+            if not entry.started_event.is_set():
+                await entry.started_event.wait()
             started = entry.started
             if isinstance(started, SessionStartError):
                 # A refused connect leaves nothing behind: the failed session ends first (a
