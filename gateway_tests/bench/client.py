@@ -85,6 +85,22 @@ async def connect_and_initialize(url: str, headers: Sequence[tuple[str, str]]) -
     return elapsed
 
 
+async def interleaved_attaches(
+    endpoints: dict[str, tuple[str, Sequence[tuple[str, str]]]], count: int
+) -> dict[str, list[float]]:
+    """``count`` attaches (``connect_and_initialize``) per path, taking the paths in turn.
+
+    One attach per path at a time, not a batch per path: a machine whose speed drifts (a
+    shared, noisy one) then moves every path alike, and the differences between paths stay
+    the gateway's own.
+    """
+    samples: dict[str, list[float]] = {path: [] for path in endpoints}
+    for _ in range(count):
+        for path, (url, headers) in endpoints.items():
+            samples[path].append(await connect_and_initialize(url, headers))
+    return samples
+
+
 async def echo_round_trips(ws: WebSocketConnection, payload: bytes, count: int) -> float:
     """``count`` binary frames sent and echoed, one at a time; total seconds."""
     started = time.perf_counter()

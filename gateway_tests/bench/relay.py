@@ -111,19 +111,18 @@ async def _latency(
 
 
 async def _attach(endpoints: dict[str, Endpoint], opts: Options, results: Results) -> None:
-    count = 8 if opts.quick else 30
+    count = 10 if opts.quick else 60
     per_path: dict[str, list[float]] = {p: [] for p in PATHS}
     for rep in range(opts.reps):
+        samples = await client.interleaved_attaches({p: endpoints[p] for p in PATHS}, count)
         for path in PATHS:
-            url, headers = endpoints[path]
-            samples = [await client.connect_and_initialize(url, headers) for _ in range(count)]
-            per_path[path].append(statistics.median(samples))
+            per_path[path].append(statistics.median(samples[path]))
             print(
                 f"    rep {rep + 1} {path:8s} connect+upgrade+initialize p50 "
                 f"{per_path[path][-1] * 1e3:6.2f} ms",
                 flush=True,
             )
-    note = f"{count} connects per repetition to a live session; p50"
+    note = f"{count} connects per path per repetition to a live session, paths in turn; p50"
     for path in PATHS:
         results.add(SECTION, f"attach p50, {path}", "ms", [v * 1e3 for v in per_path[path]], note)
     results.add(
