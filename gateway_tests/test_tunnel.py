@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,6 @@ from pathlib import Path
 import httpx2
 import pytest
 import trio
-from prometheus_client import REGISTRY
 from trio.testing import wait_all_tasks_blocked
 
 from gateway.config import load_config
@@ -29,7 +27,7 @@ from gateway.policy import ClientPolicy, Refusal
 from gateway.sessions import frames
 from gateway.sessions.budget import InflightBudget
 from gateway.sessions.handshake import MAX_HEAD
-from gateway.sessions.relay import FrameTracker, close_code_label
+from gateway.sessions.relay import FrameTracker
 from gateway.sessions.sockets import close_socket
 from gateway.sessions.sockets import connect as connect_tcp
 from gateway.web import server as front_door
@@ -37,12 +35,9 @@ from gateway_tests.fakes.launchers import make_fake_codex_launcher
 from gateway_tests.harness import (
     POLL_INTERVAL,
     LaunchGateway,
-    Rpc,
     RunningGateway,
     connect,
-    eventually,
     gateway_env,
-    listening_ports,
     start_gateway,
     token_for,
 )
@@ -188,74 +183,6 @@ async def test_the_childs_101_answers_the_clients_own_key(gateway: RunningGatewa
         await stream.aclose()
 
 
-TCP_ESTABLISHED = "01"
-
-
-def _connections_to(port: int) -> dict[int, int]:
-    """This process's (the in-process gateway's) established TCP connections to loopback
-    ``port``: its local port → its descriptor."""
-    by_inode = {}
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            by_inode[target[len("socket:[") : -1]] = int(fd)
-    found = {}
-    for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
-        to_port = int(remote.rsplit(":", 1)[1], 16) == port
-        if state == TCP_ESTABLISHED and to_port and inode in by_inode:
-            found[int(local.rsplit(":", 1)[1], 16)] = by_inode[inode]
-    return found
-
-
-async def _child_port(rpc: Rpc) -> int:
-    pid = int((await rpc.result("fake/pid"))["pid"])
-    (port,) = listening_ports(pid)
-    return port
-
-
-async def test_each_attach_takes_the_connection_the_last_one_opened_and_none_outlives_it(
-    gateway: RunningGateway,
-) -> None:
-    """After an attach the session holds one idle connection to its child; the next client's
-    upgrade goes over it (no connect on its way) and the session's end closes it."""
-    async with connect(gateway, "ws_spare") as rpc:
-        port = await _child_port(rpc)
-        assert len(_connections_to(port)) == 2  # this client's and the one kept ready
-    await eventually(lambda: len(_connections_to(port)) == 1)
-    (kept,) = _connections_to(port)
-    async with connect(gateway, "ws_spare") as rpc:
-        assert await _child_port(rpc) == port  # the same session and child
-        during = _connections_to(port)
-        assert kept in during and len(during) == 2
-    await eventually(lambda: len(_connections_to(port)) == 1)
-    assert kept not in _connections_to(port)  # it was this client's, and closed with it
-    assert (await gateway.restart("ws_spare")).status_code == 204
-    await eventually(lambda: not _connections_to(port))
-
-
-async def test_a_kept_connection_the_child_has_closed_is_replaced_on_the_next_attach(
-    gateway: RunningGateway,
-) -> None:
-    async with connect(gateway, "ws_spare_stale") as rpc:
-        port = await _child_port(rpc)
-    await eventually(lambda: len(_connections_to(port)) == 1)
-    ((kept, fd),) = _connections_to(port).items()
-    # What the child closing it looks like from here: reads see the end of the stream.
-    stale = socket.socket(fileno=os.dup(fd))
-    stale.shutdown(socket.SHUT_RD)
-    stale.close()
-    async with connect(gateway, "ws_spare_stale") as rpc:
-        assert await _child_port(rpc) == port
-        # Connected afresh: the stale one is closed, a new one kept for the next client.
-        during = _connections_to(port)
-        assert kept not in during and len(during) == 2
-
-
 async def test_an_upgrade_after_an_earlier_request_on_the_same_connection_gets_400(
     gateway: RunningGateway,
 ) -> None:
@@ -308,37 +235,6 @@ async def test_a_slowloris_upgrade_head_is_dropped_and_bothers_nobody(
 
 
 # -- the gateway's own closes ---------------------------------------------------------------------
-
-
-def test_close_codes_map_to_a_bounded_set_of_metric_labels() -> None:
-    labels = {close_code_label(code) for code in range(1 << 16)} | {close_code_label(None)}
-    assert len(labels) <= 20, labels
-    assert close_code_label(1000) == "1000" and close_code_label(1012) == "1012"
-    assert close_code_label(3007) == "3xxx" and close_code_label(4999) == "4xxx"
-    assert close_code_label(2999) == close_code_label(65535) == "invalid"
-
-
-async def test_a_clients_own_close_codes_add_no_metric_series(gateway: RunningGateway) -> None:
-    """A client picks its close code: the metric counts it under a range, never by number."""
-
-    def closes(code: str) -> float:
-        sample = REGISTRY.get_sample_value("cxg_ws_closes_total", {"side": "client", "code": code})
-        return sample or 0.0
-
-    before = {label: closes(label) for label in ("3xxx", "4xxx", "invalid")}
-    with trio.fail_after(TIMEOUT):
-        for code in (4321, 4322, 3007, 2999):
-            head, client = await _raw_connect(gateway, "ws_close_codes")
-            assert _status(head) == 101
-            await client.send(frames.CLOSE, struct.pack("!H", code))
-            while (await client.receive())[0] != frames.CLOSE:
-                pass
-            await client.stream.aclose()
-    assert closes("4xxx") - before["4xxx"] == 2
-    assert closes("3xxx") - before["3xxx"] == 1
-    assert closes("invalid") - before["invalid"] == 1
-    for number in ("4321", "4322", "3007", "2999"):
-        assert closes(number) == 0.0
 
 
 async def test_each_stop_reason_reaches_the_client_as_its_own_code_and_reason(
