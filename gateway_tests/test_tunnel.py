@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import httpx2
 import pytest
 import trio
+from prometheus_client import REGISTRY
 from trio.testing import wait_all_tasks_blocked
 
 from gateway.config import load_config
@@ -27,7 +29,7 @@ from gateway.policy import ClientPolicy, Refusal
 from gateway.sessions import frames
 from gateway.sessions.budget import InflightBudget
 from gateway.sessions.handshake import MAX_HEAD
-from gateway.sessions.relay import FrameTracker
+from gateway.sessions.relay import FrameTracker, close_code_label
 from gateway.sessions.sockets import close_socket
 from gateway.sessions.sockets import connect as connect_tcp
 from gateway.web import server as front_door
@@ -235,6 +237,37 @@ async def test_a_slowloris_upgrade_head_is_dropped_and_bothers_nobody(
 
 
 # -- the gateway's own closes ---------------------------------------------------------------------
+
+
+def test_close_codes_map_to_a_bounded_set_of_metric_labels() -> None:
+    labels = {close_code_label(code) for code in range(1 << 16)} | {close_code_label(None)}
+    assert len(labels) <= 20, labels
+    assert close_code_label(1000) == "1000" and close_code_label(1012) == "1012"
+    assert close_code_label(3007) == "3xxx" and close_code_label(4999) == "4xxx"
+    assert close_code_label(2999) == close_code_label(65535) == "invalid"
+
+
+async def test_a_clients_own_close_codes_add_no_metric_series(gateway: RunningGateway) -> None:
+    """A client picks its close code: the metric counts it under a range, never by number."""
+
+    def closes(code: str) -> float:
+        sample = REGISTRY.get_sample_value("cxg_ws_closes_total", {"side": "client", "code": code})
+        return sample or 0.0
+
+    before = {label: closes(label) for label in ("3xxx", "4xxx", "invalid")}
+    with trio.fail_after(TIMEOUT):
+        for code in (4321, 4322, 3007, 2999):
+            head, client = await _raw_connect(gateway, "ws_close_codes")
+            assert _status(head) == 101
+            await client.send(frames.CLOSE, struct.pack("!H", code))
+            while (await client.receive())[0] != frames.CLOSE:
+                pass
+            await client.stream.aclose()
+    assert closes("4xxx") - before["4xxx"] == 2
+    assert closes("3xxx") - before["3xxx"] == 1
+    assert closes("invalid") - before["invalid"] == 1
+    for number in ("4321", "4322", "3007", "2999"):
+        assert closes(number) == 0.0
 
 
 async def test_each_stop_reason_reaches_the_client_as_its_own_code_and_reason(
