@@ -313,6 +313,30 @@ async def eventually(predicate: Callable[[], bool], *, within: float = 10.0) -> 
             await trio.sleep(POLL_INTERVAL)
 
 
+TCP_LISTEN = "0A"
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports a process listens on, from its fds and its view of /proc/net/tcp{,6}."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == TCP_LISTEN and inode in inodes:
+                ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
 async def closed_port() -> int:
     """A loopback port nothing listens on (bound, then released): an unreachable service."""
     with trio.socket.socket() as sock:

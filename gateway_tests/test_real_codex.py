@@ -7,7 +7,6 @@ which is exactly what the persistence path needs.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx2
@@ -18,33 +17,11 @@ from gateway_tests.harness import (
     bearer,
     connect,
     eventually,
+    listening_ports,
     rejected_connect,
     token_for,
 )
 from gateway_tests.real_codex_turns import STEP_TIMEOUT, record_user_message
-
-TCP_LISTEN = "0A"
-
-
-def listening_ports(pid: int) -> set[int]:
-    """The TCP ports a process listens on, from its fds and its view of /proc/net/tcp{,6}."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
-        for line in lines:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == TCP_LISTEN and inode in inodes:
-                ports.add(int(local.rsplit(":", 1)[1], 16))
-    return ports
 
 
 async def test_real_codex_thread_is_recorded_saved_and_restored_across_a_restart(

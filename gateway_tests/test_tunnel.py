@@ -37,9 +37,12 @@ from gateway_tests.fakes.launchers import make_fake_codex_launcher
 from gateway_tests.harness import (
     POLL_INTERVAL,
     LaunchGateway,
+    Rpc,
     RunningGateway,
     connect,
+    eventually,
     gateway_env,
+    listening_ports,
     start_gateway,
     token_for,
 )
@@ -183,6 +186,74 @@ async def test_the_childs_101_answers_the_clients_own_key(gateway: RunningGatewa
                     break
         assert json.loads(payload)["result"]["payload"] == "verbatim", payload
         await stream.aclose()
+
+
+TCP_ESTABLISHED = "01"
+
+
+def _connections_to(port: int) -> dict[int, int]:
+    """This process's (the in-process gateway's) established TCP connections to loopback
+    ``port``: its local port → its descriptor."""
+    by_inode = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            by_inode[target[len("socket:[") : -1]] = int(fd)
+    found = {}
+    for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+        to_port = int(remote.rsplit(":", 1)[1], 16) == port
+        if state == TCP_ESTABLISHED and to_port and inode in by_inode:
+            found[int(local.rsplit(":", 1)[1], 16)] = by_inode[inode]
+    return found
+
+
+async def _child_port(rpc: Rpc) -> int:
+    pid = int((await rpc.result("fake/pid"))["pid"])
+    (port,) = listening_ports(pid)
+    return port
+
+
+async def test_each_attach_takes_the_connection_the_last_one_opened_and_none_outlives_it(
+    gateway: RunningGateway,
+) -> None:
+    """After an attach the session holds one idle connection to its child; the next client's
+    upgrade goes over it (no connect on its way) and the session's end closes it."""
+    async with connect(gateway, "ws_spare") as rpc:
+        port = await _child_port(rpc)
+        assert len(_connections_to(port)) == 2  # this client's and the one kept ready
+    await eventually(lambda: len(_connections_to(port)) == 1)
+    (kept,) = _connections_to(port)
+    async with connect(gateway, "ws_spare") as rpc:
+        assert await _child_port(rpc) == port  # the same session and child
+        during = _connections_to(port)
+        assert kept in during and len(during) == 2
+    await eventually(lambda: len(_connections_to(port)) == 1)
+    assert kept not in _connections_to(port)  # it was this client's, and closed with it
+    assert (await gateway.restart("ws_spare")).status_code == 204
+    await eventually(lambda: not _connections_to(port))
+
+
+async def test_a_kept_connection_the_child_has_closed_is_replaced_on_the_next_attach(
+    gateway: RunningGateway,
+) -> None:
+    async with connect(gateway, "ws_spare_stale") as rpc:
+        port = await _child_port(rpc)
+    await eventually(lambda: len(_connections_to(port)) == 1)
+    ((kept, fd),) = _connections_to(port).items()
+    # What the child closing it looks like from here: reads see the end of the stream.
+    stale = socket.socket(fileno=os.dup(fd))
+    stale.shutdown(socket.SHUT_RD)
+    stale.close()
+    async with connect(gateway, "ws_spare_stale") as rpc:
+        assert await _child_port(rpc) == port
+        # Connected afresh: the stale one is closed, a new one kept for the next client.
+        during = _connections_to(port)
+        assert kept not in during and len(during) == 2
 
 
 async def test_an_upgrade_after_an_earlier_request_on_the_same_connection_gets_400(

@@ -59,6 +59,7 @@ from gateway.sessions.sockets import (
     address_family,
     close_socket,
     connect,
+    connect_at_once,
     drain_to_eof,
     recv,
     send_all,
@@ -119,6 +120,24 @@ def _child_address(url: str) -> tuple[str, int, str, socket.AddressFamily | None
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host = parts.hostname or "127.0.0.1"
     return host, parts.port or 80, target, address_family(host)
+
+
+def spare_connection(url: str) -> socket.socket | None:
+    """A TCP connection to the child at ``url`` (its ``ws://`` banner) with nothing sent on
+    it, if one opens at once (``None`` otherwise: the next client connects itself)."""
+    host, port, _, family = _child_address(url)
+    return connect_at_once(host, port, family) if family is not None else None
+
+
+def still_open(sock: socket.socket) -> bool:
+    """Whether an idle connection has neither been closed by its peer nor sent anything."""
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False  # end of stream, or bytes nobody asked for
 
 
 def sendable_close(code: int | None, reason: str | None, *, fallback: int) -> tuple[int, str]:
@@ -246,17 +265,20 @@ class ClientRelay:
 
     # -- life -----------------------------------------------------------------------------------
 
-    async def open(self, child_url: str, authorization: str) -> None:
+    async def open(
+        self, child_url: str, authorization: str, spare: socket.socket | None = None
+    ) -> None:
         """Connect to the child and send it the client's upgrade; wait for its ``101``.
 
         Runs in the caller's task (the front door's), before the relay is handed to the
-        session, so the client's first bytes meet no task switch on the way. Raises
-        ``ConnectionError`` if the child cannot be reached or refuses; the child's socket is
-        closed on any failure, cancellation included. The ``101`` is passed on by ``run``
-        (or by ``pass_on_upgrade`` just before it).
+        session, so the client's first bytes meet no task switch on the way. ``spare``: a
+        connection to the child opened ahead (``spare_connection``), used if the child has not
+        closed it. Raises ``ConnectionError`` if the child cannot be reached or refuses; the
+        child's socket is closed on any failure, cancellation included. The ``101`` is passed
+        on by ``run`` (or by ``pass_on_upgrade`` just before it).
         """
         try:
-            self._upgrade = await self._open(child_url, authorization)
+            self._upgrade = await self._open(child_url, authorization, spare)
         except BaseException as exc:
             close_socket(self._child)
             self._child = None
@@ -281,7 +303,7 @@ class ClientRelay:
         upgrade = self._upgrade
         try:
             sent = self._client.send(upgrade)
-        except (BlockingIOError, OSError):
+        except OSError:  # full (it never is on a new connection) or failed
             sent = 0  # run() tries again with a wait, and sees a failure for what it is
         self._upgrade = upgrade[sent:]
 
@@ -322,27 +344,49 @@ class ClientRelay:
         )
         log.info("client.detached", closed_by=closed_by, code=code, reason=reason)
 
-    async def _open(self, url: str, authorization: str) -> bytes:
+    async def _open(self, url: str, authorization: str, spare: socket.socket | None) -> bytes:
         host, port, target, family = _child_address(url)
+        request = child_upgrade_request(self._request, f"{host}:{port}", target, authorization)
+        if spare is not None and not still_open(spare):
+            close_socket(spare)
+            spare = None
         with trio.fail_after(CHILD_CONNECT_TIMEOUT):
-            child = await connect(host, port, family)
-            self._child = child
-            request = child_upgrade_request(self._request, f"{host}:{port}", target, authorization)
-            await send_all(child, request)
-            received = b""
-            while (end := head_end(received)) < 0:
-                if len(received) > MAX_HEAD:
-                    raise ChildRejected(None)
-                chunk = await recv(child, RECEIVE_BUFFER)
-                if not chunk:
-                    raise ConnectionError("the child closed the connection during the upgrade")
-                received += chunk
+            while True:
+                child = spare if spare is not None else await connect(host, port, family)
+                self._child = child
+                try:
+                    await send_all(child, request)
+                    received = await self._read_upgrade_answer(child)
+                except ChildRejected:
+                    raise
+                except OSError:
+                    if spare is None:
+                        raise
+                    # The child closed the kept connection just now: once more, afresh.
+                    close_socket(spare)
+                    spare = self._child = None
+                    continue
+                break
+        end = head_end(received)
         if _response_status(received[:end]) != 101:
             raise ChildRejected(_response_status(received[:end]))
         # What followed the 101 is the child's first frames.
         self._early = received[end:]
         # The child's 101 (its Sec-WebSocket-Accept answers the client's own key).
         return received[:end]
+
+    @staticmethod
+    async def _read_upgrade_answer(child: socket.socket) -> bytes:
+        """The child's answer to the upgrade: its head, and whatever followed it in the read."""
+        received = b""
+        while head_end(received) < 0:
+            if len(received) > MAX_HEAD:
+                raise ChildRejected(None)
+            chunk = await recv(child, RECEIVE_BUFFER)
+            if not chunk:
+                raise ConnectionError("the child closed the connection during the upgrade")
+            received += chunk
+        return received
 
     # -- child → client: byte copy with a frame-header tracker ----------------------------------
 

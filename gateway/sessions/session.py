@@ -12,7 +12,8 @@
         ├── _watch_idle            stops it after CXG_IDLE_SHUTDOWN without clients or turns
         ├── _checkpoints           periodic consistent snapshots to the store
         ├── credentials.keep_fresh the model token, refreshed in place
-        └── ClientRelay.run (N)    one per attached client (started by attach_client)
+        └── ClientRelay.run (N)    one per attached client (opened by the caller of
+                                   attach_client, then started by it)
     then: clients closed with the stop reason's code, child stopped (SIGTERM, grace, SIGKILL),
     final save (``Saver``); the local directory is deleted only after the save succeeded.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -65,8 +67,9 @@ from gateway.sessions.outcome import (
     Unsaved,
 )
 from gateway.sessions.process_tree import SessionTree
-from gateway.sessions.relay import ClientRelay
+from gateway.sessions.relay import ClientRelay, spare_connection
 from gateway.sessions.saver import FinalSave, Saver
+from gateway.sessions.sockets import close_socket
 from gateway.sessions.turns import child_is_busy
 
 log = structlog.get_logger(__name__)
@@ -147,6 +150,9 @@ class Session:
         self._executor_directory: ExecutorDirectory | None = None
         self.last_activity = trio.current_time()
         self._clients: set[ClientRelay] = set()
+        # A TCP connection to the child opened after an attach, for the next one to take: the
+        # connect (its system calls, the child's accept) is then off that client's way.
+        self._spare: socket.socket | None = None
         self._nursery: trio.Nursery | None = None
         # What the admin listing shows; nothing decides from it.
         self._state = SessionState.STARTING
@@ -237,11 +243,13 @@ class Session:
         instead. Returns once the relay is the session's.
         """
         self._check_takes_client()
-        assert self.child is not None
+        child = self.child
+        assert child is not None
         self._clients.add(relay)
         metrics.CLIENTS_ATTACHED.inc()
+        spare, self._spare = self._spare, None
         try:
-            await relay.open(self.child.ws_url, self.child.authorization_header()[1])
+            await relay.open(child.ws_url, child.authorization_header()[1], spare)
             nursery = self._nursery
             if nursery is None or self._stop_reason is not None:
                 raise SessionStartError("session is stopping; reconnect in a moment")
@@ -257,6 +265,14 @@ class Session:
                 self._forget_client(relay)
             raise
         self.touch()
+        if self._spare is None:
+            # For the next client; no wait here: the relay is running and must not lose
+            # its caller to a cancellation.
+            self._spare = spare_connection(child.ws_url)
+
+    def _close_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        close_socket(spare)
 
     def _check_takes_client(self) -> None:
         if self._nursery is None or self.child is None or self._stop_reason is not None:
@@ -464,6 +480,7 @@ class Session:
                 assert self.child is not None
                 self._services.child_watch.unwatch(f"{self.workspace_id}:{self.child.pid}")
             self._nursery = None
+            self._close_spare()
         return True
 
     @property
