@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -73,6 +74,7 @@ async def _run(sections: list[str], opts: Options, results: Results) -> None:
             await SECTIONS[name](opts, results)
         except Exception as exc:  # one failing section must not lose the others' figures
             results.note(f"section {name} failed: {exc!r}")
+            results.failed.append(name)
             import traceback
 
             traceback.print_exc()
@@ -86,10 +88,22 @@ def _render_again(args: argparse.Namespace) -> int:
     report.evaluate_targets(results)
     print(report.table(results))
     report.write_json(results, opts, args.output, info)
-    complete = not opts.quick and set(results.sections_run) == set(SECTIONS)
-    if complete and not args.no_docs:
-        print(f"docs: {report.write_docs(results, opts, info)}")
+    if not args.no_docs:
+        _write_docs_if_complete(results, opts, info)
     return 0
+
+
+def _write_docs_if_complete(
+    results: Results, opts: Options, info: dict[str, Any] | None = None
+) -> None:
+    """Rewrite the generated block of docs/benchmarks.md from a full run in which every
+    section ran to its end; say why not otherwise."""
+    if opts.quick or set(results.sections_run) != set(SECTIONS):
+        print("docs/benchmarks.md not updated: only a full run of every section rewrites it")
+    elif results.failed:
+        print("docs/benchmarks.md not updated: section(s) failed: " + ", ".join(results.failed))
+    else:
+        print(f"docs: {report.write_docs(results, opts, info)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,13 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(results))
     report.write_json(results, opts, args.output)
     print(f"\nJSON: {args.output}")
-    if args.no_docs:
-        pass
-    elif opts.quick or set(sections) != set(SECTIONS):
-        print("docs/benchmarks.md not updated: only a full run of every section rewrites it")
-    else:
-        path = report.write_docs(results, opts)
-        print(f"docs: {path}")
+    if not args.no_docs:
+        _write_docs_if_complete(results, opts)
     return 0
 
 

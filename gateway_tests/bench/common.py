@@ -93,6 +93,8 @@ class Results:
     targets: list[Target] = attrs.Factory(list)
     notes: list[str] = attrs.Factory(list)
     sections_run: list[str] = attrs.Factory(list)
+    # Sections that raised: their figures are missing or partial.
+    failed: list[str] = attrs.Factory(list)
     seconds: dict[str, float] = attrs.Factory(dict)
 
     def add(

@@ -267,6 +267,7 @@ def write_json(
         "quick": opts.quick,
         "repetitions": opts.reps,
         "sections": results.sections_run,
+        "failed": results.failed,
         "seconds": results.seconds,
         "machine": info or machine(),
         "figures": [figure.as_json() for figure in results.figures],
@@ -286,6 +287,7 @@ def load_json(path: Path) -> tuple[Results, Options, dict[str, Any]]:
         ],
         notes=list(document.get("notes", [])),
         sections_run=list(document.get("sections", [])),
+        failed=list(document.get("failed", [])),
         seconds=dict(document.get("seconds", {})),
     )
     opts = Options(

@@ -37,6 +37,8 @@ WARM_SESSIONS = 2
 CONNECT_CONCURRENCY = 16
 MEMORY_MARGIN = 4 << 30
 SETTLE_SECONDS = 3.0
+# What a fake codex child is taken to cost when none of them can be measured.
+ASSUMED_CHILD_BYTES = 30 * MIB
 
 
 async def _healthz_latency(gateway: Gateway, samples: int) -> tuple[float, float]:
@@ -65,14 +67,18 @@ async def _open_sessions(gateway: Gateway, names: list[str]) -> None:
                 nursery.start_soon(one, name)
 
 
-def _child_private_bytes(gateway: Gateway, names: list[str]) -> float:
+def _child_private_bytes(gateway: Gateway, names: list[str]) -> float | None:
+    """Mean private memory of the newest children; ``None`` when none can be read (a child
+    that has gone, or whose ``/proc`` entry cannot be read, reads as 0 and is left out)."""
     sizes = []
     for name in names[-20:]:
         try:
-            sizes.append(private_bytes(gateway.child(name)["pid"]))
+            size = private_bytes(gateway.child(name)["pid"])
         except (KeyError, OSError, ValueError):
             continue
-    return sum(sizes) / len(sizes) if sizes else 30 * MIB
+        if size > 0:
+            sizes.append(size)
+    return sum(sizes) / len(sizes) if sizes else None
 
 
 async def _settle() -> None:
@@ -108,6 +114,12 @@ async def run(opts: Options, results: Results) -> None:
         for level in levels:
             target = level
             per_child = _child_private_bytes(gateway, names)
+            if per_child is None:
+                per_child = ASSUMED_CHILD_BYTES
+                results.note(
+                    f"scale: no child's private memory could be read before {level} sessions; "
+                    f"assumed {ASSUMED_CHILD_BYTES // MIB} MiB each"
+                )
             affordable = largest + int((mem_available_bytes() - MEMORY_MARGIN) / (per_child * 1.2))
             if affordable < target:
                 target = max(largest, affordable)
