@@ -37,6 +37,49 @@ WS = "ws-own"
 LIMITS = RestoreLimits(max_total_bytes=64 * 1024 * 1024, max_entries=10_000)
 
 
+class Signal:
+    """Something that happens again and again; ``wait`` returns at its next occurrence."""
+
+    def __init__(self) -> None:
+        self._next = trio.Event()
+        self.count = 0
+
+    def fire(self) -> None:
+        self.count += 1
+        self._next.set()
+        self._next = trio.Event()
+
+    async def wait(self) -> None:
+        await self._next.wait()
+
+    async def reach(self, count: int) -> None:
+        """Return once it has happened ``count`` times in all."""
+        while self.count < count:
+            await self.wait()
+
+
+class WatchedLiveness(PeerLiveness):
+    """The pod's view of its peers, with a signal at the end of every whole look."""
+
+    def __init__(self, takeover_after: float) -> None:
+        super().__init__(takeover_after)
+        self.looks = Signal()
+
+    def looked(self, now: float) -> None:
+        super().looked(now)
+        self.looks.fire()
+
+
+class RenewalCounter:
+    """The heartbeat's keeper: petted after every successful renewal."""
+
+    def __init__(self) -> None:
+        self.renewals = Signal()
+
+    def pet(self, seconds_left: float) -> None:
+        self.renewals.fire()
+
+
 @attrs.define
 class Pod:
     """One pod's replica-mode parts, its heartbeat running in the test's nursery."""
@@ -46,9 +89,16 @@ class Pod:
     placement: StorePlacement
     heartbeat: HeartbeatState
     proxy: CuttableProxy
+    liveness: WatchedLiveness
+    keeper: RenewalCounter = attrs.field(factory=RenewalCounter)
     fenced: list[tuple[float, str]] = attrs.field(factory=list)
     refused: DuplicatePodName | None = None
+    refusal: trio.Event = attrs.field(factory=trio.Event)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+
+    async def renewals(self, more: int) -> None:
+        """Return once its heartbeat has been renewed ``more`` times from now."""
+        await self.keeper.renewals.reach(self.keeper.renewals.count + more)
 
     @property
     def persistence(self) -> Persistence:
@@ -82,8 +132,9 @@ async def start_pod(
         records = Records(store)
         etag = await check_pod_name_free(records, settings) if check_name else None
         state = HeartbeatState(settings, incarnation=new_write_id(), etag=etag)
-        liveness = PeerLiveness(TAKEOVER)
-        pod = Pod(name, store, StorePlacement(settings, store, liveness, state), state, proxy)
+        liveness = WatchedLiveness(TAKEOVER)
+        placement = StorePlacement(settings, store, liveness, state)
+        pod = Pod(name, store, placement, state, proxy, liveness)
 
         def fence(reason: str) -> None:
             pod.fenced.append((trio.current_time(), reason))
@@ -92,10 +143,16 @@ async def start_pod(
             with pod.scope:
                 try:
                     await run_heartbeat(
-                        records, state, liveness, fence=fence, task_status=task_status
+                        records,
+                        state,
+                        liveness,
+                        fence=fence,
+                        keeper=pod.keeper,
+                        task_status=task_status,
                     )
                 except DuplicatePodName as exc:
                     pod.refused = exc
+                    pod.refusal.set()
 
         await nursery.start(beat)
         pods.append(pod)
@@ -152,8 +209,9 @@ async def test_an_owner_cut_off_from_the_store_fences_itself_before_it_is_taken_
     owner.proxy.cut()
     # Taken over only once its heartbeat has been silent for the takeover time.
     with trio.fail_after(4 * TAKEOVER):
-        while (outcome := await claim_outcome(other)) == "pod-a":  # noqa: ASYNC110
-            await trio.sleep(0.05)
+        # The claim is judged on what the last look at the peers saw: try after each one.
+        while (outcome := await claim_outcome(other)) == "pod-a":
+            await other.liveness.looks.wait()
     taken = trio.current_time()
     assert outcome == 2
     assert taken - cut >= TAKEOVER - owner.heartbeat.settings.heartbeat_interval
@@ -211,8 +269,8 @@ async def test_a_paused_owners_late_save_never_becomes_the_current_snapshot(
     # pod-a freezes (its store traffic stops); pod-b takes over once it is silent.
     owner.proxy.cut()
     with trio.fail_after(4 * TAKEOVER):
-        while await claim_outcome(other) == "pod-a":  # noqa: ASYNC110
-            await trio.sleep(0.05)
+        while await claim_outcome(other) == "pod-a":
+            await other.liveness.looks.wait()
     new = other.placement.snapshots(WS, 2, other.persistence)
     home_b = tmp_path / "b"
     restored_by_b = await new.restore(home_b)
@@ -295,16 +353,15 @@ async def test_two_live_processes_with_one_pod_name_leave_one_serving(
     first.proxy.restore()
     interval = first.heartbeat.settings.heartbeat_interval
     with trio.fail_after(10 * interval):
-        while first.refused is None:  # noqa: ASYNC110 - set by the heartbeat task
-            await trio.sleep(0.05)
+        await first.refusal.wait()
     assert "CXG_POD_NAME" in str(first.refused)
     with pytest.raises(SessionStartError):
         await first.placement.claim("ws-other")
     # The other goes on renewing its heartbeat and serving.
     counter = second.heartbeat.counter
     with trio.fail_after(10 * interval):
-        while second.heartbeat.counter < counter + 2:  # noqa: ASYNC110
-            await trio.sleep(0.05)
+        await second.renewals(2)
+    assert second.heartbeat.counter >= counter + 2
     assert second.refused is None
     assert await second.placement.claim("ws-other") == 1
 
@@ -318,8 +375,8 @@ async def test_a_second_process_that_writes_first_refuses_at_its_first_heartbeat
         await start_pod("pod-a")
     counter = first.heartbeat.counter
     with trio.fail_after(10 * first.heartbeat.settings.heartbeat_interval):
-        while first.heartbeat.counter < counter + 2:  # noqa: ASYNC110
-            await trio.sleep(0.05)
+        await first.renewals(2)
+    assert first.heartbeat.counter >= counter + 2
     assert first.refused is None
     shown = await first.placement.records.read_heartbeat("pod-a")
     assert shown is not None and shown.value.incarnation == first.heartbeat.incarnation
@@ -333,6 +390,6 @@ async def test_a_draining_pod_claims_nothing_and_its_heartbeat_says_so(
     with pytest.raises(SessionStartError, match="draining"):
         await pod.placement.claim(WS)
     with trio.fail_after(10 * pod.heartbeat.settings.heartbeat_interval):
-        while not other.placement.liveness.is_draining("pod-a"):  # noqa: ASYNC110
-            await trio.sleep(0.05)
+        while not other.liveness.is_draining("pod-a"):
+            await other.liveness.looks.wait()
     assert await other.placement.claim(WS) == 1
