@@ -29,7 +29,9 @@ from gateway.policy import ClientPolicy, Refusal
 from gateway.sessions import frames
 from gateway.sessions.budget import InflightBudget
 from gateway.sessions.handshake import MAX_HEAD
+from gateway.sessions.outcome import StopReason
 from gateway.sessions.relay import FrameTracker, close_code_label
+from gateway.sessions.session import Session
 from gateway.sessions.sockets import close_socket
 from gateway.sessions.sockets import connect as connect_tcp
 from gateway.web import server as front_door
@@ -458,6 +460,60 @@ async def test_a_client_that_stops_reading_gets_every_byte_later_and_holds_up_no
                     assert await stalled.receive() == (frames.BINARY, blob)
             await stalled.stream.aclose()
             await reader.stream.aclose()
+    finally:
+        await gateway.shutdown()
+
+
+async def test_a_stop_while_a_clients_socket_is_full_delivers_every_byte_owed_before_the_close(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stop cancels the relay while it waits to write the rest of one of the child's frames
+    # to a client that reads nothing. The close frame must come after that frame's every byte
+    # (what the cancelled write still held, then what the child has yet to send of it), not
+    # in the middle of it. The child ignores SIGTERM so that it is still there, within its
+    # stop grace, to finish its frame.
+    stopping = trio.Event()
+    stop = Session.stop
+
+    def stop_and_tell(session: Session, reason: StopReason) -> None:
+        stop(session, reason)
+        stopping.set()
+
+    monkeypatch.setattr(Session, "stop", stop_and_tell)
+    launcher = make_fake_codex_launcher(tmp_path / "bin", ECHO_BINARY="1", IGNORE_SIGTERM="1")
+    gateway = await start_gateway(nursery, gateway_env(tmp_path, launcher))
+    try:
+        with trio.fail_after(60):
+            head, stalled = await _raw_connect(gateway, "ws_full_at_stop")
+            assert _status(head) == 101
+            stalled.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            blobs = [os.urandom(2 << 20) for _ in range(6)]
+            for blob in blobs:
+                await stalled.send(frames.BINARY, blob)
+            # Echoed towards a client that reads nothing, 12 MiB fill every buffer on the way:
+            # the relay is left waiting on the client's full socket, inside one of the frames.
+            await wait_all_tasks_blocked(cushion=0.2)
+
+            async def restart() -> None:
+                assert (await gateway.restart("ws_full_at_stop")).status_code == 204
+
+            async with trio.open_nursery() as stopping_nursery:
+                stopping_nursery.start_soon(restart)
+                # The stop cancels the relay's wait at once (Trio delivers a cancellation to a
+                # blocked wait when it is made): reading from here on cannot let it finish the
+                # frame the ordinary way. Its close has CLOSE_TIMEOUT to reach the client.
+                await stopping.wait()
+                received: list[bytes] = []
+                while True:
+                    opcode, payload = await stalled.receive()
+                    if opcode == frames.CLOSE:
+                        break
+                    assert opcode == frames.BINARY
+                    received.append(payload)
+            assert received == blobs[: len(received)]
+            assert len(received) < len(blobs)  # the stop did come mid-stream
+            assert struct.unpack("!H", payload[:2])[0] == 1012
+            await stalled.stream.aclose()
     finally:
         await gateway.shutdown()
 

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import structlog
 import trio
 from prometheus_client import Counter
-from trio.lowlevel import checkpoint
+from trio.lowlevel import checkpoint, wait_writable
 
 from gateway import metrics
 from gateway.policy import ClientPolicy
@@ -224,6 +224,9 @@ class ClientRelay:
         self._s2c = FrameTracker()
         self._s2c_holding = False  # child→client holds _client_lock (inside a child's frame)
         self._s2c_pending = b""  # read by the fast path, not yet taken by the client's socket
+        # What a write to the client cancelled part way left unwritten: the close writes it
+        # first, so that the client's stream never has a frame cut short inside it.
+        self._client_owed = b""
         self._c2s_skip = 0  # payload bytes of a large client frame not read yet
         self._child_mid_frame = False
         self._c2s_rest: bytearray | None = None
@@ -498,13 +501,15 @@ class ClientRelay:
                             return
                         drained = received < capacity
                         data = buffer[:received]
-                if not accounted:
-                    self._account_child_bytes(data)
                 # The shared buffer must not be waited on: what is not written at once is copied.
                 if not self._s2c_holding and lock.value == 0:
                     data = bytes(data)
+                    # At a frame boundary here: bytes dropped by a cancellation of this wait
+                    # were never counted in, so the close still goes in at that boundary.
                     await lock.acquire()
                     self._s2c_holding = waited = True
+                if not accounted:
+                    self._account_child_bytes(data)
                 try:
                     try:
                         sent = client.send(data)
@@ -514,7 +519,7 @@ class ClientRelay:
                         rest = bytes(data[sent:])
                         data = b""
                         self._hold_client_socket(True)
-                        await send_all(client, rest)
+                        await self._write_client(rest)
                         waited = True
                 except OSError:
                     self._client_gone = True
@@ -903,10 +908,29 @@ class ClientRelay:
     async def _to_client(self, frame: bytes) -> None:
         async with self._client_lock:
             try:
-                await send_all(self._client, frame)
+                await self._write_client(frame)
             except OSError:
                 self._client_gone = True
                 raise _PeerGone("client") from None
+
+    async def _write_client(self, data: bytes) -> None:
+        """Write all of ``data`` to the client (the caller holds the client's socket).
+
+        Cancelled part way, it leaves what it did not write in ``_client_owed`` for the close.
+        """
+        client = self._client
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    sent = client.send(view)
+                except BlockingIOError:
+                    await wait_writable(client)
+                    continue
+                view = view[sent:]
+        finally:
+            if view:
+                self._client_owed = bytes(view)
 
     # -- keepalive, activity, metrics -----------------------------------------------------------
 
@@ -931,7 +955,7 @@ class ClientRelay:
                 continue  # the child's frame in progress keeps the connection busy anyway
             lock.acquire_nowait()
             try:
-                await send_all(self._client, ping)
+                await self._write_client(ping)
             except OSError:
                 self._client_gone = True
                 self._pumps.cancel()
@@ -1023,7 +1047,12 @@ class ClientRelay:
         if tracker.partial or (tracker.remaining and self._child_gone):
             return  # inside a frame that cannot be finished: only dropping TCP is left
         async with self._client_lock:
-            # Finish the child's frame in progress, then close at its boundary.
+            # What a cancelled write still owed the client (at most one of the two is left),
+            # then the rest of the child's frame in progress; the close goes at its boundary.
+            owed = self._client_owed or self._s2c_pending
+            self._client_owed = self._s2c_pending = b""
+            if owed:
+                await send_all(client, owed)
             while tracker.remaining and child is not None:
                 chunk = await recv(child, min(tracker.remaining, RECEIVE_BUFFER))
                 if not chunk:
