@@ -6,7 +6,9 @@ the fake codex, the pinned real codex. A checkout under a private directory (``m
 makes one 0700) is out of their reach, and every session would fail to start with "Permission
 denied". ``make run``, ``make test`` and ``make bench`` call this first: each directory above the
 checkout that others cannot pass through gets o+x, and says so; a directory that belongs to
-someone else is left alone, with the reason.
+someone else is left alone, with the reason. The checkout itself (a clone made straight into
+``mktemp -d``) gets o+rx: the child venv imports the project from it (``.venv-child``'s ``.pth``
+names the checkout), and Python lists a directory on its path to import from it.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ def main() -> None:
 
 
 def open_the_way_down(checkout: Path) -> None:
-    """Give o+x to every directory above ``checkout`` that lacks it, or say why it cannot be."""
-    while (blocked := untraversable_ancestor(checkout / "gateway_tests")) is not None:
+    """Give o+x to every directory above ``checkout`` that lacks it and o+rx to ``checkout``
+    itself, or say why it cannot be."""
+    while (blocked := untraversable_ancestor(checkout)) is not None and blocked != checkout:
         status = blocked.stat()
         if status.st_uid != os.geteuid():
             sys.exit(
@@ -39,6 +42,18 @@ def open_the_way_down(checkout: Path) -> None:
         print(
             f"{blocked}: made searchable by other uids (o+x, still not listable), so that the "
             "isolated children can run this checkout's tools"
+        )
+    status = checkout.stat()
+    if status.st_mode & 0o005 != 0o005:
+        if status.st_uid != os.geteuid():
+            sys.exit(
+                f"{checkout} (owner uid {status.st_uid}) is not readable by others, so the "
+                "isolated children cannot import this checkout's code; add o+rx to it"
+            )
+        checkout.chmod(status.st_mode & 0o7777 | 0o005)
+        print(
+            f"{checkout}: made readable by other uids (o+rx), so that the isolated children "
+            "can import this checkout's code"
         )
 
 

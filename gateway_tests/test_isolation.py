@@ -233,3 +233,17 @@ def test_a_checkout_under_a_private_directory_is_made_reachable_but_not_listable
     assert private.stat().st_mode & 0o777 == 0o701  # others may pass, never list
     assert untraversable_ancestor(checkout / "gateway_tests") is None
     assert f"{private}: made searchable" in capsys.readouterr().out
+
+
+def test_a_checkout_cloned_straight_into_a_private_directory_is_made_importable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `git clone … "$(mktemp -d)"`: the checkout itself is 0700. The child venv imports the
+    # project from it, and Python's import lists the directory: o+x alone is not enough.
+    checkout = tmp_path / "clone"
+    (checkout / "gateway_tests").mkdir(parents=True)
+    checkout.chmod(0o700)
+    checkout_reach.open_the_way_down(checkout)
+    assert checkout.stat().st_mode & 0o777 == 0o705
+    assert untraversable_ancestor(checkout / "gateway_tests") is None
+    assert f"{checkout}: made readable by other uids" in capsys.readouterr().out
