@@ -136,6 +136,23 @@ class StorePlacement:
         """Whether ``owner``'s process has been silent for the takeover time since."""
         return self.liveness.is_dead(owner.pod, owner.incarnation, trio.current_time())
 
+    async def peer_owner(self, workspace_id: str) -> PeerOwner | None:
+        """The live peer holding the workspace's record, if one does (one read, no write)."""
+        try:
+            found = await self.records.read_owner(workspace_id)
+        except StoreUnavailable as exc:
+            raise SessionStartError(
+                f"cannot decide which pod serves this workspace: the store failed ({exc})"
+            ) from exc
+        if found is None or self._mine(found.value):
+            return None
+        current = found.value
+        if current.state is not OwnerState.OWNED or self.owner_gone(
+            PeerOwner(current.pod, current.peer_addr, current.epoch, current.incarnation)
+        ):
+            return None
+        return PeerOwner(current.pod, current.peer_addr, current.epoch, current.incarnation)
+
     def set_draining(self) -> None:
         """Refuse claims from now on; the next heartbeat says ``draining``."""
         self.heartbeat.draining = True

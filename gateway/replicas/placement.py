@@ -125,6 +125,14 @@ class Placement(Protocol):
         """Whether ``owner`` has since been judged dead (a forward waiting on it gives up)."""
         ...
 
+    async def peer_owner(self, workspace_id: str) -> PeerOwner | None:
+        """The live peer that owns ``workspace_id``, if one does; claims nothing.
+
+        Asked when this pod is full: a connect for another pod's workspace is forwarded
+        rather than refused. Raises ``SessionStartError`` (503) when the store cannot say.
+        """
+        ...
+
     def snapshots(
         self, workspace_id: str, epoch: int, persistence: Persistence
     ) -> Snapshots | None:
@@ -156,6 +164,10 @@ class SolePlacement:
     def owner_gone(self, owner: PeerOwner) -> bool:
         """There are no other owners."""
         return False
+
+    async def peer_owner(self, workspace_id: str) -> PeerOwner | None:
+        """There are no other owners."""
+        return None
 
     def snapshots(self, workspace_id: str, epoch: int, persistence: Persistence) -> None:
         """Saves are fenced on the archive's own generation (``Persistence``)."""

@@ -18,7 +18,7 @@ import structlog
 import trio
 
 from gateway import metrics
-from gateway.replicas.placement import NotOwnedHere
+from gateway.replicas.placement import NotOwnedHere, OwnedElsewhere
 from gateway.sessions.directories import SessionDirectories
 from gateway.sessions.outcome import (
     Outcome,
@@ -126,6 +126,12 @@ class SessionManager:
             raise NotOwnedHere()
         while True:
             entry = self._sessions.get(workspace_id)
+            if entry is None and epoch is None and self._full() and self._may_start():
+                # A full pod still forwards a connect for another pod's workspace.
+                owner = await placement.peer_owner(workspace_id)
+                if owner is not None:
+                    raise OwnedElsewhere(owner)
+                entry = self._sessions.get(workspace_id)  # another connect may have started it
             if entry is None:
                 entry = self._start(workspace_id, adopt=None)
             elif entry.session.stopping:
@@ -162,8 +168,7 @@ class SessionManager:
                 "is back; reconnect in a moment",
                 retry_after=5,
             )
-        live = sum(1 for e in self._sessions.values() if not e.session.stopping)
-        if self._config.max_sessions and live >= self._config.max_sessions:
+        if self._full():
             raise Unavailable(
                 f"gateway is full ({self._config.max_sessions} sessions, CXG_MAX_SESSIONS)",
                 retry_after=30,
@@ -186,6 +191,17 @@ class SessionManager:
         self._sessions[workspace_id] = entry
         self._nursery.start_soon(self._run_session, entry, name=f"session:{workspace_id}")
         return entry
+
+    def _may_start(self) -> bool:
+        """Whether this pod starts sessions at all now (not draining, not fenced)."""
+        return not self.draining and self._nursery is not None and self.fenced is None
+
+    def _full(self) -> bool:
+        """Whether ``CXG_MAX_SESSIONS`` live sessions exist (a stopping one no longer counts)."""
+        limit = self._config.max_sessions
+        if not limit:
+            return False
+        return sum(1 for e in self._sessions.values() if not e.session.stopping) >= limit
 
     async def _run_session(self, entry: _Entry) -> None:
         session = entry.session

@@ -71,6 +71,11 @@ class TablePlacement:
         """The table's owners live as long as the test says."""
         return False
 
+    async def peer_owner(self, workspace_id: str) -> PeerOwner | None:
+        """The table's owner when it is another pod."""
+        owner = self.owners.get(workspace_id)
+        return owner if owner is not None and owner.pod != self.pod else None
+
     def snapshots(self, workspace_id: str, epoch: int, persistence: Persistence) -> None:
         """Saves go to the archive key itself, as on a single pod."""
         return None

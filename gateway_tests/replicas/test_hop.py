@@ -339,6 +339,28 @@ async def test_an_owner_that_keeps_moving_gets_503_after_three_tries(pair: Pair)
     assert pair.tap.connections == 3
 
 
+async def test_a_full_forwarding_pod_still_forwards_and_refuses_only_what_it_would_host(
+    launch_pair: LaunchPair,
+) -> None:
+    # CXG_MAX_SESSIONS bounds the sessions a pod hosts, not the connects it forwards.
+    pair = await launch_pair({"ECHO_BINARY": "1"}, CXG_MAX_SESSIONS="1")
+    async with connect(pair.b.gateway, "ws_hosted_on_b") as rpc:
+        await rpc.result("fake/pid")
+        pair.own("ws_on_a")
+        async with connect(pair.b.gateway, "ws_on_a") as forwarded:
+            pid = int((await forwarded.result("fake/pid"))["pid"])
+        assert (await pair.a.gateway.session("ws_on_a") or {})["pid"] == pid
+        # Asked before anything starts: no session was made on B for A's workspace.
+        assert "ws_on_a" not in pair.b.placement.claims
+        refused = await rejected_connect(
+            pair.b.gateway.ws_url,
+            [(b"authorization", f"Bearer {token_for('ws_nobodys')}".encode())],
+        )
+        assert refused.status_code == 503
+        assert "CXG_MAX_SESSIONS" in _body(refused)
+    assert [s["workspaceId"] for s in await pair.b.gateway.sessions()] == ["ws_hosted_on_b"]
+
+
 async def test_an_unreachable_owner_gets_503_with_a_fixed_sentence(pair: Pair) -> None:
     pair.b.placement.owners["ws_gone"] = PeerOwner("gw-a", f"127.0.0.1:{await closed_port()}", 1)
     refused = await rejected_connect(

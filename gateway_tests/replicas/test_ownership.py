@@ -243,6 +243,19 @@ async def test_a_released_workspace_is_taken_over_at_once(start_pod: StartPod) -
     )
 
 
+async def test_the_peer_owner_is_read_without_claiming(start_pod: StartPod) -> None:
+    owner, other = await start_pod("pod-a"), await start_pod("pod-b")
+    assert await other.placement.peer_owner(WS) is None  # nobody's yet
+    assert await owner.placement.claim(WS) == 1
+    found = await other.placement.peer_owner(WS)
+    assert found is not None and (found.pod, found.epoch) == ("pod-a", 1)
+    assert await owner.placement.peer_owner(WS) is None  # its own, not a peer's
+    record = await other.placement.records.read_owner(WS)
+    assert record is not None and record.value.pod == "pod-a"  # the look wrote nothing
+    await owner.placement.release(WS, 1)
+    assert await other.placement.peer_owner(WS) is None  # released: free to claim
+
+
 def write_home(home: Path, text: str) -> None:
     home.mkdir(parents=True, exist_ok=True)
     (home / "history.jsonl").write_text(text)
