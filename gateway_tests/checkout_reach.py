@@ -32,29 +32,33 @@ def open_the_way_down(checkout: Path) -> None:
     """Give o+x to every directory above ``checkout`` that lacks it and o+rx to ``checkout``
     itself, or say why it cannot be."""
     while (blocked := untraversable_ancestor(checkout)) is not None and blocked != checkout:
-        status = blocked.stat()
-        if status.st_uid != os.geteuid():
-            sys.exit(
-                f"{blocked} (owner uid {status.st_uid}) is not searchable by others, so the "
-                "isolated children cannot reach this checkout; move the checkout or add o+x"
-            )
-        blocked.chmod(status.st_mode & 0o7777 | 0o001)
-        print(
-            f"{blocked}: made searchable by other uids (o+x, still not listable), so that the "
-            "isolated children can run this checkout's tools"
+        _grant(
+            blocked,
+            0o001,
+            refused="is not searchable by others, so the isolated children cannot reach this "
+            "checkout; move the checkout or add o+x",
+            done="made searchable by other uids (o+x, still not listable), so that the "
+            "isolated children can run this checkout's tools",
         )
-    status = checkout.stat()
-    if status.st_mode & 0o005 != 0o005:
-        if status.st_uid != os.geteuid():
-            sys.exit(
-                f"{checkout} (owner uid {status.st_uid}) is not readable by others, so the "
-                "isolated children cannot import this checkout's code; add o+rx to it"
-            )
-        checkout.chmod(status.st_mode & 0o7777 | 0o005)
-        print(
-            f"{checkout}: made readable by other uids (o+rx), so that the isolated children "
-            "can import this checkout's code"
+    if checkout.stat().st_mode & 0o005 != 0o005:
+        _grant(
+            checkout,
+            0o005,
+            refused="is not readable by others, so the isolated children cannot import this "
+            "checkout's code; add o+rx to it",
+            done="made readable by other uids (o+rx), so that the isolated children can "
+            "import this checkout's code",
         )
+
+
+def _grant(directory: Path, bits: int, *, refused: str, done: str) -> None:
+    """Add the permission ``bits`` for others to ``directory`` (ours), saying so; exit
+    saying ``refused`` when it belongs to someone else."""
+    status = directory.stat()
+    if status.st_uid != os.geteuid():
+        sys.exit(f"{directory} (owner uid {status.st_uid}) {refused}")
+    directory.chmod(status.st_mode & 0o7777 | bits)
+    print(f"{directory}: {done}")
 
 
 if __name__ == "__main__":

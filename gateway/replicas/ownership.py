@@ -144,14 +144,11 @@ class StorePlacement:
             raise SessionStartError(
                 f"cannot decide which pod serves this workspace: the store failed ({exc})"
             ) from exc
-        if found is None or self._mine(found.value):
+        if found is None or self._mine(found.value) or found.value.state is not OwnerState.OWNED:
             return None
         current = found.value
-        if current.state is not OwnerState.OWNED or self.owner_gone(
-            PeerOwner(current.pod, current.peer_addr, current.epoch, current.incarnation)
-        ):
-            return None
-        return PeerOwner(current.pod, current.peer_addr, current.epoch, current.incarnation)
+        owner = PeerOwner(current.pod, current.peer_addr, current.epoch, current.incarnation)
+        return None if self.owner_gone(owner) else owner
 
     def set_draining(self) -> None:
         """Refuse claims from now on; the next heartbeat says ``draining``."""

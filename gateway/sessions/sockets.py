@@ -47,16 +47,10 @@ async def connect(
         family = address_family(host)
         if family is None:
             return take_socket(await trio.open_tcp_stream(host, port))
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock, error = _begin_connect(host, port, family)
     try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        error = sock.connect_ex((host, port))
         if error == errno.EINPROGRESS:
-            try:
-                sock.getpeername()  # connected already (loopback usually is)
-            except OSError:
-                await wait_writable(sock)
+            await wait_writable(sock)
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             raise OSError(error, f"connect to {host}:{port}: {os.strerror(error)}")
@@ -70,22 +64,34 @@ def connect_at_once(host: str, port: int, family: socket.AddressFamily) -> socke
     """A connection to the IP literal ``host`` if it completes within the call (loopback's
     does), else ``None``; never waits, so it may run where no wait is allowed."""
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock, error = _begin_connect(host, port, family)
     except OSError:
         return None  # out of descriptors, say: nothing is kept ready this time
+    if error:
+        close_socket(sock)
+        return None
+    return sock
+
+
+def _begin_connect(host: str, port: int, family: socket.AddressFamily) -> tuple[socket.socket, int]:
+    """A non-blocking TCP socket (``TCP_NODELAY`` set) whose connect to ``host``:``port`` has
+    begun, and its state: 0 connected (loopback usually is, within the call), ``EINPROGRESS``
+    still connecting, or the error. The socket is closed if this raises."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         error = sock.connect_ex((host, port))
         if error == errno.EINPROGRESS:
-            sock.getpeername()  # OSError (ENOTCONN) while still connecting
+            try:
+                sock.getpeername()  # OSError (ENOTCONN) while still connecting
+            except OSError:
+                return sock, errno.EINPROGRESS
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    except OSError:
-        error = -1
-    if error:
+    except BaseException:
         close_socket(sock)
-        return None
-    return sock
+        raise
+    return sock, error
 
 
 async def recv(sock: socket.socket, size: int) -> bytes:
